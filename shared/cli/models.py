@@ -1,0 +1,102 @@
+"""`tandem models import|list|remove`: the model store from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from shared import envs
+from shared.models.config import ConfigError
+from shared.models.loader import WeightError
+from shared.store import BUILTIN, ModelStore, StoreError
+
+log = logging.getLogger("tandem.models")
+
+USER_ERRORS = (StoreError, ConfigError, WeightError, FileNotFoundError)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="manage the model store")
+    p.add_argument("--store", type=Path, default=None, help="store directory (default: $TANDEM_HOME/models)")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+
+    imp = msub.add_parser(
+        "import",
+        help="import a built-in model, a local Hugging Face checkpoint directory, or a .gguf file",
+        description=f"SOURCE is a built-in model name ({', '.join(BUILTIN)}), a checkpoint directory "
+        "(config.json + safetensors), or a .gguf file.",
+    )
+    imp.add_argument("source")
+    imp.add_argument("--name", help="name in the store (default: the built-in name or the directory name)")
+    imp.add_argument("--if-missing", action="store_true", help="succeed quietly if the name already exists")
+    imp.set_defaults(func=cmd_import)
+
+    ls = msub.add_parser("list", help="list the models in the store")
+    ls.set_defaults(func=cmd_list)
+
+    rm = msub.add_parser("remove", help="remove a model from the store")
+    rm.add_argument("name")
+    rm.set_defaults(func=cmd_remove)
+
+
+def _store(args) -> ModelStore:
+    return ModelStore(args.store or envs.models_dir())
+
+
+def cmd_import(args) -> int:
+    store = _store(args)
+    source = Path(args.source)
+    if source.suffix == ".gguf":
+        name = args.name or source.stem
+    elif source.is_dir():
+        name = args.name or source.resolve().name
+    else:
+        name = args.name or args.source
+    if args.if_missing and store.has(name):
+        log.info("model '%s' is already in the store", name)
+        return 0
+    t0 = time.perf_counter()
+    if source.suffix == ".gguf":
+        info = store.import_gguf(source, name)
+    elif source.is_dir():
+        info = store.import_checkpoint(source, name)
+    elif args.source in BUILTIN:
+        info = store.import_builtin(args.source) if name == args.source else _builtin_as(store, args.source, name)
+    else:
+        raise StoreError(
+            f"'{args.source}' is not a directory, a .gguf file or a built-in model (built-in: {', '.join(BUILTIN)})"
+        )
+    log.info("imported '%s' (%s, %s parameters) in %.1fs into %s", info.name, info.architecture,
+             f"{info.num_parameters:,}", time.perf_counter() - t0, store.path(info.name))
+    print(info.name)
+    return 0
+
+
+def _builtin_as(store: ModelStore, builtin: str, name: str):
+    return store.import_gguf(BUILTIN[builtin].locate(), name)
+
+
+def cmd_list(args) -> int:
+    rows = [("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE")]
+    for m in _store(args).list():
+        rows.append((m.name, m.architecture, _human(m.num_parameters, ""), m.dtype, _human(m.size_bytes, "B", 1024)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_remove(args) -> int:
+    _store(args).remove(args.name)
+    print(args.name)
+    return 0
+
+
+def _human(n: int, unit: str, base: int = 1000) -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if n < base:
+            return f"{n:.0f}{prefix}{unit}" if prefix == "" else f"{n:.1f}{prefix}{unit}"
+        n /= base
+    return f"{n:.1f}P{unit}"

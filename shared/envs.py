@@ -1,0 +1,29 @@
+"""The one place Tandem reads its environment. Everything else receives values from here or config.
+
+TANDEM_HOME     root of Tandem's state (default: $XDG_CACHE_HOME/tandem or ~/.cache/tandem)
+TANDEM_MODELS   the model store (default: $TANDEM_HOME/models)
+TANDEM_THREADS  torch intra-op threads for this process (default: all cores, at most 2 per worker role)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def tandem_home() -> Path:
+    if os.environ.get("TANDEM_HOME"):
+        return Path(os.environ["TANDEM_HOME"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "tandem"
+
+
+def models_dir() -> Path:
+    if os.environ.get("TANDEM_MODELS"):
+        return Path(os.environ["TANDEM_MODELS"]).expanduser()
+    return tandem_home() / "models"
+
+
+def torch_threads(default: int) -> int:
+    value = os.environ.get("TANDEM_THREADS")
+    return int(value) if value else default

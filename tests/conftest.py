@@ -1,0 +1,47 @@
+"""Shared fixtures. The default model is imported once per test session into a temporary store
+(through the CLI, as a user would), and transformers' reference model is built from the very same
+GGUF file, so every comparison is Tandem-from-store vs transformers-from-source."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared.cli.main import main as tandem_main
+from shared.store import BUILTIN, DEFAULT_MODEL, ModelStore
+
+torch.set_num_threads(int(os.environ.get("TANDEM_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def store_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def store(store_root) -> ModelStore:
+    return ModelStore(store_root)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(store, store_root) -> Path:
+    assert tandem_main(["models", "--store", str(store_root), "import", DEFAULT_MODEL]) == 0
+    return store.path(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    return BUILTIN[DEFAULT_MODEL].locate()
+
+
+@pytest.fixture(scope="session")
+def hf_reference(default_gguf):
+    """transformers' own model and tokenizer, loaded from the same GGUF (the correctness reference)."""
+    transformers = pytest.importorskip("transformers")
+    kwargs = dict(gguf_file=default_gguf.name)
+    tok = transformers.AutoTokenizer.from_pretrained(default_gguf.parent, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_gguf.parent, dtype=torch.float32, **kwargs)
+    return model.eval(), tok
