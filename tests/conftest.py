@@ -43,5 +43,7 @@ def hf_reference(default_gguf):
     transformers = pytest.importorskip("transformers")
     kwargs = dict(gguf_file=default_gguf.name)
     tok = transformers.AutoTokenizer.from_pretrained(default_gguf.parent, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(default_gguf.parent, dtype=torch.float32, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        default_gguf.parent, dtype=torch.float32, **kwargs
+    )
     return model.eval(), tok

@@ -63,13 +63,23 @@ def cmd_import(args) -> int:
     elif source.is_dir():
         info = store.import_checkpoint(source, name)
     elif args.source in BUILTIN:
-        info = store.import_builtin(args.source) if name == args.source else _builtin_as(store, args.source, name)
+        info = (
+            store.import_builtin(args.source)
+            if name == args.source
+            else _builtin_as(store, args.source, name)
+        )
     else:
         raise StoreError(
             f"'{args.source}' is not a directory, a .gguf file or a built-in model (built-in: {', '.join(BUILTIN)})"
         )
-    log.info("imported '%s' (%s, %s parameters) in %.1fs into %s", info.name, info.architecture,
-             f"{info.num_parameters:,}", time.perf_counter() - t0, store.path(info.name))
+    log.info(
+        "imported '%s' (%s, %s parameters) in %.1fs into %s",
+        info.name,
+        info.architecture,
+        f"{info.num_parameters:,}",
+        time.perf_counter() - t0,
+        store.path(info.name),
+    )
     print(info.name)
     return 0
 
@@ -81,7 +91,9 @@ def _builtin_as(store: ModelStore, builtin: str, name: str):
 def cmd_list(args) -> int:
     rows = [("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE")]
     for m in _store(args).list():
-        rows.append((m.name, m.architecture, _human(m.num_parameters, ""), m.dtype, _human(m.size_bytes, "B", 1024)))
+        rows.append(
+            (m.name, m.architecture, _human(m.num_parameters, ""), m.dtype, _human(m.size_bytes, "B", 1024))
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -71,8 +71,13 @@ class VarlenAttention:
         lens = self.seq_lens
         if len(set(lens)) == 1:
             b, n = len(lens), lens[0]
-            out = self._attend(q.view(b, n, *q.shape[1:]), k.view(b, n, *k.shape[1:]),
-                               v.view(b, n, *v.shape[1:]), scale, window)
+            out = self._attend(
+                q.view(b, n, *q.shape[1:]),
+                k.view(b, n, *k.shape[1:]),
+                v.view(b, n, *v.shape[1:]),
+                scale,
+                window,
+            )
             return out.reshape(q.shape)
         outs, start = [], 0
         for n in lens:

@@ -132,7 +132,9 @@ def _rope_from_hf(cfg: dict) -> RopeConfig:
     factor = params.get("factor")
     if factor is None and rope_type == "yarn" and original:
         factor = cfg["max_position_embeddings"] / original
-    partial = _first(params, "partial_rotary_factor", default=_first(cfg, "partial_rotary_factor", default=1.0))
+    partial = _first(
+        params, "partial_rotary_factor", default=_first(cfg, "partial_rotary_factor", default=1.0)
+    )
     return RopeConfig(
         theta=theta,
         rope_type=rope_type,
@@ -177,7 +179,9 @@ def _moe_from_hf(cfg: dict, model_type: str) -> MoEConfig | None:
         moe_inter = int(_require(cfg, "moe_intermediate_size"))
         n_group = int(cfg.get("n_group") or 1)
         if num_experts % n_group:
-            raise ConfigError(f"config.json: n_routed_experts={num_experts} is not divisible by n_group={n_group}")
+            raise ConfigError(
+                f"config.json: n_routed_experts={num_experts} is not divisible by n_group={n_group}"
+            )
         return MoEConfig(
             num_experts=num_experts,
             top_k=top_k,
@@ -240,7 +244,9 @@ def from_hf_config(cfg: dict) -> ModelConfig:
         rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
         rope=_rope_from_hf(cfg),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=bool(cfg.get("attention_bias") or cfg.get("qkv_bias") or model_type in ("qwen2", "qwen2_moe")),
+        qkv_bias=bool(
+            cfg.get("attention_bias") or cfg.get("qkv_bias") or model_type in ("qwen2", "qwen2_moe")
+        ),
         o_bias=bool(cfg.get("attention_bias")) and model_type not in ("qwen2", "qwen2_moe"),
         qk_norm=model_type in ("qwen3", "qwen3_moe", "dots1"),
         sliding_window=window,

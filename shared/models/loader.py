@@ -89,7 +89,9 @@ def _target(cls: type[CausalLM], name: str) -> Target | None:
 
 def _expected_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    shapes.update({n: tuple(b.shape) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")})
+    shapes.update(
+        {n: tuple(b.shape) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    )
     return shapes
 
 
@@ -115,7 +117,9 @@ def plan_checkpoint(path: Path, cfg: ModelConfig) -> dict[str, tuple[Path, Targe
         got = shapes[name]
         if target.expert is not None:
             if target.expert >= want[0]:
-                raise WeightError(f"tensor '{name}': expert {target.expert} but the config has {want[0]} experts")
+                raise WeightError(
+                    f"tensor '{name}': expert {target.expert} but the config has {want[0]} experts"
+                )
             want = want[1:]
         if tuple(got) != tuple(want):
             raise WeightError(f"tensor '{name}' has shape {list(got)} but config.json implies {list(want)}")

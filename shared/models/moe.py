@@ -108,7 +108,9 @@ class SparseMoE(nn.Module):
         self.moe = moe
         self.gate = TopKRouter(hidden, moe)
         self.experts = ExpertBank(hidden, moe)
-        self.shared_experts = GatedMLP(hidden, moe.shared_intermediate_size) if moe.shared_intermediate_size else None
+        self.shared_experts = (
+            GatedMLP(hidden, moe.shared_intermediate_size) if moe.shared_intermediate_size else None
+        )
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if moe.shared_expert_gate else None
         self.last_expert_counts: torch.Tensor | None = None  # [E] tokens routed per expert, last call
 

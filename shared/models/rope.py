@@ -9,7 +9,8 @@ With partial rotary (partial_rotary_factor < 1) only the first R = head_dim * fa
 Scaling rules (inv_freq is [R/2]; attention_factor multiplies cos and sin):
   default  inv_freq = theta^(-2i/R)
   linear   inv_freq / factor                      (position interpolation)
-  dynamic  theta grows with the sequence once it passes the trained length (NTK-aware)
+  dynamic  theta grows with the sequence once it passes the trained length (NTK-aware); the length
+           is the largest position in the forward call, as in transformers' batched forward
   yarn     per-frequency blend of interpolated and extrapolated inv_freq, plus attention_factor
   llama3   low frequencies divided by factor, high kept, a smooth ramp between
 """

@@ -65,7 +65,9 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, D]
         for layer in self.model.layers:
             x = layer(x, positions, attn)
@@ -75,7 +77,9 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)  # [T, V]
 
     def moe_layers(self) -> list[tuple[int, SparseMoE]]:
-        return [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoE)]
+        return [
+            (i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoE)
+        ]
 
     @classmethod
     def checkpoint_name(cls, name: str) -> str:

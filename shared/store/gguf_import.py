@@ -142,7 +142,9 @@ def _tokenizer_files(reader, out_dir: Path) -> None:
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == 3]
+    control = [
+        AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types, strict=True) if ty == 3
+    ]
     tok.add_special_tokens(control)
     tok.save(str(out_dir / "tokenizer.json"))
 

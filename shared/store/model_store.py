@@ -89,9 +89,13 @@ class ModelStore:
     def import_builtin(self, name: str) -> ModelInfo:
         recipe = BUILTIN.get(name)
         if recipe is None:
-            raise StoreError(f"'{name}' is neither a directory nor a built-in model (built-in: {', '.join(BUILTIN)})")
+            raise StoreError(
+                f"'{name}' is neither a directory nor a built-in model (built-in: {', '.join(BUILTIN)})"
+            )
         gguf_path = recipe.locate()
-        return self._import(name, f"gguf:{recipe.pip_name}/{recipe.filename}", lambda d: import_gguf(gguf_path, d))
+        return self._import(
+            name, f"gguf:{recipe.pip_name}/{recipe.filename}", lambda d: import_gguf(gguf_path, d)
+        )
 
     def import_gguf(self, path: Path, name: str) -> ModelInfo:
         return self._import(name, f"gguf:{Path(path).resolve()}", lambda d: import_gguf(Path(path), d))
@@ -100,7 +104,9 @@ class ModelStore:
         src = Path(src)
         if not src.is_dir():
             raise StoreError(f"checkpoint directory not found: {src}")
-        return self._import(name or src.resolve().name, f"dir:{src.resolve()}", lambda d: _copy_checkpoint(src, d))
+        return self._import(
+            name or src.resolve().name, f"dir:{src.resolve()}", lambda d: _copy_checkpoint(src, d)
+        )
 
     def remove(self, name: str) -> None:
         self.get(name)

@@ -27,7 +27,9 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -39,7 +41,9 @@ def _compile(source: str) -> jinja2.Template:
 
 def render_chat(source: str, messages: list[dict], add_generation_prompt: bool, **variables) -> str:
     try:
-        return _compile(source).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        return _compile(source).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables
+        )
     except ChatTemplateError:
         raise
     except jinja2.TemplateError as e:

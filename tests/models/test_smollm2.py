@@ -93,10 +93,10 @@ def test_greedy_32_tokens_identical(ours, hf_reference):
     for ids in [tok.encode(PROMPTS[0]), tok.encode(PROMPTS[2]), tok.encode_chat(CHAT)]:
         want = hf_model.generate(
             torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
-        )[0, len(ids):].tolist()
+        )[0, len(ids) :].tolist()
         seq = list(ids)
         for _ in range(32):
             seq.append(int(_last_logits(model, seq).argmax()))
-        got = seq[len(ids):]
+        got = seq[len(ids) :]
         print(f"\ngreedy: {tok.decode(got)!r}")
         assert got == want
