@@ -22,9 +22,12 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Until the services land (gateway, router, workers on Ray), `make run` imports the default model and
+# answers one chat prompt with the engine in-process.
 run: install
 	$(BIN)/tandem models import smollm2-135m-instruct --if-missing
 	$(BIN)/tandem models list
+	$(BIN)/tandem generate --chat --max-tokens 64 --prompt "$(or $(PROMPT),What is the capital of France?)"
 
 lint: install
 	$(BIN)/ruff check shared services tests

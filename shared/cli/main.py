@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from shared.cli import generate as generate_cmd
 from shared.cli import models as models_cmd
 
 
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models_cmd.register(sub)
+    generate_cmd.register(sub)
     return parser
 
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except models_cmd.USER_ERRORS as e:
+    except (*models_cmd.USER_ERRORS, ValueError) as e:
         print(f"tandem: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
