@@ -15,6 +15,21 @@ from shared.store import BUILTIN, DEFAULT_MODEL, ModelStore
 
 torch.set_num_threads(int(os.environ.get("TANDEM_TEST_THREADS", "2")))
 
+_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report():
+    """report(line): a measured figure to print in the test run's summary (max |Δlogit|, load time)."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _REPORT:
+        terminalreporter.section("measured figures")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
+
 
 @pytest.fixture(scope="session")
 def store_root(tmp_path_factory) -> Path:

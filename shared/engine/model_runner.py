@@ -63,7 +63,9 @@ class ModelRunner:
         meta = self._metadata(slot_maps, decode_rows, decode_slots, decode_pos, prefills)
         attn = PagedAttention(self.k_caches, self.v_caches, meta)
         hidden = self.model(torch.tensor(ids, device=self.device), torch.cat(positions).to(self.device), attn)
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        logits = self.model.compute_logits(
+            hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
+        )
         return samplers, logits.float()
 
     def _metadata(self, slot_maps, decode_rows, decode_slots, decode_pos, prefills) -> PagedMetadata:

@@ -7,7 +7,7 @@ naming the offending parameter, which every interface maps to its own error conv
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,6 @@ class SamplingParams:
     skip_special_tokens: bool = True
     priority: int = 0  # lower runs first
     cache_salt: str | None = None  # separates tenants' prefix caches
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def greedy(self) -> bool:

@@ -66,8 +66,9 @@ def _assert_pool_full(engine: LLMEngine):
         dict(long_prefill_chunk=5, max_num_batched_tokens=9),  # chunked prefill mixed with decodes
         dict(num_blocks=12, block_size=4),  # pool too small for all at once: preemption
         dict(max_num_seqs=2),  # requests queue and join as others finish
+        dict(long_prefill_chunk=4, max_num_batched_tokens=4),  # steps where nothing samples
     ],
-    ids=["default", "tiny-chunks", "preemption", "two-seqs"],
+    ids=["default", "tiny-chunks", "preemption", "two-seqs", "chunk-only-steps"],
 )
 def test_greedy_identical_to_transformers(config, default_model_dir, prompt_ids, reference):
     engine = _engine(default_model_dir, **config)

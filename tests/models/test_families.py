@@ -108,7 +108,7 @@ def _randomize(model: torch.nn.Module) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_family_logits_match_transformers(case, tmp_path, store_root):
+def test_family_logits_match_transformers(case, tmp_path, store_root, report):
     config_cls, extra = CASES[case]
     torch.manual_seed(0)
     cfg = getattr(transformers, config_cls)(**{**BASE, **extra})
@@ -136,5 +136,5 @@ def test_family_logits_match_transformers(case, tmp_path, store_root):
                 want = ref(s[None]).logits[0]
                 worst = max(worst, (got[start : start + len(s)] - want).abs().max().item())
                 start += len(s)
-    print(f"\n{case}: max|Δlogit| = {worst:.2e}")
+    report(f"tiny {case}: max|Δlogit| vs transformers = {worst:.2e}")
     assert worst < 1e-4, f"{case}: logits differ by {worst}"

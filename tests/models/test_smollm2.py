@@ -45,16 +45,16 @@ def _all_prompts(tok) -> list[list[int]]:
     return [tok.encode(p) for p in PROMPTS] + [tok.encode_chat(CHAT)]
 
 
-def test_load_is_fast(default_model_dir):
+def test_load_is_fast(default_model_dir, report):
     t0 = time.perf_counter()
     load_model(default_model_dir)
     elapsed = time.perf_counter() - t0
-    print(f"\nload time {elapsed:.2f}s")
+    report(f"smollm2-135m-instruct: load_model from the store took {elapsed:.2f}s")
     assert elapsed < 10, f"loading the default model took {elapsed:.1f}s"
 
 
 @torch.no_grad()
-def test_next_token_logits_match_transformers(ours, hf_reference):
+def test_next_token_logits_match_transformers(ours, hf_reference, report):
     model, tok = ours
     hf_model, _ = hf_reference
     worst = 0.0
@@ -63,14 +63,16 @@ def test_next_token_logits_match_transformers(ours, hf_reference):
         want = hf_model(torch.tensor([ids])).logits[0, -1]
         diff = (got - want).abs().max().item()
         worst = max(worst, diff)
-        print(f"\n{len(ids):3d} tokens  max|Δlogit| = {diff:.2e}")
+        report(
+            f"smollm2-135m-instruct: {len(ids):3d}-token prompt, next-token max|Δlogit| vs transformers = {diff:.2e}"
+        )
         assert diff < LOGIT_ATOL, f"logits differ by {diff} for prompt ids {ids[:8]}..."
         assert got.argmax() == want.argmax()
-    print(f"\nworst max|Δlogit| over {len(PROMPTS) + 1} prompts: {worst:.2e}")
+    report(f"smollm2-135m-instruct: worst max|Δlogit| over {len(PROMPTS) + 1} prompts = {worst:.2e}")
 
 
 @torch.no_grad()
-def test_full_sequence_logits_match_for_a_packed_batch(ours, hf_reference):
+def test_full_sequence_logits_match_for_a_packed_batch(ours, hf_reference, report):
     """Every position of every prompt, with all prompts packed into one flat batch."""
     model, tok = ours
     hf_model, _ = hf_reference
@@ -84,6 +86,7 @@ def test_full_sequence_logits_match_for_a_packed_batch(ours, hf_reference):
         diff = (logits[start : start + len(ids)] - want).abs().max().item()
         assert diff < LOGIT_ATOL, diff
         start += len(ids)
+    report(f"smollm2-135m-instruct: all positions of {len(prompts)} packed prompts within {LOGIT_ATOL:.0e}")
 
 
 @torch.no_grad()
