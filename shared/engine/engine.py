@@ -65,7 +65,8 @@ class RequestOutput:
 
 class LLMEngine:
     def __init__(self, model: CausalLM, config: EngineConfig, model_id: str = "model", eos_token_ids=()):
-        self.model = model
+        # The engine owns the model from here on: projections are fused for serving.
+        self.model = model.eval().fuse_for_inference()
         self.config = config
         self.eos_token_ids = tuple(eos_token_ids)
         dtype = config.torch_dtype()

@@ -3,13 +3,19 @@
 execute(scheduled) flattens the step — every scheduled request contributes its next n tokens — into
 input ids [T], positions [T], slot mapping [T] and the attention metadata, runs one forward, and
 returns logits only for the requests whose last token was computed this step (those sample).
+The step's index tensors are built from Python lists with one tensor call each, so a decode step's
+bookkeeping costs far less than its matmuls.
+
+It also moves KV blocks in and out of the cache for disaggregation: `read_blocks` gives the KV block
+payload of ARCHITECTURE.md ([blocks, layers, 2 (K, V), K heads, B, D], one contiguous tensor) and
+`write_blocks` puts such a payload into given blocks.
 """
 
 from __future__ import annotations
 
 import torch
 
-from shared.engine.paged_attention import PagedAttention, PagedMetadata
+from shared.engine.paged_attention import PagedAttention, PagedMetadata, PrefillChunk
 from shared.engine.request import Request
 from shared.models.transformer import CausalLM
 
@@ -23,9 +29,12 @@ class ModelRunner:
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
         self.model = model
         self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_dtype = kv_dtype
         cfg = model.config
         self.device = next(model.parameters()).device
-        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.num_kv_heads = cfg.num_kv_heads
+        shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
         self.k_caches = [
             torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(cfg.num_layers)
         ]
@@ -33,54 +42,105 @@ class ModelRunner:
             torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(cfg.num_layers)
         ]
 
-    def slots(self, request: Request, start: int, end: int) -> torch.Tensor:
-        """Cache slots of token positions [start, end) of a request."""
-        pos = torch.arange(start, end)
-        table = torch.tensor(request.block_ids, dtype=torch.long)
-        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of one block's payload: [layers, 2, K, B, D]."""
+        return (len(self.k_caches), 2, *self.k_caches[0].shape[1:])
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> tuple[list[Request], torch.Tensor]:
-        ids, positions, slot_maps, prefills = [], [], [], []
-        decode_rows, decode_slots, decode_pos = [], [], []
-        sample_rows, samplers = [], []
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[tuple[int, int, int, list[int] | None]] = []
+        sample_rows: list[int] = []
+        samplers: list[Request] = []
         row = 0
         for request, n in scheduled:
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            ids.extend(request.all_token_ids[start:end])
-            positions.append(torch.arange(start, end))
-            slot_maps.append(self.slots(request, start, end))
+            table = request.block_ids
+            if n == 1:
+                ids.append(
+                    request.all_token_ids[start]
+                    if start < request.num_prompt_tokens
+                    else request.output_token_ids[start - request.num_prompt_tokens]
+                )
+            else:
+                ids.extend(request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if n == 1 and start > 0:
                 decode_rows.append(row)
-                decode_slots.append(self.slots(request, 0, end))
-                decode_pos.append(start)
+                decode_tables.append(table[: (end + bs - 1) // bs])
+                decode_lens.append(end)
             else:
-                prefills.append((row, n, self.slots(request, 0, end).to(self.device)))
+                prefills.append((row, n, end, table[: (end + bs - 1) // bs] if start > 0 else None))
             row += n
             if end == request.num_tokens:
                 sample_rows.append(row - 1)
                 samplers.append(request)
-        meta = self._metadata(slot_maps, decode_rows, decode_slots, decode_pos, prefills)
+        meta = self._metadata(slots, decode_rows, decode_tables, decode_lens, prefills, row)
         attn = PagedAttention(self.k_caches, self.v_caches, meta)
-        hidden = self.model(torch.tensor(ids, device=self.device), torch.cat(positions).to(self.device), attn)
-        logits = self.model.compute_logits(
-            hidden[torch.tensor(sample_rows, dtype=torch.long, device=self.device)]
-        )
-        return samplers, logits.float()
-
-    def _metadata(self, slot_maps, decode_rows, decode_slots, decode_pos, prefills) -> PagedMetadata:
         dev = self.device
-        s_max = max((len(s) for s in decode_slots), default=0)
-        padded = torch.zeros(len(decode_slots), s_max, dtype=torch.long)
-        valid = torch.zeros(len(decode_slots), s_max, dtype=torch.bool)
-        for i, s in enumerate(decode_slots):
-            padded[i, : len(s)] = s
-            valid[i, : len(s)] = True
-        return PagedMetadata(
-            slot_mapping=torch.cat(slot_maps).to(dev),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
-            decode_slots=padded.to(dev),
-            decode_valid=valid.to(dev),
-            decode_positions=torch.tensor(decode_pos, dtype=torch.long, device=dev),
-            prefills=prefills,
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            attn,
         )
+        if len(sample_rows) != row:
+            hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)]
+        return samplers, self.model.compute_logits(hidden).float()
+
+    def _gather_rows(self, tables: torch.Tensor) -> torch.Tensor:
+        """[N, blocks] block tables -> the (block, head) rows in (sequence, head, block) order."""
+        heads = torch.arange(self.num_kv_heads)[None, :, None]
+        return (tables[:, None, :] * self.num_kv_heads + heads).reshape(-1)
+
+    def _metadata(self, slots, decode_rows, decode_tables, decode_lens, prefills, num_rows) -> PagedMetadata:
+        dev, bs, heads = self.device, self.block_size, self.num_kv_heads
+        slot = torch.tensor(slots, dtype=torch.long)
+        # a token at (block, offset) writes head h to row (block * K + h) * B + offset
+        write_rows = ((slot // bs)[:, None] * heads + torch.arange(heads)[None, :]) * bs + (slot % bs)[
+            :, None
+        ]
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
+        lens = torch.tensor(decode_lens, dtype=torch.long)
+        valid = torch.arange(max_blocks * bs)[None, :] < lens[:, None]
+        return PagedMetadata(
+            write_rows=write_rows.reshape(-1).to(dev),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long).to(dev),
+            decode_gather=self._gather_rows(tables.reshape(len(decode_tables), max_blocks)).to(dev),
+            decode_valid=valid.to(dev),
+            decode_positions=(lens - 1).to(dev),
+            prefills=[
+                PrefillChunk(start, q, s, None if t is None else self._gather_rows(torch.tensor([t])).to(dev))
+                for start, q, s, t in prefills
+            ],
+            all_decode=len(decode_rows) == num_rows,
+        )
+
+    # -- KV block payloads (disaggregation) --------------------------------------------------------
+
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """The KV of the given blocks: [len(block_ids), layers, 2, K, B, D], contiguous, on CPU."""
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        per_layer = [
+            torch.stack((k[idx], v[idx]), dim=1) for k, v in zip(self.k_caches, self.v_caches, strict=True)
+        ]
+        return torch.stack(per_layer, dim=1).cpu().contiguous()
+
+    def write_blocks(self, block_ids: list[int], payload: torch.Tensor) -> None:
+        """Put a payload from `read_blocks` (same layout, any device) into the given blocks."""
+        expected = (len(block_ids), *self.block_shape)
+        if tuple(payload.shape) != expected:
+            raise ValueError(f"KV payload has shape {tuple(payload.shape)}, this cache expects {expected}")
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        payload = payload.to(device=self.device, dtype=self.kv_dtype)
+        for layer, (k, v) in enumerate(zip(self.k_caches, self.v_caches, strict=True)):
+            k.index_copy_(0, idx, payload[:, layer, 0])
+            v.index_copy_(0, idx, payload[:, layer, 1])

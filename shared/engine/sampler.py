@@ -24,7 +24,8 @@ class Sampler:
         raw_logprobs = (
             logits.log_softmax(-1) if any(r.params.logprobs is not None for r in requests) else None
         )
-        logits = self._process(logits.clone(), requests)
+        if any(_adjusts_logits(r) for r in requests):
+            logits = self._process(logits.contiguous().clone(), requests)
         tokens = logits.argmax(-1)
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if sampled_rows:
@@ -86,6 +87,16 @@ class Sampler:
             [torch.empty(probs.shape[1]).exponential_(generator=r.generator) for r in requests]
         ).to(dev)
         return (probs / noise).argmax(-1)
+
+
+def _adjusts_logits(r: Request) -> bool:
+    p = r.params
+    return bool(
+        p.logit_bias
+        or len(r.output_token_ids) < p.min_tokens
+        or p.repetition_penalty != 1.0
+        or ((p.frequency_penalty or p.presence_penalty) and r.output_token_ids)
+    )
 
 
 def _logprob(row: torch.Tensor, token: int, n: int) -> TokenLogprob:

@@ -96,6 +96,8 @@ class RotaryEmbedding(nn.Module):
         self.max_pos = cfg.max_position_embeddings
         inv_freq, self.attention_factor = self._compute()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Every layer of one forward rotates at the same positions: compute cos/sin once per tensor.
+        self._memo: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def _compute(self) -> tuple[torch.Tensor, float]:
         if self.rope.rope_type == "yarn":
@@ -110,6 +112,7 @@ class RotaryEmbedding(nn.Module):
     def materialize(self, device: torch.device | str) -> None:
         """Recompute the (non-persistent) frequencies on a real device after a meta-device build."""
         self.inv_freq = self._compute()[0].to(device)
+        self._memo = None
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [T, R/2] (float32) for the given positions."""
@@ -123,7 +126,12 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin(positions)
+        memo = self._memo
+        if memo is not None and memo[0] is positions:
+            cos, sin = memo[1], memo[2]
+        else:
+            cos, sin = self.cos_sin(positions)
+            self._memo = (positions, cos, sin)
         return apply_rotary(q, cos, sin, self.dim), apply_rotary(k, cos, sin, self.dim)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from shared.models.attention import AttentionBackend
 from shared.models.config import ModelConfig
 from shared.models.layers import Attention, GatedMLP, RMSNorm
+from shared.models.linear import Linear
 from shared.models.moe import SparseMoE
 from shared.models.rope import RotaryEmbedding
 
@@ -58,7 +59,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.rotary = RotaryEmbedding(cfg)
         self.model = DecoderBody(cfg, self.rotary)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -73,8 +74,16 @@ class CausalLM(nn.Module):
             x = layer(x, positions, attn)
         return self.model.norm(x)
 
+    def fuse_for_inference(self) -> CausalLM:
+        """Merge projections that read the same input (q/k/v, gate/up) into one matmul each.
+        For serving only: the fused model's parameter names no longer match checkpoints."""
+        for module in self.modules():
+            if isinstance(module, (Attention, GatedMLP)):
+                module.fuse()
+        return self
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [T, V]
+        return self.lm_head(hidden, contiguous=False)  # [T, V], possibly a transposed view
 
     def moe_layers(self) -> list[tuple[int, SparseMoE]]:
         return [
