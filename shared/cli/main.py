@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from shared.cli import chat as chat_cmd
 from shared.cli import generate as generate_cmd
 from shared.cli import models as models_cmd
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models_cmd.register(sub)
     generate_cmd.register(sub)
+    chat_cmd.register(sub)
     return parser
 
 

@@ -1,7 +1,19 @@
 """The engine shared by prefill and decode workers: paged KV cache with prefix caching, a
-continuous-batching scheduler with chunked prefill and preemption, a model runner and a sampler."""
+continuous-batching scheduler with chunked prefill and preemption, a model runner and a sampler;
+synchronous (LLMEngine) and asyncio (AsyncLLMEngine) front ends; KV handoff for disaggregation."""
 
+from shared.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from shared.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from shared.engine.kv_transfer import KVHandoff
 from shared.engine.sampling_params import SamplingParams
 
-__all__ = ["EngineConfig", "LLMEngine", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "AsyncLLMEngine",
+    "EngineConfig",
+    "EngineDeadError",
+    "KVHandoff",
+    "LLMEngine",
+    "RequestOutput",
+    "RequestStream",
+    "SamplingParams",
+]

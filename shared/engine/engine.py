@@ -4,8 +4,16 @@
     outputs = engine.generate([prompt_ids, ...], SamplingParams(max_tokens=64))
 
 or incrementally: add_request(...), then step() until has_unfinished() is False; each step returns
-the new tokens of every request that produced one, and abort(request_id) frees a request's blocks
-at once.
+the new tokens (and, with a tokenizer, the new text) of every request that produced one, and
+abort(request_id) frees a request's blocks at once.
+
+Three modes, per request:
+  monolithic       add_request(id, prompt, params)
+  prefill-only     add_request(..., prefill_only=True): finishes after the first token with status
+                   "handoff" and a KVHandoff (the prompt's KV blocks, the token, the RNG state)
+  decode-from-KV   add_request(..., kv_handoff=handoff): the prompt's KV is written into this
+                   engine's cache when the request is admitted, and decoding continues from the
+                   first token — the same tokens a monolithic run would give.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 
 from shared.engine.block_pool import BlockPool
 from shared.engine.kv_cache_manager import KVCacheManager
+from shared.engine.kv_transfer import KVHandoff
 from shared.engine.model_runner import ModelRunner, kv_bytes_per_token
 from shared.engine.request import Request, RequestStatus, TokenLogprob
 from shared.engine.sampler import Sampler
@@ -26,6 +35,8 @@ from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler, SchedulerConfig
 from shared.models.loader import load_model
 from shared.models.transformer import CausalLM
+from shared.tokenizer import Tokenizer
+from shared.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("tandem.engine")
 
@@ -61,20 +72,33 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     new_logprobs: list[TokenLogprob]
+    new_text: str = ""  # with a tokenizer: text that became final with this output
+    text: str = ""  # with a tokenizer: all output text so far
+    stop_reason: int | str | None = None  # the stop token id or stop string that finished it
+    kv_handoff: KVHandoff | None = None  # prefill-only requests, on their final output
 
 
 class LLMEngine:
-    def __init__(self, model: CausalLM, config: EngineConfig, model_id: str = "model", eos_token_ids=()):
+    def __init__(
+        self,
+        model: CausalLM,
+        config: EngineConfig,
+        model_id: str = "model",
+        eos_token_ids=(),
+        tokenizer: Tokenizer | None = None,
+    ):
         # The engine owns the model from here on: projections are fused for serving.
         self.model = model.eval().fuse_for_inference()
         self.config = config
+        self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         dtype = config.torch_dtype()
         per_block = kv_bytes_per_token(model, dtype) * config.block_size
         num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // per_block)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         cfg = model.config
-        layout = f"{dtype}/{cfg.num_layers}L/{cfg.num_kv_heads}x{cfg.head_dim}"
+        layout = f"{dtype}/{cfg.num_layers}L/{cfg.num_kv_heads}x{cfg.head_dim}/B{config.block_size}"
+        self.layout = layout
         self.pool = BlockPool(num_blocks, config.block_size)
         self.kv = KVCacheManager(self.pool, (model_id, layout), config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -102,11 +126,21 @@ class LLMEngine:
         eos = json.loads(gen_file.read_text()).get("eos_token_id") if gen_file.is_file() else None
         eos = model.config.eos_token_id if eos is None else eos
         eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-        return cls(model, config, model_id or path.name, eos_ids)
+        tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        return cls(model, config, model_id or path.name, eos_ids, tokenizer)
 
     # -- requests -----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prefill_only: bool = False,
+        kv_handoff: KVHandoff | None = None,
+    ) -> Request:
+        """Queue a request. Raises ValueError, naming the problem, for a request the engine cannot run."""
         if request_id in self.requests:
             raise ValueError(f"request_id '{request_id}' is already in use")
         if not prompt_token_ids:
@@ -125,17 +159,56 @@ class LLMEngine:
             raise ValueError(
                 f"request needs {self.kv.blocks_needed(total)} KV blocks; the cache has {self.pool.num_blocks}"
             )
+        if prefill_only and kv_handoff is not None:
+            raise ValueError("a request is either prefill-only or continues from imported KV, not both")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
+        request.prefill_only = prefill_only
+        if kv_handoff is not None:
+            self._check_handoff(request, kv_handoff)
+            request.pending_kv = kv_handoff.payload
+            request.num_computed_tokens = kv_handoff.num_tokens
+            request.num_cached_tokens = kv_handoff.num_cached_tokens
+            request.ever_scheduled = True
+            request.output_token_ids.append(kv_handoff.first_token)
+            if kv_handoff.first_logprob is not None:
+                request.output_logprobs.append(kv_handoff.first_logprob)
+            request.generator.set_state(kv_handoff.rng_state)
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
+            if kv_handoff is not None:  # its text went out with the prefill's output
+                request.detokenizer.update([kv_handoff.first_token])
+                request.detokenizer.next_text(finished=False)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
 
+    def _check_handoff(self, request: Request, handoff: KVHandoff) -> None:
+        if handoff.layout != self.layout:
+            raise ValueError(f"KV handoff has layout '{handoff.layout}', this engine uses '{self.layout}'")
+        if handoff.num_tokens != request.num_prompt_tokens:
+            raise ValueError(
+                f"KV handoff covers {handoff.num_tokens} tokens, the prompt has {request.num_prompt_tokens}"
+            )
+        blocks = self.kv.blocks_needed(handoff.num_tokens)
+        expected = (blocks, *self.runner.block_shape)
+        if tuple(handoff.payload.shape) != expected:
+            raise ValueError(
+                f"KV handoff payload has shape {tuple(handoff.payload.shape)}, expected {expected}"
+            )
+        if not 0 <= handoff.first_token < self.model.config.vocab_size:
+            raise ValueError(f"KV handoff's first token {handoff.first_token} is outside the vocabulary")
+
     def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks at once; False if it is unknown or already finished."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         return True
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -146,6 +219,11 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
+        for request, _ in plan.scheduled:
+            if request.pending_kv is not None:  # decode-from-KV: the prompt's KV lands on admission
+                blocks = request.block_ids[: request.pending_kv.shape[0]]
+                self.runner.write_blocks(blocks, request.pending_kv)
+                request.pending_kv = None
         samplers, logits = self.runner.execute(plan.scheduled)
         for request, n in plan.scheduled:
             request.num_computed_tokens += n
@@ -159,6 +237,17 @@ class LLMEngine:
             if logprob is not None:
                 request.output_logprobs.append(logprob)
             status = self._stop_status(request, token)
+            new_text = ""
+            detok = request.detokenizer
+            if detok is not None:
+                stop_string = detok.update([token], status is RequestStatus.FINISHED_STOPPED)
+                if stop_string is not None:
+                    status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_string
+                new_text = detok.next_text(status is not None)
+            handoff = None
+            if status is None and request.prefill_only:
+                handoff = self._export(request, token, logprob)
+                status = RequestStatus.FINISHED_HANDOFF
             if status is not None:
                 self.scheduler.finish(request, status)
                 self.requests.pop(request.request_id, None)
@@ -172,9 +261,27 @@ class LLMEngine:
                     request.num_prompt_tokens,
                     request.num_cached_tokens,
                     [logprob] if logprob is not None else [],
+                    new_text,
+                    detok.text if detok is not None else "",
+                    request.stop_reason,
+                    handoff,
                 )
             )
         return outputs
+
+    def _export(self, request: Request, token: int, logprob: TokenLogprob | None) -> KVHandoff:
+        n = request.num_prompt_tokens
+        blocks = request.block_ids[: self.kv.blocks_needed(n)]
+        return KVHandoff(
+            num_tokens=n,
+            payload=self.runner.read_blocks(blocks),
+            block_hashes=tuple(self.kv.block_keys(request)[: n // self.config.block_size]),
+            first_token=token,
+            first_logprob=logprob,
+            rng_state=request.generator.get_state(),
+            layout=self.layout,
+            num_cached_tokens=request.num_cached_tokens,
+        )
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         p = request.params

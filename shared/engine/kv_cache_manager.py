@@ -25,6 +25,10 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def block_keys(self, request: Request) -> list[bytes]:
+        """Chain keys of the request's full blocks (computed on demand, cached on the request)."""
+        return self._keys(request)
+
     def _keys(self, request: Request) -> list[bytes]:
         extras = kv_extras(self.model_id, self.layout, None, request.params.cache_salt)
         request.block_hashes = chain_hashes(

@@ -28,6 +28,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_HANDOFF = "handoff"  # prefill-only: first token sampled, KV exported, decode continues elsewhere
 
     @property
     def finished(self) -> bool:
@@ -35,6 +36,7 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
             RequestStatus.FINISHED_ABORTED,
+            RequestStatus.FINISHED_HANDOFF,
         )
 
 
@@ -63,6 +65,9 @@ class Request:
     order: int = field(default_factory=lambda: next(_arrivals))
     generator: torch.Generator = field(default_factory=torch.Generator)
     ever_scheduled: bool = False
+    prefill_only: bool = False  # finish after the first token and export the KV
+    pending_kv: torch.Tensor | None = None  # imported KV payload, written into the cache on admission
+    detokenizer: object | None = None  # an IncrementalDetokenizer when the engine has a tokenizer
 
     def __post_init__(self) -> None:
         seed = self.params.seed if self.params.seed is not None else int(torch.randint(2**62, ()).item())

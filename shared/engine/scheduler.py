@@ -83,8 +83,10 @@ class Scheduler:
     def _admit_waiting(self, budget: int, out: SchedulerOutput) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            prefix = self.kv.computed_prefix(request) if request.num_computed_tokens == 0 else []
-            cached = len(prefix) * self.kv.block_size
+            # Only a request that arrives with imported KV waits with tokens already computed.
+            imported = request.num_computed_tokens
+            prefix = self.kv.computed_prefix(request) if not imported else []
+            cached = imported or len(prefix) * self.kv.block_size
             n = min(request.num_tokens - cached, budget, self.config.long_prefill_chunk)
             if not self.kv.allocate_slots(request, n, prefix):
                 break

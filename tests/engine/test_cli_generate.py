@@ -56,6 +56,18 @@ def test_generate_chat_stops_at_end_of_turn(store_root, capsys):
     )
 
 
+def test_generate_stop_string(store_root, capsys):
+    argv = ["generate", "--store", str(store_root), "--chat", "--prompt", "What is the capital of France?"]
+    capsys.readouterr()
+    assert tandem_main([*argv, "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)["text"]
+    stop = full.split()[2]
+    assert tandem_main([*argv, "--json", "--stop", stop]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["text"] == full[: full.index(stop)]
+    assert result["finish_reason"] == "stop" and result["stop_reason"] == stop
+
+
 def test_generate_bad_parameter(store_root, capsys):
     assert tandem_main(["generate", "--store", str(store_root), "--prompt", "x", "--top-p", "0"]) == 1
     assert "top_p" in capsys.readouterr().err

@@ -83,3 +83,22 @@ def test_engine_runs_in_bfloat16_on_cuda(checkpoint):
     engine = LLMEngine.from_store(path, EngineConfig(device="cuda", dtype="bfloat16"))
     out = engine.generate([[1, 2, 3, 4]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
     assert len(out.output_token_ids) == 6
+
+
+def test_kv_handoff_from_cpu_prefill_to_cuda_decode(checkpoint):
+    """The KV payload is device-neutral: a CPU prefill hands over to a CUDA decode."""
+    path, _ = checkpoint
+    prompt = torch.randint(0, 256, (21,)).tolist()
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    mono = LLMEngine.from_store(path, EngineConfig()).generate([prompt], params)[0]
+    prefill = LLMEngine.from_store(path, EngineConfig())
+    prefill.add_request("p", prompt, params, prefill_only=True)
+    outs = []
+    while prefill.has_unfinished():
+        outs += prefill.step()
+    decode = LLMEngine.from_store(path, EngineConfig(device="cuda"))
+    decode.add_request("d", prompt, params, kv_handoff=outs[-1].kv_handoff)
+    while decode.has_unfinished():
+        final = decode.step()[-1]
+    assert final.output_token_ids == mono.output_token_ids
+    assert decode.pool.num_free == decode.pool.num_blocks
