@@ -47,6 +47,14 @@ class PagedMetadata:
     decode_positions: torch.Tensor  # [N] position of each decode query (for sliding windows)
     prefills: list[PrefillChunk]
     all_decode: bool = False  # every row is a decode (the common steady state)
+    _bias: torch.Tensor | None = None
+
+    def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """decode_valid as an additive mask [N, 1, 1, S] (0 or -inf), made once per step."""
+        if self._bias is None or self._bias.dtype != dtype:
+            bias = torch.zeros(self.decode_valid.shape, dtype=dtype, device=self.decode_valid.device)
+            self._bias = bias.masked_fill_(~self.decode_valid, float("-inf"))[:, None, None, :]
+        return self._bias
 
 
 class PagedAttention:
@@ -84,11 +92,13 @@ class PagedAttention:
         n = q.shape[0]
         ks = _gather(k_cache, meta.decode_gather, n).to(q.dtype)  # [N, K, S_max, D]
         vs = _gather(v_cache, meta.decode_gather, n).to(q.dtype)
-        valid = meta.decode_valid
-        if window is not None:
-            key_pos = torch.arange(valid.shape[1], device=valid.device)[None, :]
-            valid = valid & (key_pos > meta.decode_positions[:, None] - window)
-        out = sdpa(q[:, :, None, :], ks, vs, scale, valid[:, None, None, :])  # [N, H, 1, D]
+        if window is None:
+            mask = meta.decode_bias(q.dtype)  # [N, 1, 1, S] additive, shared by every layer
+        else:
+            key_pos = torch.arange(meta.decode_valid.shape[1], device=q.device)[None, :]
+            valid = meta.decode_valid & (key_pos > meta.decode_positions[:, None] - window)
+            mask = valid[:, None, None, :]
+        out = sdpa(q[:, :, None, :], ks, vs, scale, mask)  # [N, H, 1, D]
         return out[:, :, 0, :]
 
 

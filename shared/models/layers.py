@@ -101,6 +101,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         t, h, kv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_proj is not None and self.q_norm is None:
+            # q and k sit side by side in the fused output: rotate them as one [T, H + K, D] tensor
+            qkv = self.qkv_proj(x)
+            qk = self.rotary[0].rotate(positions, qkv[:, : (h + kv) * d].view(t, h + kv, d))
+            q, k = qk[:, :h], qk[:, h:]
+            o = attn.forward(self.layer, q, k, qkv[:, (h + kv) * d :].view(t, kv, d), self.scale, self.window)
+            return self.o_proj(o.reshape(t, h * d))
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split((h * d, kv * d, kv * d), dim=-1)
             q, k, v = q.view(t, h, d), k.view(t, kv, d), v.view(t, kv, d)

@@ -123,16 +123,23 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, R/2]
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
+    def _cached_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memo = self._memo
+        if memo is not None and memo[0] is positions:
+            return memo[1], memo[2]
+        cos, sin = self.cos_sin(positions)
+        self._memo = (positions, cos, sin)
+        return cos, sin
+
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        memo = self._memo
-        if memo is not None and memo[0] is positions:
-            cos, sin = memo[1], memo[2]
-        else:
-            cos, sin = self.cos_sin(positions)
-            self._memo = (positions, cos, sin)
+        cos, sin = self._cached_cos_sin(positions)
         return apply_rotary(q, cos, sin, self.dim), apply_rotary(k, cos, sin, self.dim)
+
+    def rotate(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """RoPE on one [T, heads, D] tensor (e.g. q and k heads side by side)."""
+        return apply_rotary(x, *self._cached_cos_sin(positions), self.dim)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
