@@ -120,7 +120,7 @@ class LLMEngine:
         cls, path: Path, config: EngineConfig | None = None, model_id: str | None = None
     ) -> LLMEngine:
         config = config or EngineConfig()
-        path = Path(path)
+        path = Path(path).expanduser()
         model = load_model(path, device=config.device, dtype=config.torch_dtype())
         gen_file = path / "generation_config.json"
         eos = json.loads(gen_file.read_text()).get("eos_token_id") if gen_file.is_file() else None

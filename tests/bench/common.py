@@ -63,6 +63,13 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return nbytes / best_time(lambda: dst.copy_(src), repeats)
 
 
+def read_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes per second that summing a large fp32 tensor reads (a read-only stream)."""
+    src = torch.ones(nbytes // 4)
+    src.sum()
+    return nbytes / best_time(lambda: src.sum(), repeats)
+
+
 def environment(args) -> dict:
     return {
         "torch": torch.__version__,

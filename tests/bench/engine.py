@@ -6,7 +6,9 @@ Measures (SmolLM2-135M-Instruct fp32 by default, greedy, EOS ignored so every re
 full length):
   batched   32 concurrent requests x 128 new tokens: output tok/s (transformers: one batch of 32)
   b1        one request, 128 new tokens: tok/s, also as a fraction of the memory-bandwidth bound
-            (every weight byte is read once per decoded token: bound = copy bandwidth / weight bytes)
+            (every weight byte is read once per decoded token: bound = copy bandwidth / weight bytes,
+            copy bandwidth counting each copied byte once); also against the read-only bandwidth
+            of summing a large tensor, a stricter bound
   prefill   a 512-token prompt to its first token: prompt tok/s
   ttft      a 1,024-token prompt cold, then another sharing its first 1,008 tokens (prefix cached)
 --quick runs 32 new tokens instead of 128 and one repetition. Prompts are random token ids, the
@@ -19,7 +21,16 @@ from __future__ import annotations
 import torch
 
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.bench.common import best_time, copy_bandwidth, emit, environment, log, model_path, parser
+from tests.bench.common import (
+    best_time,
+    copy_bandwidth,
+    emit,
+    environment,
+    log,
+    model_path,
+    parser,
+    read_bandwidth,
+)
 
 
 class Prompts:
@@ -92,6 +103,9 @@ def main(argv=None) -> dict:
     results["copy_bandwidth_gb_s"] = round(bandwidth / 1e9, 2)
     results["bandwidth_bound_tok_s"] = round(bandwidth / weight_bytes, 2)
     results["b1_fraction_of_bandwidth_bound"] = round(new_tokens / t / (bandwidth / weight_bytes), 3)
+    reads = read_bandwidth()
+    results["read_bandwidth_gb_s"] = round(reads / 1e9, 2)
+    results["b1_fraction_of_read_bound"] = round(new_tokens / t / (reads / weight_bytes), 3)
 
     log("prefill: a 512-token prompt")
     hf_t = best_time(lambda: hf_generate(hf, [prompts(512)], 1), repeats)
