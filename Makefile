@@ -5,10 +5,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
+PROTOS := $(wildcard protos/tandem/v1/*.proto)
+PROTO_STAMP := tandem/v1/.generated
 
-.PHONY: install test run lint bench clean
+.PHONY: install protos test run lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(PROTO_STAMP)
+
+# gRPC stubs: generated from protos/ into the `tandem.v1` package, never edited, never committed.
+protos: $(PROTO_STAMP)
+
+$(PROTO_STAMP): $(PROTOS) $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch $(PROTO_STAMP)
 
 # Re-runs only when the dependency list changes; otherwise `make install` is a no-op.
 $(STAMP): pyproject.toml Makefile
@@ -39,3 +48,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -f tandem/v1/*_pb2*.py tandem/v1/*_pb2*.pyi $(PROTO_STAMP)

@@ -13,6 +13,7 @@ import sys
 from shared.cli import chat as chat_cmd
 from shared.cli import generate as generate_cmd
 from shared.cli import models as models_cmd
+from shared.cli import serve as serve_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_cmd.register(sub)
     generate_cmd.register(sub)
     chat_cmd.register(sub)
+    serve_cmd.register(sub)
     return parser
 
 

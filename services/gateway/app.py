@@ -1,0 +1,529 @@
+"""The OpenAI-compatible REST gateway (FastAPI).
+
+    tandem serve gateway --tokenizer HOST:PORT --router HOST:PORT --model NAME [--port 8000]
+
+Routes: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (streamed as SSE or not),
+POST /tokenize, POST /detokenize, GET /health, and FastAPI's /docs and /openapi.json.
+
+A request is tokenized by the tokenizer service (chat template included), checked against the
+model's context length, and sent to the router as one GenerateRequest per choice (`n`); the token
+chunks that stream back already carry their text (the worker's engine detokenizes and applies stop
+strings, so a stop frees the KV cache at once). Errors use OpenAI's JSON shape and status codes; a
+client that disconnects cancels its gRPC streams, which aborts the requests on the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.gateway.clients import Backends
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIError,
+    TokenizeRequest,
+    _Sampling,
+)
+from shared.rpc.convert import FINISH_REASON_NAMES, params_to_proto
+from tandem.v1 import common_pb2
+
+log = logging.getLogger("tandem.gateway")
+
+MAX_N = 16
+GRPC_TO_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+KNOWN_PARAMS = {
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+    "presence_penalty", "logit_bias", "min_tokens", "stop_token_ids", "logprobs", "seed", "n", "stop",
+}  # fmt: skip
+
+
+def error_from_grpc(e: grpc.aio.AioRpcError) -> OpenAIError:
+    status = GRPC_TO_HTTP.get(e.code(), 500)
+    message = e.details() or e.code().name
+    first = message.split(" ", 1)[0]
+    param = first if first in KNOWN_PARAMS else None
+    code = "model_not_found" if status == 404 else None
+    return OpenAIError(status, message, param, code)
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # common_pb2.TokenLogprob
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    usage: common_pb2.Usage | None = None
+
+
+def _stop_reason(chunk: common_pb2.TokenChunk):
+    which = chunk.WhichOneof("stop_reason")
+    return getattr(chunk, which) if which else None
+
+
+class Gateway:
+    def __init__(self, backends: Backends, models: list[str], api_keys: list[str] = ()):
+        self.backends = backends
+        self.models = list(models)
+        self.api_keys = set(api_keys)
+        self.created = int(time.time())
+        self._info: dict[str, object] = {}
+
+    async def info(self, model: str):
+        if model not in self.models:
+            raise OpenAIError(
+                404,
+                f"The model '{model}' does not exist (served: {', '.join(self.models)})",
+                "model",
+                "model_not_found",
+            )
+        if model not in self._info:
+            try:
+                self._info[model] = await self.backends.info(model)
+            except grpc.aio.AioRpcError as e:
+                raise error_from_grpc(e) from e
+        return self._info[model]
+
+    # -- generation ------------------------------------------------------------------------------
+
+    async def prepare(
+        self, body: _Sampling, prompt_len: int, max_model_len: int, vocab: int, what: str
+    ) -> list:
+        if not 1 <= body.n <= MAX_N:
+            raise OpenAIError(400, f"n must be between 1 and {MAX_N}, got {body.n}", "n")
+        requested = body.requested_max_tokens()
+        room = max_model_len - prompt_len
+        max_tokens = room if requested is None else requested
+        if requested is not None and requested < 1:
+            raise OpenAIError(400, f"max_tokens must be at least 1, got {requested}", "max_tokens")
+        if prompt_len + max_tokens > max_model_len or room < 1:
+            raise OpenAIError(
+                400,
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                "completion). Please reduce the length of the prompt or the completion.",
+                what,
+                "context_length_exceeded",
+            )
+        logprobs = body.requested_logprobs()
+        params = [body.sampling_params(max_tokens, logprobs, i) for i in range(body.n)]
+        try:
+            params[0].validate(vocab)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), str(e).split(" ", 1)[0]) from e
+        return params
+
+    async def stream_choice(
+        self, request_id: str, model: str, prompt_ids: list[int], params, index: int
+    ) -> AsyncIterator[tuple[int, common_pb2.TokenChunk]]:
+        request = common_pb2.GenerateRequest(
+            request_id=request_id, model=model, prompt_token_ids=prompt_ids, params=params_to_proto(params)
+        )
+        call = self.backends.generate(request)
+        try:
+            async for chunk in call:
+                yield index, chunk
+        except grpc.aio.AioRpcError as e:
+            raise error_from_grpc(e) from e
+        finally:
+            call.cancel()  # a client gone mid-stream: the router and the worker abort the request
+
+    async def merged(self, streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, common_pb2.TokenChunk]]:
+        """Chunks of several choices in arrival order."""
+        if len(streams) == 1:
+            async for item in streams[0]:
+                yield item
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(s):
+            try:
+                async for item in s:
+                    await queue.put(item)
+                await queue.put(done)
+            except BaseException as e:  # handed to the consumer
+                await queue.put(e)
+
+        tasks = [asyncio.create_task(pump(s)) for s in streams]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def collect(self, streams) -> list[Choice]:
+        choices: dict[int, Choice] = {}
+        async for index, chunk in self.merged(streams):
+            c = choices.setdefault(index, Choice(index))
+            c.text += chunk.text
+            c.token_ids += list(chunk.token_ids)
+            c.logprobs += list(chunk.logprobs)
+            if chunk.finish_reason:
+                c.finish_reason = FINISH_REASON_NAMES[chunk.finish_reason]
+                c.stop_reason = _stop_reason(chunk)
+                c.usage = chunk.usage
+        return [choices[i] for i in sorted(choices)]
+
+    async def token_strings(self, model: str, logprobs) -> dict[int, str]:
+        ids = sorted({lp.token_id for lp in logprobs} | {t.token_id for lp in logprobs for t in lp.top})
+        return dict(zip(ids, await self.backends.token_strings(model, ids), strict=True)) if ids else {}
+
+
+def usage_json(per_prompt: list[common_pb2.Usage], completion_tokens: int) -> dict:
+    prompt = sum(u.prompt_tokens for u in per_prompt)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in per_prompt)},
+    }
+
+
+def chat_logprobs_json(logprobs, strings: dict[int, str]) -> dict:
+    def entry(token_id, lp):
+        s = strings.get(token_id, "")
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top]}
+            for lp in logprobs
+        ]
+    }
+
+
+def completion_logprobs_json(logprobs, strings: dict[int, str], offset: int) -> dict:
+    tokens, offsets = [], []
+    for lp in logprobs:
+        offsets.append(offset)
+        tokens.append(strings.get(lp.token_id, ""))
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{strings.get(t.token_id, ""): t.logprob for t in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def until_disconnected(request: Request, coro):
+    """Await coro, cancelling it if the HTTP client goes away first (non-streaming requests)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise OpenAIError(499, "client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def create_app(backends: Backends, models: list[str], api_keys: list[str] = ()) -> FastAPI:
+    gw = Gateway(backends, models, api_keys)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await backends.close()
+
+    app = FastAPI(
+        title="Tandem", description="OpenAI-compatible API of the Tandem platform", lifespan=lifespan
+    )
+    app.state.gateway = gw
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request, exc: OpenAIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        param = loc[0] if loc else None
+        message = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid request')}"
+        return JSONResponse(OpenAIError(400, message, param).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _request_id_and_auth(request: Request, call_next):
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request.state.request_id = request_id
+        if gw.api_keys and request.url.path.startswith("/v1/"):
+            auth = request.headers.get("authorization", "")
+            if not auth.startswith("Bearer ") or auth[7:] not in gw.api_keys:
+                err = OpenAIError(401, "Invalid or missing API key", code="invalid_api_key")
+                response = JSONResponse(err.body(), status_code=401)
+                response.headers["X-Request-Id"] = request_id
+                return response
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = request_id
+        return response
+
+    @app.get("/health")
+    async def health():
+        try:
+            workers = await backends.workers()
+            await gw.info(gw.models[0])
+        except (grpc.aio.AioRpcError, OpenAIError) as e:
+            return JSONResponse({"status": "unavailable", "reason": str(e)}, status_code=503)
+        healthy = sum(w.healthy for w in workers.workers)
+        status = 200 if healthy else 503
+        return JSONResponse(
+            {"status": "ok" if healthy else "unavailable", "healthy_workers": healthy}, status_code=status
+        )
+
+    @app.get("/v1/models")
+    async def list_models():
+        data = []
+        for m in gw.models:
+            entry = {"id": m, "object": "model", "created": gw.created, "owned_by": "tandem"}
+            try:
+                entry["max_model_len"] = (await gw.info(m)).max_model_len
+            except OpenAIError:
+                pass
+            data.append(entry)
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        info = await gw.info(body.model)
+        messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
+        try:
+            prompt_ids, _ = await backends.tokenize_chat(body.model, messages, body.add_generation_prompt)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_grpc(e) from e
+        params = await gw.prepare(body, len(prompt_ids), info.max_model_len, info.vocab_size, "messages")
+        rid = request.state.request_id
+        streams = [gw.stream_choice(f"{rid}-{i}", body.model, prompt_ids, p, i) for i, p in enumerate(params)]
+        base = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                stream_chat(gw, body, streams, base, include_usage), media_type="text/event-stream"
+            )
+        choices = await until_disconnected(request, gw.collect(streams))
+        strings = await gw.token_strings(body.model, [lp for c in choices for lp in c.logprobs])
+        return {
+            **base,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs_json(c.logprobs, strings) if body.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in choices
+            ],
+            "usage": usage_json([choices[0].usage], sum(len(c.token_ids) for c in choices)),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        info = await gw.info(body.model)
+        if body.suffix:
+            raise OpenAIError(400, "suffix is not supported", "suffix")
+        if body.echo:
+            raise OpenAIError(400, "echo is not supported", "echo")
+        prompts = await completion_prompts(body)
+        if not prompts or any(not p for p in prompts):
+            raise OpenAIError(400, "prompt must not be empty", "prompt")
+        rid = request.state.request_id
+        streams, all_params = [], []
+        for pi, ids in enumerate(prompts):
+            if any(t < 0 or t >= info.vocab_size for t in ids):
+                raise OpenAIError(
+                    400, f"prompt contains token ids outside the vocabulary of {info.vocab_size}", "prompt"
+                )
+            params = await gw.prepare(body, len(ids), info.max_model_len, info.vocab_size, "prompt")
+            all_params.append(params)
+            for i, p in enumerate(params):
+                index = pi * body.n + i
+                streams.append(gw.stream_choice(f"{rid}-{index}", body.model, ids, p, index))
+        base = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                stream_completion(gw, body, streams, base, include_usage, len(prompts)),
+                media_type="text/event-stream",
+            )
+        choices = await until_disconnected(request, gw.collect(streams))
+        strings = await gw.token_strings(body.model, [lp for c in choices for lp in c.logprobs])
+        return {
+            **base,
+            "object": "text_completion",
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "logprobs": completion_logprobs_json(c.logprobs, strings, 0)
+                    if body.logprobs is not None
+                    else None,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+                for c in choices
+            ],
+            "usage": usage_json(
+                [choices[pi * body.n].usage for pi in range(len(prompts))],
+                sum(len(c.token_ids) for c in choices),
+            ),
+        }
+
+    async def completion_prompts(body: CompletionRequest) -> list[list[int]]:
+        p = body.prompt
+        try:
+            if isinstance(p, str):
+                return [await backends.tokenize_text(body.model, p)]
+            if p and all(isinstance(x, int) for x in p):
+                return [list(p)]
+            if p and all(isinstance(x, str) for x in p):
+                return [await backends.tokenize_text(body.model, x) for x in p]
+            return [list(x) for x in p]
+        except grpc.aio.AioRpcError as e:
+            raise error_from_grpc(e) from e
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        model = body.model or gw.models[0]
+        info = await gw.info(model)
+        try:
+            if body.messages is not None:
+                messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
+                ids, _ = await backends.tokenize_chat(model, messages, body.add_generation_prompt)
+            elif body.prompt is not None:
+                ids = await backends.tokenize_text(model, body.prompt, body.add_special_tokens)
+            else:
+                raise OpenAIError(400, "give either prompt or messages", "prompt")
+        except grpc.aio.AioRpcError as e:
+            raise error_from_grpc(e) from e
+        return {"tokens": ids, "count": len(ids), "max_model_len": info.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        model = body.model or gw.models[0]
+        await gw.info(model)
+        try:
+            return {"prompt": await backends.detokenize(model, body.tokens)}
+        except grpc.aio.AioRpcError as e:
+            raise error_from_grpc(e) from e
+
+    return app
+
+
+async def stream_chat(gw: Gateway, body: ChatCompletionRequest, streams, base: dict, include_usage: bool):
+    chunk_base = {**base, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if include_usage else {}
+    usage, completion_tokens = None, 0
+    try:
+        for i in range(body.n):
+            yield sse(
+                {
+                    **chunk_base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    **extra,
+                }
+            )
+        async for index, chunk in gw.merged(streams):
+            completion_tokens += len(chunk.token_ids)
+            finish = FINISH_REASON_NAMES[chunk.finish_reason]
+            logprobs = None
+            if body.logprobs and chunk.logprobs:
+                logprobs = chat_logprobs_json(
+                    chunk.logprobs, await gw.token_strings(body.model, chunk.logprobs)
+                )
+            if chunk.text or logprobs or finish:
+                delta = {"content": chunk.text} if chunk.text or logprobs else {}
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+                if finish:
+                    choice["stop_reason"] = _stop_reason(chunk)
+                yield sse({**chunk_base, "choices": [choice], **extra})
+            if finish and index == 0:
+                usage = chunk.usage
+        if include_usage:
+            yield sse({**chunk_base, "choices": [], "usage": usage_json([usage], completion_tokens)})
+    except OpenAIError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"
+
+
+async def stream_completion(
+    gw: Gateway, body: CompletionRequest, streams, base: dict, include_usage: bool, num_prompts: int
+):
+    chunk_base = {**base, "object": "text_completion"}
+    extra = {"usage": None} if include_usage else {}
+    usages, completion_tokens, offsets = {}, 0, {}
+    try:
+        async for index, chunk in gw.merged(streams):
+            completion_tokens += len(chunk.token_ids)
+            finish = FINISH_REASON_NAMES[chunk.finish_reason]
+            logprobs = None
+            if body.logprobs is not None and chunk.logprobs:
+                strings = await gw.token_strings(body.model, chunk.logprobs)
+                logprobs = completion_logprobs_json(chunk.logprobs, strings, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(chunk.text)
+            if chunk.text or logprobs or finish:
+                choice = {"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": finish}
+                if finish:
+                    choice["stop_reason"] = _stop_reason(chunk)
+                yield sse({**chunk_base, "choices": [choice], **extra})
+            if finish and index % body.n == 0:
+                usages[index // body.n] = chunk.usage
+        if include_usage:
+            per_prompt = [usages[i] for i in range(num_prompts) if i in usages]
+            yield sse({**chunk_base, "choices": [], "usage": usage_json(per_prompt, completion_tokens)})
+    except OpenAIError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,146 @@
+"""The tokenizer service: text <-> token ids with each served model's own tokenizer and chat template.
+
+    tandem serve tokenizer --model smollm2-135m-instruct [--model other] [--port P]
+
+An empty `model` field in a request means the only (or first) model served. Errors are gRPC status
+codes: an unknown model NOT_FOUND, a bad chat (template error, no template) or a token id outside the
+vocabulary INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+
+from shared.engine.sampling_params import SamplingParams
+from shared.store import ModelStore
+from shared.tokenizer import ChatTemplateError, Tokenizer
+from shared.tokenizer.detokenizer import IncrementalDetokenizer
+from tandem.v1 import tokenizer_pb2 as pb
+from tandem.v1 import tokenizer_pb2_grpc
+
+SERVICE_NAME = "tandem.v1.Tokenizer"
+
+
+class ServedTokenizer:
+    def __init__(self, name: str, path: Path):
+        self.name = name
+        self.tokenizer = Tokenizer.from_dir(path)
+        config = json.loads((path / "config.json").read_text())
+        self.max_model_len = int(config.get("max_position_embeddings") or 0)
+
+
+class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
+    def __init__(self, store: ModelStore, models: list[str]):
+        if not models:
+            raise ValueError("the tokenizer service needs at least one --model")
+        self.models = {name: ServedTokenizer(name, store.path(store.get(name).name)) for name in models}
+        self.default = models[0]
+
+    async def _model(self, name: str, context) -> ServedTokenizer:
+        served = self.models.get(name or self.default)
+        if served is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model '{name}' is not served here (models: {sorted(self.models)})",
+            )
+        return served
+
+    async def _tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        served = await self._model(request.model, context)
+        tok = served.tokenizer
+        kind = request.WhichOneof("input")
+        if kind == "chat":
+            messages = [
+                {"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                for m in request.chat.messages
+            ]
+            add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+            try:
+                prompt = tok.apply_chat_template(messages, add_generation_prompt=add_gen)
+            except ChatTemplateError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chat template: {e}")
+            return pb.TokenizeResponse(token_ids=tok.encode(prompt, add_special_tokens=False), prompt=prompt)
+        if kind == "text":
+            special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            return pb.TokenizeResponse(token_ids=tok.encode(request.text, add_special_tokens=special))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either text or chat messages")
+
+    async def _check_ids(self, served: ServedTokenizer, ids, context) -> None:
+        vocab = served.tokenizer.vocab_size
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"token id {bad[0]} is outside the vocabulary of {vocab}"
+            )
+
+    async def Tokenize(self, request, context):
+        return await self._tokenize(request, context)
+
+    async def TokenizeBatch(self, request, context):
+        return pb.TokenizeBatchResponse(
+            responses=[await self._tokenize(r, context) for r in request.requests]
+        )
+
+    async def CountTokens(self, request, context):
+        return pb.CountTokensResponse(count=len((await self._tokenize(request, context)).token_ids))
+
+    async def _detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
+        served = await self._model(request.model, context)
+        await self._check_ids(served, request.token_ids, context)
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        return pb.DetokenizeResponse(text=served.tokenizer.decode(list(request.token_ids), skip))
+
+    async def Detokenize(self, request, context):
+        return await self._detokenize(request, context)
+
+    async def DetokenizeBatch(self, request, context):
+        return pb.DetokenizeBatchResponse(
+            responses=[await self._detokenize(r, context) for r in request.requests]
+        )
+
+    async def DetokenizeStream(self, request_iterator, context):
+        detok = served = None
+        async for request in request_iterator:
+            if detok is None:
+                served = await self._model(request.model, context)
+                skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+                params = SamplingParams(skip_special_tokens=skip)
+                detok = IncrementalDetokenizer(served.tokenizer, list(request.prompt_token_ids), params)
+            await self._check_ids(served, request.token_ids, context)
+            detok.update(list(request.token_ids))
+            yield pb.DetokenizeStreamResponse(text=detok.next_text(finished=False))
+
+    async def Info(self, request, context):
+        served = await self._model(request.model, context)
+        tok = served.tokenizer
+        info = pb.TokenizerInfo(
+            model=served.name,
+            vocab_size=tok.vocab_size,
+            stop_token_ids=list(tok.stop_token_ids),
+            has_chat_template=bool(tok.chat_template),
+            max_model_len=served.max_model_len,
+        )
+        if tok.bos_token_id is not None:
+            info.bos_token_id = tok.bos_token_id
+        if tok.eos_token_id is not None:
+            info.eos_token_id = tok.eos_token_id
+        return info
+
+
+def register(server, store: ModelStore, models: list[str]) -> TokenizerService:
+    service = TokenizerService(store, models)
+    server.add(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, service, SERVICE_NAME)
+    return service
+
+
+async def start_server(store: ModelStore, models: list[str], host: str = "127.0.0.1", port: int = 0):
+    """A started tokenizer server (GrpcServer; .port is the bound port)."""
+    from shared.rpc.server import GrpcServer
+
+    server = GrpcServer("tokenizer", host, port)
+    register(server, store, models)
+    await server.start()
+    return server

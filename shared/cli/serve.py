@@ -1,0 +1,160 @@
+"""`tandem serve tokenizer|worker|router|gateway`: run one service in the foreground.
+
+Every option can also come from `--config FILE` (YAML; keys are the option names with underscores,
+e.g. `max_num_seqs: 32`); flags on the command line win. gRPC services listen on --port (0, the
+default, lets the OS pick a free port), print `<service> listening on HOST:PORT` on stdout when
+ready and, with --port-file, write the port there. SIGTERM / Ctrl-C drains in-flight work and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+from shared import envs
+from shared.store import DEFAULT_MODEL, ModelStore
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run one platform service (tokenizer, worker, router, gateway)")
+    roles = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
+
+    def common(q, default_port: int = 0):
+        q.add_argument("--config", type=Path, help="YAML file with option values")
+        q.add_argument("--host", default="127.0.0.1")
+        q.add_argument(
+            "--port", type=int, default=default_port, help=f"(default {default_port or 'any free'})"
+        )
+        q.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+
+    q = roles.add_parser("tokenizer", help="text <-> token ids, chat templates")
+    common(q)
+    q.add_argument("--model", action="append", help=f"model to serve (repeatable; default {DEFAULT_MODEL})")
+    q.add_argument("--store", type=Path)
+    q.set_defaults(func=cmd_serve, run=run_tokenizer, parser=q)
+
+    q = roles.add_parser("worker", help="the engine behind gRPC (role: monolithic)")
+    common(q)
+    q.add_argument("--model", default=DEFAULT_MODEL)
+    q.add_argument("--store", type=Path)
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    q.add_argument("--max-num-seqs", type=int, default=64)
+    q.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    q.add_argument("--kv-cache-mb", type=int, default=512)
+    q.add_argument(
+        "--max-waiting", type=int, default=256, help="queue length beyond which requests are refused"
+    )
+    q.add_argument("--worker-id")
+    q.add_argument("--threads", type=int, help="torch threads (default: $TANDEM_THREADS or 2)")
+    q.set_defaults(func=cmd_serve, run=run_worker, parser=q)
+
+    q = roles.add_parser("router", help="pick a worker per request, forward streams")
+    common(q)
+    q.add_argument("--worker", action="append", required=False, help="worker HOST:PORT (repeatable)")
+    q.add_argument("--policy", default="least_loaded", choices=["round_robin", "least_loaded"])
+    q.add_argument("--health-interval", type=float, default=1.0)
+    q.add_argument("--request-timeout", type=float, default=600.0)
+    q.set_defaults(func=cmd_serve, run=run_router, parser=q)
+
+    q = roles.add_parser("gateway", help="the OpenAI-compatible REST API")
+    common(q, default_port=8000)
+    q.add_argument("--tokenizer", help="tokenizer service HOST:PORT")
+    q.add_argument("--router", help="router service HOST:PORT")
+    q.add_argument(
+        "--model", action="append", help=f"served model name (repeatable; default {DEFAULT_MODEL})"
+    )
+    q.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable)")
+    q.set_defaults(func=cmd_serve, run=run_gateway, parser=q)
+
+
+def _apply_config(args) -> None:
+    if not args.config:
+        return
+    try:
+        values = yaml.safe_load(args.config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read config {args.config}: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"config {args.config} must be a mapping of option: value")
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest in ("func", "run", "service", "config", "parser") or not hasattr(args, dest):
+            raise ValueError(f"config {args.config}: unknown option '{key}' for `serve {args.service}`")
+        # flags given on the command line win over the file
+        if getattr(args, dest) == args.parser.get_default(dest):
+            setattr(args, dest, value)
+
+
+def cmd_serve(args) -> int:
+    _apply_config(args)
+    asyncio.run(args.run(args))
+    return 0
+
+
+def _announce(name: str, host: str, port: int, port_file: Path | None) -> None:
+    if port_file:
+        port_file.write_text(str(port))
+    print(f"{name} listening on {host}:{port}", flush=True)
+
+
+async def run_tokenizer(args) -> None:
+    from services.tokenizer.server import start_server
+
+    store = ModelStore(args.store or envs.models_dir())
+    server = await start_server(store, args.model or [DEFAULT_MODEL], args.host, args.port)
+    _announce("tokenizer", args.host, server.port, args.port_file)
+    await server.serve_until_signal()
+
+
+async def run_worker(args) -> None:
+    from services.worker.server import start_server
+    from shared.engine import EngineConfig
+
+    torch.set_num_threads(args.threads or envs.torch_threads(min(2, os.cpu_count() or 1)))
+    store = ModelStore(args.store or envs.models_dir())
+    info = store.get(args.model)
+    config = EngineConfig(
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        kv_cache_bytes=args.kv_cache_mb * 2**20,
+    )
+    server, service = await start_server(
+        store.path(info.name), info.name, config, args.host, args.port,
+        worker_id=args.worker_id, max_waiting=args.max_waiting,
+    )  # fmt: skip
+    _announce("worker", args.host, server.port, args.port_file)
+    await server.serve_until_signal(service.engine.shutdown)
+
+
+async def run_router(args) -> None:
+    from services.router.server import start_server
+
+    if not args.worker:
+        raise ValueError("the router needs at least one --worker HOST:PORT")
+    server, service = await start_server(
+        args.worker, args.host, args.port, policy=args.policy,
+        health_interval=args.health_interval, request_timeout=args.request_timeout,
+    )  # fmt: skip
+    _announce("router", args.host, server.port, args.port_file)
+    await server.serve_until_signal(service.close)
+
+
+async def run_gateway(args) -> None:
+    import uvicorn
+
+    from services.gateway.app import create_app
+    from services.gateway.clients import Backends
+
+    if not args.tokenizer or not args.router:
+        raise ValueError("the gateway needs --tokenizer HOST:PORT and --router HOST:PORT")
+    app = create_app(Backends(args.tokenizer, args.router), args.model or [DEFAULT_MODEL], args.api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    await server.serve()

@@ -1,0 +1,89 @@
+"""GrpcServer: how every Tandem service runs its asyncio gRPC server.
+
+    server = GrpcServer("tokenizer", host, port)         # port 0: the OS picks a free one
+    server.add(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, servicer, "tandem.v1.Tokenizer")
+    await server.start()                                  # server.port is the bound port
+    await server.serve_until_signal(on_drain=...)         # SIGTERM / SIGINT: drain, then stop
+
+Every server carries the standard gRPC health service (SERVING while up, NOT_SERVING while draining)
+and server reflection (so `grpcurl` can list and call it). Shutdown is graceful: health flips to
+NOT_SERVING, new RPCs are refused, in-flight ones get `grace` seconds to finish, then the owner's
+`on_drain` hook (e.g. stop the engine) runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("tandem.rpc")
+
+#: gRPC message size limit for every server and channel (KV payloads are chunked below it)
+MAX_MESSAGE_BYTES = 64 * 2**20
+OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class GrpcServer:
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0, grace: float = 10.0):
+        self.name = name
+        self.host = host
+        self.requested_port = port
+        self.grace = grace
+        self.port: int | None = None
+        self.server = grpc.aio.server(options=OPTIONS)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def add(self, add_fn: Callable, servicer, service_name: str) -> None:
+        add_fn(servicer, self.server)
+        self.service_names.append(service_name)
+
+    async def start(self) -> int:
+        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        if not self.port:
+            raise OSError(f"{self.name}: cannot listen on {self.host}:{self.requested_port}")
+        await self.server.start()
+        for service in ["", *self.service_names]:
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s listening on %s", self.name, self.address)
+        return self.port
+
+    async def stop(self, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("%s draining (grace %.0fs)", self.name, self.grace)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.grace)
+        if on_drain is not None:
+            await on_drain()
+        log.info("%s stopped", self.name)
+
+    async def serve_until_signal(self, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.stop(on_drain)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str):
+    """End an RPC with a status; the message is what the caller will show its user."""
+    await context.abort(code, message)
