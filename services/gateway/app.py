@@ -85,7 +85,7 @@ def _stop_reason(chunk: common_pb2.TokenChunk):
 
 
 class Gateway:
-    def __init__(self, backends: Backends, models: list[str], api_keys: list[str] = ()):
+    def __init__(self, backends: Backends | None, models: list[str], api_keys: list[str] = ()):
         self.backends = backends
         self.models = list(models)
         self.api_keys = set(api_keys)
@@ -259,13 +259,54 @@ async def until_disconnected(request: Request, coro):
             task.cancel()
 
 
-def create_app(backends: Backends, models: list[str], api_keys: list[str] = ()) -> FastAPI:
-    gw = Gateway(backends, models, api_keys)
+class RequestIdAndAuth:
+    """Pure ASGI middleware (it leaves the receive channel alone, so endpoints still see a client
+    disconnect): takes or makes the X-Request-Id, echoes it on the response, checks API keys."""
+
+    def __init__(self, app, gateway: Gateway):
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        echo = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), echo]
+            await send(message)
+
+        keys = self.gateway.api_keys
+        if keys and scope["path"].startswith("/v1/"):
+            auth = headers.get("authorization", "")
+            if not auth.startswith("Bearer ") or auth[7:] not in keys:
+                err = OpenAIError(401, "Invalid or missing API key", code="invalid_api_key")
+                return await JSONResponse(err.body(), status_code=401)(scope, receive, send_with_id)
+        await self.app(scope, receive, send_with_id)
+
+
+def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[str] = ()) -> FastAPI:
+    """The gateway app for the tokenizer and router services at the given HOST:PORT addresses.
+    Its gRPC channels are opened on the serving event loop (they are bound to it)."""
+    gw = Gateway(None, models, api_keys)
+
+    class _Backends:  # resolves to the live Backends once the app has started
+        def __getattr__(self, name):
+            if gw.backends is None:
+                raise OpenAIError(503, "the gateway is starting")
+            return getattr(gw.backends, name)
+
+    backends = _Backends()
 
     @asynccontextmanager
     async def lifespan(app):
+        gw.backends = Backends(tokenizer, router)
         yield
-        await backends.close()
+        await gw.backends.close()
 
     app = FastAPI(
         title="Tandem", description="OpenAI-compatible API of the Tandem platform", lifespan=lifespan
@@ -288,20 +329,7 @@ def create_app(backends: Backends, models: list[str], api_keys: list[str] = ()) 
     async def _http_error(request, exc: StarletteHTTPException):
         return JSONResponse(OpenAIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
-    @app.middleware("http")
-    async def _request_id_and_auth(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        if gw.api_keys and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[7:] not in gw.api_keys:
-                err = OpenAIError(401, "Invalid or missing API key", code="invalid_api_key")
-                response = JSONResponse(err.body(), status_code=401)
-                response.headers["X-Request-Id"] = request_id
-                return response
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = request_id
-        return response
+    app.add_middleware(RequestIdAndAuth, gateway=gw)
 
     @app.get("/health")
     async def health():

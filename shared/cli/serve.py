@@ -151,10 +151,9 @@ async def run_gateway(args) -> None:
     import uvicorn
 
     from services.gateway.app import create_app
-    from services.gateway.clients import Backends
 
     if not args.tokenizer or not args.router:
         raise ValueError("the gateway needs --tokenizer HOST:PORT and --router HOST:PORT")
-    app = create_app(Backends(args.tokenizer, args.router), args.model or [DEFAULT_MODEL], args.api_key)
+    app = create_app(args.tokenizer, args.router, args.model or [DEFAULT_MODEL], args.api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     await server.serve()

@@ -95,7 +95,11 @@ class LLMEngine:
         dtype = config.torch_dtype()
         per_block = kv_bytes_per_token(model, dtype) * config.block_size
         num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // per_block)
-        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        # A sequence can never outgrow the cache: clamp the context length to what the pool holds.
+        wanted = config.max_model_len or model.config.max_position_embeddings
+        self.max_model_len = min(wanted, num_blocks * config.block_size)
+        if self.max_model_len < wanted:
+            log.warning("context length clamped to %d tokens: the KV cache holds no more", self.max_model_len)
         cfg = model.config
         layout = f"{dtype}/{cfg.num_layers}L/{cfg.num_kv_heads}x{cfg.head_dim}/B{config.block_size}"
         self.layout = layout

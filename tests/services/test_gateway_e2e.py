@@ -1,0 +1,236 @@
+"""End to end: tokenizer + worker + router + gateway as real servers, the official `openai` SDK as the
+client. Text equals what the engine produces directly; streams concatenate to the non-streamed text;
+n, seeds, logprobs and usage behave as OpenAI's do; every bad input gets its status and error JSON
+and leaves nothing running; a client that disconnects frees the worker; 32 concurrent streams."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from shared.engine import EngineConfig, LLMEngine, SamplingParams
+from shared.store import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+MODEL = DEFAULT_MODEL
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def stack(platform, store, default_model_dir):
+    tokenizer = platform.start_tokenizer(store)
+    worker, worker_service = platform.start_worker(default_model_dir)
+    router, _ = platform.start_router([worker.address])
+    url = platform.start_gateway(tokenizer.address, router.address)
+    return {"url": url, "worker": worker_service, "tokenizer": tokenizer.address, "router": router.address}
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=stack["url"] + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    return LLMEngine.from_store(default_model_dir, EngineConfig())
+
+
+def worker_idle(stack, timeout=10.0) -> bool:
+    eng = stack["worker"].engine.engine
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not eng.requests and eng.pool.num_free == eng.pool.num_blocks:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_chat_matches_the_engine_streamed_or_not(client, engine, stack):
+    want = engine.generate(
+        [engine.tokenizer.encode_chat(CHAT)], SamplingParams(max_tokens=32, temperature=0)
+    )[0]
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=32)
+    choice = resp.choices[0]
+    assert choice.message.content == want.text and choice.message.role == "assistant"
+    assert choice.finish_reason == want.finish_reason
+    prompt_len = len(engine.tokenizer.encode_chat(CHAT))
+    assert resp.usage.prompt_tokens == prompt_len
+    assert resp.usage.completion_tokens == len(want.output_token_ids)
+    assert resp.usage.total_tokens == prompt_len + len(want.output_token_ids)
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        temperature=0,
+        max_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.output_token_ids)
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt ran just before
+    assert worker_idle(stack)
+
+
+def test_completions_match_the_engine_streamed_or_not(client, engine):
+    prompt = "The three primary colours are"
+    want = engine.generate([engine.tokenizer.encode(prompt)], SamplingParams(max_tokens=20, temperature=0))[0]
+    resp = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=20)
+    assert resp.choices[0].text == want.text and resp.usage.completion_tokens == 20
+    chunks = list(
+        client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=20, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == want.text
+    ids = engine.tokenizer.encode(prompt)
+    by_ids = client.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=20)
+    assert by_ids.choices[0].text == want.text
+    two = client.completions.create(model=MODEL, prompt=[prompt, "Hello"], temperature=0, max_tokens=5)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].text == want.text[
+        : len(two.choices[0].text)
+    ]
+
+
+def test_n_with_a_seed_is_reproducible(client):
+    kw = dict(model=MODEL, messages=CHAT, n=2, seed=42, temperature=1.0, max_tokens=16)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1] and texts == [c.message.content for c in b.choices]
+    assert texts[0] != texts[1]
+    stream = client.chat.completions.create(**kw, stream=True)
+    got = {0: "", 1: ""}
+    for chunk in stream:
+        for c in chunk.choices:
+            got[c.index] += c.delta.content or ""
+    assert [got[0], got[1]] == texts
+
+
+def test_logprobs_are_present_and_consistent(client):
+    resp = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3
+    )
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 3 and item.top_logprobs[0].token == item.token  # greedy: the argmax
+        assert abs(item.top_logprobs[0].logprob - item.logprob) < 1e-6 and item.logprob <= 0
+    assert (
+        "".join(i.token for i in content[:-1])
+        == resp.choices[0].message.content[: len("".join(i.token for i in content[:-1]))]
+    )
+    comp = client.completions.create(model=MODEL, prompt="One, two,", temperature=0, max_tokens=6, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert "".join(lp.tokens) == comp.choices[0].text and len(lp.token_logprobs) == 6
+    assert all(len(t) == 2 for t in lp.top_logprobs) and lp.text_offset[0] == 0
+
+
+BAD = [
+    ({"model": "nope", "messages": CHAT}, 404, "model", "model_not_found"),
+    ({"model": MODEL, "messages": CHAT, "temperature": -1}, 400, "temperature", None),
+    ({"model": MODEL, "messages": CHAT, "top_p": 0}, 400, "top_p", None),
+    ({"model": MODEL, "messages": CHAT, "max_tokens": 0}, 400, "max_tokens", None),
+    ({"model": MODEL, "messages": CHAT, "max_tokens": 9000}, 400, "messages", "context_length_exceeded"),
+    ({"model": MODEL, "messages": CHAT, "n": 0}, 400, "n", None),
+    ({"model": MODEL, "messages": []}, 400, "messages", None),
+    ({"messages": CHAT}, 400, "model", None),
+    ({"model": MODEL, "messages": CHAT, "logit_bias": {"abc": 1}}, 400, "logit_bias", None),
+    ({"model": MODEL, "messages": CHAT, "logit_bias": {"999999": 1}}, 400, "logit_bias", None),
+    ({"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", None),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", BAD, ids=[f"{b[2]}-{b[1]}" for b in BAD])
+def test_bad_chat_requests(stack, body, status, param, code):
+    r = httpx.post(stack["url"] + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+    assert err["code"] == code
+    assert worker_idle(stack)
+
+
+def test_other_bad_inputs(stack):
+    url = stack["url"]
+    r = httpx.post(
+        url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "error" in r.json()
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 50})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": [10**7]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": ""})
+    assert r.status_code == 400
+    r = httpx.get(url + "/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+    assert worker_idle(stack)
+
+
+def test_request_id_tokenize_detokenize_health_models_docs(stack, engine):
+    url = stack["url"]
+    r = httpx.get(url + "/v1/models", headers={"X-Request-Id": "my-id-1"})
+    assert r.headers["x-request-id"] == "my-id-1" and r.json()["data"][0]["id"] == MODEL
+    r = httpx.post(url + "/tokenize", json={"model": MODEL, "prompt": "Hello world"})
+    assert r.json()["tokens"] == engine.tokenizer.encode("Hello world") and r.json()["count"] == 2
+    r = httpx.post(url + "/tokenize", json={"messages": CHAT})
+    assert r.json()["tokens"] == engine.tokenizer.encode_chat(CHAT)
+    r = httpx.post(url + "/detokenize", json={"tokens": engine.tokenizer.encode("Hello world")})
+    assert r.json()["prompt"] == "Hello world"
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    assert httpx.get(url + "/docs").status_code == 200
+    assert "/v1/chat/completions" in httpx.get(url + "/openapi.json").json()["paths"]
+
+
+def test_client_disconnect_aborts_the_request(stack):
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data:") and '"content": "' in line and '"content": ""' not in line:
+                break
+    assert worker_idle(stack)
+    # non-streaming too
+    try:
+        httpx.post(stack["url"] + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+    except httpx.TimeoutException:
+        pass
+    assert worker_idle(stack)
+
+
+def test_32_concurrent_streams(client, engine, stack):
+    prompts = [[{"role": "user", "content": f"Write the number {i} in words."}] for i in range(32)]
+    want = engine.generate(
+        [engine.tokenizer.encode_chat(p) for p in prompts], SamplingParams(max_tokens=16, temperature=0)
+    )
+
+    def run(messages):
+        stream = client.chat.completions.create(
+            model=MODEL, messages=messages, temperature=0, max_tokens=16, stream=True
+        )
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(run, prompts))
+    assert got == [w.text for w in want]
+    assert worker_idle(stack)
+
+
+def test_no_worker_is_503_and_api_keys_are_checked(platform, stack):
+    router, _ = platform.start_router(["127.0.0.1:1"])
+    url = platform.start_gateway(stack["tokenizer"], router.address)
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT}, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
+    assert httpx.get(url + "/health").status_code == 503
+    url = platform.start_gateway(stack["tokenizer"], stack["router"], api_keys=["sekret"])
+    assert httpx.get(url + "/v1/models").status_code == 401
+    ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+    assert ok.models.list().data[0].id == MODEL
+    assert json.loads(httpx.get(url + "/v1/models").text)["error"]["code"] == "invalid_api_key"

@@ -1,0 +1,76 @@
+"""The tokenizer service behind a real gRPC server: it tokenizes and detokenizes exactly as the
+model's tokenizer does, streams detokenization, and answers errors with gRPC status codes; health
+and reflection are served."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from shared.tokenizer import Tokenizer
+from tandem.v1 import tokenizer_pb2 as pb
+from tandem.v1 import tokenizer_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stub(platform, store, default_model_dir):
+    server = platform.start_tokenizer(store)
+    channel = grpc.insecure_channel(server.address)
+    yield tokenizer_pb2_grpc.TokenizerStub(channel), channel
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def tok(default_model_dir):
+    return Tokenizer.from_dir(default_model_dir)
+
+
+def test_tokenize_and_detokenize_match_the_tokenizer(stub, tok):
+    s, _ = stub
+    text = "Emoji 🚀 and café, 中文."
+    assert list(s.Tokenize(pb.TokenizeRequest(text=text)).token_ids) == tok.encode(text)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
+    chat = pb.ChatMessages(messages=[pb.ChatMessage(**m) for m in messages])
+    resp = s.Tokenize(pb.TokenizeRequest(chat=chat))
+    assert list(resp.token_ids) == tok.encode_chat(messages) and resp.prompt.endswith("assistant\n")
+    batch = s.TokenizeBatch(
+        pb.TokenizeBatchRequest(requests=[pb.TokenizeRequest(text=t) for t in ("a", "b c")])
+    )
+    assert [list(r.token_ids) for r in batch.responses] == [tok.encode("a"), tok.encode("b c")]
+    assert s.CountTokens(pb.TokenizeRequest(text=text)).count == len(tok.encode(text))
+    ids = tok.encode(text)
+    assert s.Detokenize(pb.DetokenizeRequest(token_ids=ids)).text == text
+    stream = s.DetokenizeStream(iter([pb.DetokenizeStreamRequest(token_ids=[t]) for t in ids]))
+    assert "".join(r.text for r in stream) == text
+    info = s.Info(pb.TokenizerInfoRequest())
+    assert info.vocab_size == tok.vocab_size and info.eos_token_id == tok.eos_token_id
+    assert info.has_chat_template and info.max_model_len == 8192
+
+
+def test_errors_are_status_codes(stub):
+    s, _ = stub
+    with pytest.raises(grpc.RpcError) as e:
+        s.Tokenize(pb.TokenizeRequest(model="nope", text="x"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        s.Detokenize(pb.DetokenizeRequest(token_ids=[10**6]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "vocabulary" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        s.Tokenize(pb.TokenizeRequest())
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_health_and_reflection(stub):
+    _, channel = stub
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "tandem.v1.Tokenizer"):
+        resp = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"tandem.v1.Tokenizer", "grpc.health.v1.Health"} <= names

@@ -1,0 +1,148 @@
+"""The worker and router services behind real gRPC servers: the streamed tokens equal the engine's,
+callers that leave or abort free the worker's KV blocks, bad requests get status codes, and the router
+spreads requests, forwards aborts and retries a worker that fails before the first token."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from shared.engine import EngineConfig, LLMEngine, SamplingParams
+from shared.rpc.convert import params_to_proto
+from shared.tokenizer import Tokenizer
+from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+pytestmark = pytest.mark.slow
+KV = dict(kv_cache_bytes=64 * 2**20)
+
+
+@pytest.fixture(scope="module")
+def prompt(default_model_dir):
+    return Tokenizer.from_dir(default_model_dir).encode_chat(
+        [{"role": "user", "content": "Tell me a story."}]
+    )
+
+
+@pytest.fixture(scope="module")
+def workers(platform, default_model_dir):
+    return [platform.start_worker(default_model_dir, **KV) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def router(platform, workers):
+    server, service = platform.start_router([w[0].address for w in workers], policy="round_robin")
+    channel = grpc.insecure_channel(server.address)
+    yield router_pb2_grpc.RouterStub(channel), service
+    channel.close()
+
+
+def request(rid, prompt, **kw):
+    params = SamplingParams(**{"max_tokens": 16, "temperature": 0.0, **kw})
+    return common_pb2.GenerateRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params))
+
+
+def idle(service, timeout=10.0) -> bool:
+    """The worker's engine has no request and a full block pool (waits for aborts to land)."""
+    eng = service.engine.engine
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not eng.requests and eng.pool.num_free == eng.pool.num_blocks:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_worker_streams_the_engines_tokens(workers, prompt, default_model_dir):
+    server, service = workers[0]
+    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.address))
+    chunks = list(stub.Generate(request("w1", prompt, max_tokens=24, logprobs=1)))
+    want = LLMEngine.from_store(default_model_dir, EngineConfig(**KV)).generate(
+        [prompt], SamplingParams(max_tokens=24, temperature=0.0)
+    )[0]
+    assert [t for c in chunks for t in c.token_ids] == want.output_token_ids
+    assert "".join(c.text for c in chunks) == want.text
+    assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
+    last = chunks[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(prompt), 24)
+    load = stub.GetLoad(worker_pb2.LoadRequest())
+    assert load.role == "monolithic" and load.kv_blocks_total > 0
+    assert load.max_model_len == load.kv_blocks_total * 16  # clamped to what the small cache holds
+    assert idle(service)
+
+
+def test_worker_frees_blocks_when_the_caller_leaves_or_aborts(workers, prompt):
+    server, service = workers[0]
+    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.address))
+    call = stub.Generate(request("w2", prompt, max_tokens=1000, ignore_eos=True))
+    next(call)
+    call.cancel()  # the caller goes away mid-stream
+    assert idle(service)
+    call = stub.Generate(request("w3", prompt, max_tokens=1000, ignore_eos=True))
+    next(call)
+    assert stub.Abort(common_pb2.AbortRequest(request_id="w3")).aborted
+    rest = list(call)
+    assert rest[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+    assert not stub.Abort(common_pb2.AbortRequest(request_id="w3")).aborted
+    assert idle(service)
+
+
+def test_worker_rejects_bad_requests_with_status_codes(workers, prompt):
+    server, service = workers[0]
+    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.address))
+    cases = [
+        (request("b1", prompt, top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (request("b2", prompt, max_tokens=9000), grpc.StatusCode.INVALID_ARGUMENT, "context length"),
+        (request("b3", []), grpc.StatusCode.INVALID_ARGUMENT, "at least one token"),
+        (common_pb2.GenerateRequest(request_id="b4", model="other", prompt_token_ids=prompt),
+         grpc.StatusCode.NOT_FOUND, "other"),
+    ]  # fmt: skip
+    for req, code, text in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(req))
+        assert e.value.code() == code and text in e.value.details()
+    long = stub.Generate(request("dup", prompt, max_tokens=1000, ignore_eos=True))
+    next(long)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(request("dup", prompt)))
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    long.cancel()
+    assert idle(service)
+
+
+def test_router_spreads_forwards_and_aborts(router, workers, prompt):
+    stub, service = router
+    served = []
+    for i in range(4):
+        chunks = list(stub.Generate(request(f"r{i}", prompt)))
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        served.append(chunks[0].worker)
+    addresses = [w[0].address for w in workers]
+    assert set(served) == set(addresses) and served[0] != served[1]  # round robin
+    listed = stub.ListWorkers(router_pb2.ListWorkersRequest()).workers
+    assert [w.address for w in listed] == addresses and all(w.healthy for w in listed)
+    call = stub.Generate(request("ra", prompt, max_tokens=1000, ignore_eos=True))
+    next(call)
+    assert stub.Abort(common_pb2.AbortRequest(request_id="ra")).aborted
+    assert list(call)[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+    call = stub.Generate(request("rc", prompt, max_tokens=1000, ignore_eos=True))
+    next(call)
+    call.cancel()  # a caller leaving the router reaches the worker too
+    assert all(idle(w[1]) for w in workers)
+
+
+def test_router_retries_a_worker_that_fails_before_the_first_token(platform, loop, default_model_dir, prompt):
+    (a, a_service), (b, b_service) = [platform.start_worker(default_model_dir, **KV) for _ in range(2)]
+    server, service = platform.start_router(
+        [a.address, b.address], policy="round_robin", health_interval=3600
+    )
+    assert all(w.healthy for w in service.workers)
+    loop.run(b.stop(b_service.engine.shutdown))  # the router still believes b is up
+    stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(server.address))
+    for i in range(2):  # one of the two picks b first
+        chunks = list(stub.Generate(request(f"x{i}", prompt)))
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH and chunks[0].worker == a.address
+    assert not service.workers[1].healthy
+    assert idle(a_service)
