@@ -156,4 +156,10 @@ async def run_gateway(args) -> None:
         raise ValueError("the gateway needs --tokenizer HOST:PORT and --router HOST:PORT")
     app = create_app(args.tokenizer, args.router, args.model or [DEFAULT_MODEL], args.api_key)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
-    await server.serve()
+    task = asyncio.create_task(server.serve())  # uvicorn drains and stops on SIGTERM / Ctrl-C itself
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        port = server.servers[0].sockets[0].getsockname()[1]
+        _announce("gateway", args.host, port, args.port_file)
+    await task
