@@ -118,6 +118,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         remaining = context.time_remaining()
         timeout = min(remaining, self.request_timeout) if remaining is not None else self.request_timeout
         tried: set[str] = set()
+        last_error: grpc.aio.AioRpcError | None = None
         for attempt in range(self.max_attempts):
             worker = self.pick(tried)
             if worker is None:
@@ -125,6 +126,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     await self.check_workers()
                     worker = self.pick(tried)
                 if worker is None:
+                    if last_error is not None:  # e.g. every worker's queue is full: say so
+                        await context.abort(last_error.code(), last_error.details() or last_error.code().name)
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "no healthy worker is available")
             tried.add(worker.address)
             worker.in_flight += 1
@@ -139,6 +142,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 return
             except grpc.aio.AioRpcError as e:
                 if not started and e.code() in RETRYABLE and attempt + 1 < self.max_attempts:
+                    # another worker may take it (tried ones are skipped)
                     log.warning(
                         "worker %s failed before the first token (%s); retrying",
                         worker.address,
@@ -146,6 +150,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     )
                     if e.code() == grpc.StatusCode.UNAVAILABLE:
                         worker.healthy = False
+                    last_error = e
                     continue
                 await context.abort(e.code(), e.details() or e.code().name)
             finally:

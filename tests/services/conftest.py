@@ -40,10 +40,12 @@ class Platform:
         self.stops.append(lambda: server.stop())
         return server
 
-    def start_worker(self, model_dir, **config):
+    def start_worker(self, model_dir, service_kwargs: dict | None = None, **config):
         from services.worker.server import start_server
 
-        server, service = self.loop.run(start_server(model_dir, DEFAULT_MODEL, EngineConfig(**config)))
+        server, service = self.loop.run(
+            start_server(model_dir, DEFAULT_MODEL, EngineConfig(**config), **(service_kwargs or {}))
+        )
         self.stops.append(lambda: server.stop(service.engine.shutdown))
         return server, service
 

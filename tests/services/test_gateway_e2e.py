@@ -223,6 +223,30 @@ def test_32_concurrent_streams(client, engine, stack):
     assert worker_idle(stack)
 
 
+def test_stop_and_max_completion_tokens(client, engine):
+    full = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_tokens=32)
+    text = full.choices[0].message.content
+    stop = text.split()[3]
+    resp = client.chat.completions.create(
+        model=MODEL, messages=CHAT, temperature=0, max_tokens=32, stop=[stop]
+    )
+    choice = resp.choices[0]
+    assert choice.message.content == text[: text.index(stop)] and choice.finish_reason == "stop"
+    assert choice.model_extra["stop_reason"] == stop
+    resp = client.chat.completions.create(model=MODEL, messages=CHAT, temperature=0, max_completion_tokens=3)
+    assert resp.usage.completion_tokens == 3 and resp.choices[0].finish_reason == "length"
+
+
+def test_full_queue_is_429(platform, stack, default_model_dir):
+    worker, _ = platform.start_worker(
+        default_model_dir, service_kwargs={"max_waiting": 0}, kv_cache_bytes=2**25
+    )
+    router, _ = platform.start_router([worker.address])
+    url = platform.start_gateway(stack["tokenizer"], router.address)
+    r = httpx.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT}, timeout=30)
+    assert r.status_code == 429 and "queue" in r.json()["error"]["message"]
+
+
 def test_no_worker_is_503_and_api_keys_are_checked(platform, stack):
     router, _ = platform.start_router(["127.0.0.1:1"])
     url = platform.start_gateway(stack["tokenizer"], router.address)
