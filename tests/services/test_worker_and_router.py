@@ -146,3 +146,20 @@ def test_router_retries_a_worker_that_fails_before_the_first_token(platform, loo
         assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH and chunks[0].worker == a.address
     assert not service.workers[1].healthy
     assert idle(a_service)
+
+
+def test_shutdown_drains_in_flight_streams(platform, loop, default_model_dir, prompt):
+    server, service = platform.start_worker(default_model_dir, **KV)
+    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.address))
+    call = stub.Generate(request("drain", prompt, max_tokens=40, ignore_eos=True))
+    next(call)
+    stopping = __import__("asyncio").run_coroutine_threadsafe(
+        server.stop(service.engine.shutdown), loop.loop
+    )  # SIGTERM does exactly this
+    rest = list(call)  # the in-flight stream still completes
+    assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert rest[-1].usage.completion_tokens == 40
+    stopping.result(30)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(request("late", prompt)))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
