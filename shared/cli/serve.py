@@ -1,4 +1,4 @@
-"""`tandem serve tokenizer|worker|router|gateway`: run one service in the foreground.
+"""`tandem serve tokenizer|worker|router|kvstore|gateway`: run one service in the foreground.
 
 Every option can also come from `--config FILE` (YAML; keys are the option names with underscores,
 e.g. `max_num_seqs: 32`); flags on the command line win. gRPC services listen on --port (0, the
@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--health-interval", type=float, default=1.0)
     q.add_argument("--request-timeout", type=float, default=600.0)
     q.set_defaults(func=cmd_serve, run=run_router, parser=q)
+
+    q = roles.add_parser("kvstore", help="the remote KV-cache store (memory tier, optional Redis tier)")
+    common(q)
+    q.add_argument("--memory-mb", type=int, default=1024, help="memory tier budget (default 1024)")
+    q.add_argument("--redis", help="redis:// URL of the Redis tier (optional)")
+    q.set_defaults(func=cmd_serve, run=run_kvstore, parser=q)
 
     q = roles.add_parser("gateway", help="the OpenAI-compatible REST API")
     common(q, default_port=8000)
@@ -145,6 +151,19 @@ async def run_router(args) -> None:
     )  # fmt: skip
     _announce("router", args.host, server.port, args.port_file)
     await server.serve_until_signal(service.close)
+
+
+async def run_kvstore(args) -> None:
+    from services.kvstore.server import start_server
+    from shared.kvstore import KVStore, StoreError
+
+    try:
+        store = KVStore(args.memory_mb * 2**20, args.redis)
+    except StoreError as e:
+        raise ValueError(str(e)) from e
+    server = await start_server(store, args.host, args.port)
+    _announce("kvstore", args.host, server.port, args.port_file)
+    await server.serve_until_signal()
 
 
 async def run_gateway(args) -> None:

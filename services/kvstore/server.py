@@ -1,0 +1,117 @@
+"""The KV-cache store service (`tandem serve kvstore`): shared/kvstore's KVStore behind gRPC.
+
+Put and Get stream blocks as a header followed by data chunks of at most CHUNK_BYTES. Status codes:
+an unknown key NOT_FOUND, a block of another layout than asked FAILED_PRECONDITION, a malformed
+stream (data before a header, sizes that do not add up, a chunk over the limit, a payload that does
+not match its dtype and shape) INVALID_ARGUMENT, a memory tier full of pinned blocks
+RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from shared.kvstore import BlockMeta, KVStore, StoreError
+from tandem.v1 import kvstore_pb2 as pb
+from tandem.v1 import kvstore_pb2_grpc
+
+SERVICE_NAME = "tandem.v1.KVStore"
+CHUNK_BYTES = 2**20  # well under gRPC's default 4 MiB message limit, so any client can read a Get
+STATUS = {
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "layout": grpc.StatusCode.FAILED_PRECONDITION,
+    "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+class KVStoreService(kvstore_pb2_grpc.KVStoreServicer):
+    def __init__(self, store: KVStore):
+        self.store = store
+
+    async def _call(self, context, fn, *args):
+        """Run a store operation off the event loop (Redis calls block); map its errors."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except StoreError as e:
+            await context.abort(STATUS[e.kind], str(e))
+
+    async def Lookup(self, request, context):
+        memory, anywhere = await self._call(context, self.store.lookup, list(request.keys))
+        return pb.LookupResponse(memory=memory, any_tier=anywhere)
+
+    async def Put(self, request_iterator, context):
+        stored = 0
+        header: pb.BlockHeader | None = None
+        buf = bytearray()
+
+        async def finish():
+            nonlocal stored, header
+            if len(buf) != header.nbytes:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"block {header.key.hex()[:16]}…: {len(buf)} bytes sent, header says {header.nbytes}",
+                )
+            meta = BlockMeta(header.layout, header.dtype, tuple(header.shape))
+            await self._call(context, self.store.put, header.key, meta, bytes(buf))
+            stored += 1
+            header = None
+            buf.clear()
+
+        async for chunk in request_iterator:
+            if chunk.WhichOneof("part") == "header":
+                if header is not None:
+                    await finish()
+                if not chunk.header.key:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a block header needs a key")
+                header = chunk.header
+            elif chunk.WhichOneof("part") == "data":
+                if header is None:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "data chunk before any block header"
+                    )
+                if len(chunk.data) > CHUNK_BYTES:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"oversized chunk: {len(chunk.data)} bytes, the limit is {CHUNK_BYTES}",
+                    )
+                buf += chunk.data
+        if header is not None:
+            await finish()
+        return pb.PutResponse(stored=stored)
+
+    async def Get(self, request, context):
+        for key in request.keys:
+            meta, data = await self._call(context, self.store.get, key, request.layout or None)
+            yield pb.BlockChunk(
+                header=pb.BlockHeader(
+                    key=key, layout=meta.layout, dtype=meta.dtype, shape=list(meta.shape), nbytes=len(data)
+                )
+            )
+            view = memoryview(data)
+            for i in range(0, len(data), CHUNK_BYTES):
+                yield pb.BlockChunk(data=bytes(view[i : i + CHUNK_BYTES]))
+
+    async def Delete(self, request, context):
+        return pb.DeleteResponse(deleted=await self._call(context, self.store.delete, list(request.keys)))
+
+    async def Lease(self, request, context):
+        lease_id, pinned = await self._call(context, self.store.lease, list(request.keys), request.ttl_s)
+        return pb.LeaseResponse(lease_id=lease_id, pinned=pinned)
+
+    async def Release(self, request, context):
+        return pb.ReleaseResponse(released=self.store.release(request.lease_id))
+
+    async def Stats(self, request, context):
+        return pb.StoreStats(**(await self._call(context, self.store.stats)))
+
+
+async def start_server(store: KVStore, host: str = "127.0.0.1", port: int = 0):
+    from shared.rpc.server import GrpcServer
+
+    server = GrpcServer("kvstore", host, port)
+    server.add(kvstore_pb2_grpc.add_KVStoreServicer_to_server, KVStoreService(store), SERVICE_NAME)
+    await server.start()
+    return server

@@ -1,0 +1,247 @@
+"""KVStore: content-addressed KV blocks, a memory tier over an optional Redis tier.
+
+A block is stored under its chain key (shared/engine/kv_hash.py), with a header naming its KV layout,
+dtype and shape, and its payload as raw bytes. Tiers:
+
+  memory   an LRU dict within a byte budget; a put evicts least recently used blocks that are not
+           pinned. Hits move a block to the front.
+  redis    optional (`redis://` URL). Every put is written through, so a block evicted from memory is
+           still served (and promoted back to memory), and a store restarted on the same Redis finds
+           its blocks again. Values are `header length (4 bytes, little endian) | JSON header | bytes`.
+
+Leases pin blocks for a handoff: `lease(keys, ttl)` keeps those blocks from being evicted until the
+lease is released or its TTL passes (a decode that never comes cannot leak them). Expired leases are
+swept on every operation.
+
+Errors are StoreError with a `kind` the gRPC service maps to a status: "not_found", "layout"
+(the block has another layout than asked for), "full" (pinned blocks fill the budget), "invalid".
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+REDIS_PREFIX = b"tandem:kv:"
+
+
+class StoreError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class BlockMeta:
+    layout: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> BlockMeta:
+        d = json.loads(raw)
+        return cls(d["layout"], d["dtype"], tuple(d["shape"]))
+
+
+class KVStore:
+    def __init__(self, memory_bytes: int, redis_url: str | None = None, clock=time.monotonic):
+        if memory_bytes < 0:
+            raise ValueError(f"memory budget must be non-negative, got {memory_bytes}")
+        self.memory_bytes = memory_bytes
+        self.clock = clock
+        self.memory: OrderedDict[bytes, tuple[BlockMeta, bytes]] = OrderedDict()
+        self.used = 0
+        self.leases: dict[str, tuple[float, tuple[bytes, ...]]] = {}  # id -> (expiry, keys)
+        self.pins: dict[bytes, int] = {}
+        self.lock = threading.Lock()
+        self.counters = {"puts": 0, "gets": 0, "memory_hits": 0, "redis_hits": 0, "misses": 0, "evictions": 0}
+        self.redis = None
+        if redis_url:
+            import redis
+
+            self.redis = redis.Redis.from_url(redis_url)
+            try:
+                self.redis.ping()
+            except redis.RedisError as e:
+                raise StoreError("invalid", f"cannot reach Redis at {redis_url}: {e}") from e
+
+    # -- blocks ----------------------------------------------------------------------------------
+
+    def put(self, key: bytes, meta: BlockMeta, data: bytes) -> None:
+        expected = _nbytes(meta)
+        if len(data) != expected:
+            raise StoreError(
+                "invalid", f"block payload is {len(data)} bytes; {meta.dtype} {meta.shape} needs {expected}"
+            )
+        with self.lock:
+            self._sweep()
+            self.counters["puts"] += 1
+            if self.redis is not None:
+                header = meta.to_json()
+                self.redis.set(REDIS_PREFIX + key, struct.pack("<I", len(header)) + header + data)
+            self._remember(key, meta, data)
+
+    def get(self, key: bytes, layout: str | None = None) -> tuple[BlockMeta, bytes]:
+        with self.lock:
+            self._sweep()
+            self.counters["gets"] += 1
+            found = self.memory.get(key)
+            if found is not None:
+                self.memory.move_to_end(key, last=False)
+                self.counters["memory_hits"] += 1
+            elif self.redis is not None and (raw := self.redis.get(REDIS_PREFIX + key)) is not None:
+                (n,) = struct.unpack_from("<I", raw)
+                found = (BlockMeta.from_json(raw[4 : 4 + n]), raw[4 + n :])
+                self.counters["redis_hits"] += 1
+                self._remember(key, *found)
+            else:
+                self.counters["misses"] += 1
+                raise StoreError("not_found", f"block {key.hex()[:16]}… is not in the store")
+        meta, data = found
+        if layout is not None and meta.layout != layout:
+            raise StoreError("layout", f"block {key.hex()[:16]}… has layout '{meta.layout}', not '{layout}'")
+        return meta, data
+
+    def lookup(self, keys: list[bytes]) -> tuple[int, int]:
+        """How many leading keys are present: (in memory, in memory or Redis)."""
+        with self.lock:
+            self._sweep()
+            in_memory = 0
+            while in_memory < len(keys) and keys[in_memory] in self.memory:
+                in_memory += 1
+            anywhere = in_memory
+            if self.redis is not None and anywhere < len(keys):
+                rest = keys[anywhere:]
+                exists = self.redis.pipeline()
+                for k in rest:
+                    exists.exists(REDIS_PREFIX + k)
+                for k, present in zip(rest, exists.execute(), strict=True):
+                    if not present and k not in self.memory:
+                        break
+                    anywhere += 1
+            return in_memory, anywhere
+
+    def delete(self, keys: list[bytes]) -> int:
+        with self.lock:
+            deleted = 0
+            for key in keys:
+                if key in self.memory:
+                    self.used -= len(self.memory.pop(key)[1])
+                    deleted += 1
+            if self.redis is not None and keys:
+                deleted = max(deleted, int(self.redis.delete(*(REDIS_PREFIX + k for k in keys))))
+            return deleted
+
+    def clear_memory(self) -> None:
+        """Drop the memory tier (Redis keeps its copy); leases stay."""
+        with self.lock:
+            self.memory.clear()
+            self.used = 0
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    def lease(self, keys: list[bytes], ttl: float) -> tuple[str, int]:
+        """Pin the given blocks (those present) for `ttl` seconds; returns (lease id, blocks pinned)."""
+        if ttl <= 0:
+            raise StoreError("invalid", f"lease ttl must be positive, got {ttl}")
+        with self.lock:
+            self._sweep()
+            present = tuple(k for k in keys if k in self.memory)
+            lease_id = uuid.uuid4().hex
+            self.leases[lease_id] = (self.clock() + ttl, present)
+            for k in present:
+                self.pins[k] = self.pins.get(k, 0) + 1
+            return lease_id, len(present)
+
+    def release(self, lease_id: str) -> bool:
+        with self.lock:
+            return self._drop_lease(lease_id)
+
+    @property
+    def pinned(self) -> int:
+        with self.lock:
+            self._sweep()
+            return len(self.pins)
+
+    def stats(self) -> dict:
+        with self.lock:
+            self._sweep()
+            return {
+                **self.counters,
+                "memory_blocks": len(self.memory),
+                "memory_bytes": self.used,
+                "memory_budget": self.memory_bytes,
+                "pinned_blocks": len(self.pins),
+                "leases": len(self.leases),
+                "redis": self.redis is not None,
+            }
+
+    # -- internals (lock held) -------------------------------------------------------------------
+
+    def _remember(self, key: bytes, meta: BlockMeta, data: bytes) -> None:
+        if key in self.memory:
+            self.memory.move_to_end(key, last=False)
+            return
+        if len(data) > self.memory_bytes:
+            if self.redis is None:
+                raise StoreError(
+                    "full", f"a {len(data)}-byte block exceeds the memory budget of {self.memory_bytes}"
+                )
+            return  # Redis holds it
+        need = self.used + len(data) - self.memory_bytes
+        if need > 0:
+            for victim in reversed(list(self.memory)):
+                if need <= 0:
+                    break
+                if victim in self.pins:
+                    continue
+                freed = len(self.memory.pop(victim)[1])
+                need -= freed
+                self.used -= freed
+                self.counters["evictions"] += 1
+            if self.used + len(data) > self.memory_bytes:
+                if self.redis is None:
+                    raise StoreError("full", "the memory tier is full of pinned blocks")
+                return
+        self.memory[key] = (meta, data)
+        self.memory.move_to_end(key, last=False)
+        self.used += len(data)
+
+    def _drop_lease(self, lease_id: str) -> bool:
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return False
+        for k in lease[1]:
+            left = self.pins.get(k, 0) - 1
+            if left > 0:
+                self.pins[k] = left
+            else:
+                self.pins.pop(k, None)
+        return True
+
+    def _sweep(self) -> None:
+        now = self.clock()
+        for lease_id in [i for i, (expiry, _) in self.leases.items() if expiry <= now]:
+            self._drop_lease(lease_id)
+
+
+_ITEM = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _nbytes(meta: BlockMeta) -> int:
+    if meta.dtype not in _ITEM:
+        raise StoreError("invalid", f"unknown dtype '{meta.dtype}' (known: {sorted(_ITEM)})")
+    n = _ITEM[meta.dtype]
+    for d in meta.shape:
+        if d < 0:
+            raise StoreError("invalid", f"negative dimension in shape {meta.shape}")
+        n *= d
+    return n

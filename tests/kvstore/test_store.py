@@ -1,0 +1,99 @@
+"""The KV store core: blocks by key with their layout, LRU within a byte budget, pins and leases that
+expire, lookups of leading blocks, and the Redis tier behind memory (a real redis-server)."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from shared.kvstore import BlockMeta, KVStore, StoreError
+
+META = BlockMeta("float32/2L/1x4/B2", "float32", (2, 2, 1, 2, 4))  # 32 values = 128 bytes
+SIZE = 128
+
+
+def block(i: int) -> bytes:
+    return bytes([i % 256]) * SIZE
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(32, "little")
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_put_get_and_bad_input():
+    store = KVStore(10 * SIZE)
+    store.put(key(1), META, block(1))
+    assert store.get(key(1)) == (META, block(1))
+    assert store.get(key(1), META.layout)[1] == block(1)
+    with pytest.raises(StoreError, match="layout") as e:
+        store.get(key(1), "bfloat16/2L/1x4/B2")
+    assert e.value.kind == "layout"
+    with pytest.raises(StoreError, match="not in the store") as e:
+        store.get(key(2))
+    assert e.value.kind == "not_found"
+    with pytest.raises(StoreError, match="needs 128"):
+        store.put(key(3), META, b"\0" * 100)
+    with pytest.raises(StoreError, match="unknown dtype"):
+        store.put(key(3), BlockMeta("x", "int3", (1,)), b"\0")
+
+
+def test_lru_within_the_budget_and_lookup():
+    store = KVStore(3 * SIZE)
+    for i in range(3):
+        store.put(key(i), META, block(i))
+    store.get(key(0))  # 0 is now the most recently used; 1 the least
+    store.put(key(3), META, block(3))
+    assert store.lookup([key(0), key(1)]) == (1, 1)
+    assert store.lookup([key(2), key(3), key(0)]) == (3, 3)
+    assert store.stats()["evictions"] == 1 and store.stats()["memory_bytes"] == 3 * SIZE
+    assert store.delete([key(2), key(9)]) == 1 and store.lookup([key(2)]) == (0, 0)
+
+
+def test_leases_pin_until_released_or_expired():
+    clock = Clock()
+    store = KVStore(2 * SIZE, clock=clock)
+    store.put(key(0), META, block(0))
+    store.put(key(1), META, block(1))
+    lease, pinned = store.lease([key(0), key(1), key(7)], ttl=5.0)
+    assert pinned == 2 and store.pinned == 2
+    with pytest.raises(StoreError, match="pinned") as e:
+        store.put(key(2), META, block(2))  # nothing evictable, no Redis to fall back on
+    assert e.value.kind == "full"
+    assert store.release(lease) and not store.release(lease) and store.pinned == 0
+    store.lease([key(0)], ttl=5.0)
+    clock.now = 6.0  # the decode never came: the lease lapses
+    assert store.pinned == 0
+    store.put(key(2), META, block(2))
+    with pytest.raises(StoreError, match="ttl"):
+        store.lease([key(0)], ttl=0)
+
+
+def test_redis_tier_serves_evicted_blocks_and_survives_a_restart(redis_url):
+    redis.Redis.from_url(redis_url).flushdb()
+    store = KVStore(2 * SIZE, redis_url)
+    for i in range(4):
+        store.put(key(i), META, block(i))
+    assert store.lookup([key(i) for i in range(4)]) == (0, 4)  # 0 and 1 left memory, not the store
+    assert store.get(key(0), META.layout) == (META, block(0))
+    assert store.stats()["redis_hits"] == 1
+    store.clear_memory()
+    assert store.get(key(3))[1] == block(3) and store.stats()["redis_hits"] == 2
+    restarted = KVStore(2 * SIZE, redis_url)
+    assert restarted.lookup([key(0), key(1), key(2), key(3)]) == (0, 4)
+    assert restarted.get(key(2)) == (META, block(2))
+    assert restarted.delete([key(2)]) == 1
+    with pytest.raises(StoreError):
+        restarted.get(key(2))
+
+
+def test_unreachable_redis_is_a_clear_error():
+    with pytest.raises(StoreError, match="cannot reach Redis at redis://127.0.0.1:1"):
+        KVStore(SIZE, "redis://127.0.0.1:1/0")
