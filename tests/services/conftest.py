@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -104,3 +105,20 @@ def platform(loop):
     p = Platform(loop)
     yield p
     p.stop_all()
+
+
+def wait_idle(service, timeout: float = 10.0) -> bool:
+    """True once a worker's engine has no request and a full block pool (aborts land asynchronously)."""
+    eng = service.engine.engine
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not eng.requests and eng.pool.num_free == eng.pool.num_blocks:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="session")
+def idle():
+    """idle(worker_service) -> bool: see wait_idle."""
+    return wait_idle

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 
 import httpx
 import openai
@@ -40,17 +39,7 @@ def engine(default_model_dir):
     return LLMEngine.from_store(default_model_dir, EngineConfig())
 
 
-def worker_idle(stack, timeout=10.0) -> bool:
-    eng = stack["worker"].engine.engine
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not eng.requests and eng.pool.num_free == eng.pool.num_blocks:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_chat_matches_the_engine_streamed_or_not(client, engine, stack):
+def test_chat_matches_the_engine_streamed_or_not(idle, client, engine, stack):
     want = engine.generate(
         [engine.tokenizer.encode_chat(CHAT)], SamplingParams(max_tokens=32, temperature=0)
     )[0]
@@ -76,7 +65,7 @@ def test_chat_matches_the_engine_streamed_or_not(client, engine, stack):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.output_token_ids)
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt ran just before
-    assert worker_idle(stack)
+    assert idle(stack["worker"])
 
 
 def test_completions_match_the_engine_streamed_or_not(client, engine):
@@ -148,16 +137,16 @@ BAD = [
 
 
 @pytest.mark.parametrize("body,status,param,code", BAD, ids=[f"{b[2]}-{b[1]}" for b in BAD])
-def test_bad_chat_requests(stack, body, status, param, code):
+def test_bad_chat_requests(idle, stack, body, status, param, code):
     r = httpx.post(stack["url"] + "/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["message"] and err["type"]
     assert err["code"] == code
-    assert worker_idle(stack)
+    assert idle(stack["worker"])
 
 
-def test_other_bad_inputs(stack):
+def test_other_bad_inputs(idle, stack):
     url = stack["url"]
     r = httpx.post(
         url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
@@ -171,7 +160,7 @@ def test_other_bad_inputs(stack):
     assert r.status_code == 400
     r = httpx.get(url + "/v1/nothing-here")
     assert r.status_code == 404 and "error" in r.json()
-    assert worker_idle(stack)
+    assert idle(stack["worker"])
 
 
 def test_request_id_tokenize_detokenize_health_models_docs(stack, engine):
@@ -189,23 +178,23 @@ def test_request_id_tokenize_detokenize_health_models_docs(stack, engine):
     assert "/v1/chat/completions" in httpx.get(url + "/openapi.json").json()["paths"]
 
 
-def test_client_disconnect_aborts_the_request(stack):
+def test_client_disconnect_aborts_the_request(idle, stack):
     body = {"model": MODEL, "messages": CHAT, "max_tokens": 2000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", stack["url"] + "/v1/chat/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         for line in lines:
             if line.startswith("data:") and '"content": "' in line and '"content": ""' not in line:
                 break
-    assert worker_idle(stack)
+    assert idle(stack["worker"])
     # non-streaming too
     try:
         httpx.post(stack["url"] + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
     except httpx.TimeoutException:
         pass
-    assert worker_idle(stack)
+    assert idle(stack["worker"])
 
 
-def test_32_concurrent_streams(client, engine, stack):
+def test_32_concurrent_streams(idle, client, engine, stack):
     prompts = [[{"role": "user", "content": f"Write the number {i} in words."}] for i in range(32)]
     want = engine.generate(
         [engine.tokenizer.encode_chat(p) for p in prompts], SamplingParams(max_tokens=16, temperature=0)
@@ -220,7 +209,7 @@ def test_32_concurrent_streams(client, engine, stack):
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         got = list(pool.map(run, prompts))
     assert got == [w.text for w in want]
-    assert worker_idle(stack)
+    assert idle(stack["worker"])
 
 
 def test_stop_and_max_completion_tokens(client, engine):

@@ -4,8 +4,6 @@ spreads requests, forwards aborts and retries a worker that fails before the fir
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import pytest
 
@@ -43,18 +41,7 @@ def request(rid, prompt, **kw):
     return common_pb2.GenerateRequest(request_id=rid, prompt_token_ids=prompt, params=params_to_proto(params))
 
 
-def idle(service, timeout=10.0) -> bool:
-    """The worker's engine has no request and a full block pool (waits for aborts to land)."""
-    eng = service.engine.engine
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not eng.requests and eng.pool.num_free == eng.pool.num_blocks:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_worker_streams_the_engines_tokens(workers, prompt, default_model_dir):
+def test_worker_streams_the_engines_tokens(idle, workers, prompt, default_model_dir):
     server, service = workers[0]
     stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.address))
     chunks = list(stub.Generate(request("w1", prompt, max_tokens=24, logprobs=1)))
@@ -73,7 +60,7 @@ def test_worker_streams_the_engines_tokens(workers, prompt, default_model_dir):
     assert idle(service)
 
 
-def test_worker_frees_blocks_when_the_caller_leaves_or_aborts(workers, prompt):
+def test_worker_frees_blocks_when_the_caller_leaves_or_aborts(idle, workers, prompt):
     server, service = workers[0]
     stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.address))
     call = stub.Generate(request("w2", prompt, max_tokens=1000, ignore_eos=True))
@@ -89,7 +76,7 @@ def test_worker_frees_blocks_when_the_caller_leaves_or_aborts(workers, prompt):
     assert idle(service)
 
 
-def test_worker_rejects_bad_requests_with_status_codes(workers, prompt):
+def test_worker_rejects_bad_requests_with_status_codes(idle, workers, prompt):
     server, service = workers[0]
     stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.address))
     cases = [
@@ -112,7 +99,7 @@ def test_worker_rejects_bad_requests_with_status_codes(workers, prompt):
     assert idle(service)
 
 
-def test_router_spreads_forwards_and_aborts(router, workers, prompt):
+def test_router_spreads_forwards_and_aborts(idle, router, workers, prompt):
     stub, service = router
     served = []
     for i in range(4):
@@ -133,7 +120,9 @@ def test_router_spreads_forwards_and_aborts(router, workers, prompt):
     assert all(idle(w[1]) for w in workers)
 
 
-def test_router_retries_a_worker_that_fails_before_the_first_token(platform, loop, default_model_dir, prompt):
+def test_router_retries_a_worker_that_fails_before_the_first_token(
+    idle, platform, loop, default_model_dir, prompt
+):
     (a, a_service), (b, b_service) = [platform.start_worker(default_model_dir, **KV) for _ in range(2)]
     server, service = platform.start_router(
         [a.address, b.address], policy="round_robin", health_interval=3600
