@@ -15,7 +15,6 @@ client that disconnects cancels its gRPC streams, which aborts the requests on t
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -37,6 +36,14 @@ from services.gateway.protocol import (
     OpenAIError,
     TokenizeRequest,
     _Sampling,
+)
+from services.gateway.render import (
+    chat_logprobs_json,
+    completion_logprobs_json,
+    stop_reason,
+    stream_chat,
+    stream_completion,
+    usage_json,
 )
 from shared.rpc.convert import FINISH_REASON_NAMES, params_to_proto
 from tandem.v1 import common_pb2
@@ -79,11 +86,6 @@ class Choice:
     usage: common_pb2.Usage | None = None
 
 
-def _stop_reason(chunk: common_pb2.TokenChunk):
-    which = chunk.WhichOneof("stop_reason")
-    return getattr(chunk, which) if which else None
-
-
 class Gateway:
     def __init__(self, backends: Backends | None, models: list[str], api_keys: list[str] = ()):
         self.backends = backends
@@ -109,9 +111,7 @@ class Gateway:
 
     # -- generation ------------------------------------------------------------------------------
 
-    async def prepare(
-        self, body: _Sampling, prompt_len: int, max_model_len: int, vocab: int, what: str
-    ) -> list:
+    def prepare(self, body: _Sampling, prompt_len: int, max_model_len: int, vocab: int, what: str) -> list:
         if not 1 <= body.n <= MAX_N:
             raise OpenAIError(400, f"n must be between 1 and {MAX_N}, got {body.n}", "n")
         requested = body.requested_max_tokens()
@@ -193,54 +193,13 @@ class Gateway:
             c.logprobs += list(chunk.logprobs)
             if chunk.finish_reason:
                 c.finish_reason = FINISH_REASON_NAMES[chunk.finish_reason]
-                c.stop_reason = _stop_reason(chunk)
+                c.stop_reason = stop_reason(chunk)
                 c.usage = chunk.usage
         return [choices[i] for i in sorted(choices)]
 
     async def token_strings(self, model: str, logprobs) -> dict[int, str]:
         ids = sorted({lp.token_id for lp in logprobs} | {t.token_id for lp in logprobs for t in lp.top})
         return dict(zip(ids, await self.backends.token_strings(model, ids), strict=True)) if ids else {}
-
-
-def usage_json(per_prompt: list[common_pb2.Usage], completion_tokens: int) -> dict:
-    prompt = sum(u.prompt_tokens for u in per_prompt)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in per_prompt)},
-    }
-
-
-def chat_logprobs_json(logprobs, strings: dict[int, str]) -> dict:
-    def entry(token_id, lp):
-        s = strings.get(token_id, "")
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-
-    return {
-        "content": [
-            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top]}
-            for lp in logprobs
-        ]
-    }
-
-
-def completion_logprobs_json(logprobs, strings: dict[int, str], offset: int) -> dict:
-    tokens, offsets = [], []
-    for lp in logprobs:
-        offsets.append(offset)
-        tokens.append(strings.get(lp.token_id, ""))
-        offset += len(tokens[-1])
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{strings.get(t.token_id, ""): t.logprob for t in lp.top} for lp in logprobs],
-        "text_offset": offsets,
-    }
-
-
-def sse(data) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
 async def until_disconnected(request: Request, coro):
@@ -294,14 +253,6 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
     Its gRPC channels are opened on the serving event loop (they are bound to it)."""
     gw = Gateway(None, models, api_keys)
 
-    class _Backends:  # resolves to the live Backends once the app has started
-        def __getattr__(self, name):
-            if gw.backends is None:
-                raise OpenAIError(503, "the gateway is starting")
-            return getattr(gw.backends, name)
-
-    backends = _Backends()
-
     @asynccontextmanager
     async def lifespan(app):
         gw.backends = Backends(tokenizer, router)
@@ -334,7 +285,7 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
     @app.get("/health")
     async def health():
         try:
-            workers = await backends.workers()
+            workers = await gw.backends.workers()
             await gw.info(gw.models[0])
         except (grpc.aio.AioRpcError, OpenAIError) as e:
             return JSONResponse({"status": "unavailable", "reason": str(e)}, status_code=503)
@@ -361,10 +312,10 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
         info = await gw.info(body.model)
         messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
         try:
-            prompt_ids, _ = await backends.tokenize_chat(body.model, messages, body.add_generation_prompt)
+            prompt_ids, _ = await gw.backends.tokenize_chat(body.model, messages, body.add_generation_prompt)
         except grpc.aio.AioRpcError as e:
             raise error_from_grpc(e) from e
-        params = await gw.prepare(body, len(prompt_ids), info.max_model_len, info.vocab_size, "messages")
+        params = gw.prepare(body, len(prompt_ids), info.max_model_len, info.vocab_size, "messages")
         rid = request.state.request_id
         streams = [gw.stream_choice(f"{rid}-{i}", body.model, prompt_ids, p, i) for i, p in enumerate(params)]
         base = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": body.model}
@@ -408,7 +359,7 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
                 raise OpenAIError(
                     400, f"prompt contains token ids outside the vocabulary of {info.vocab_size}", "prompt"
                 )
-            params = await gw.prepare(body, len(ids), info.max_model_len, info.vocab_size, "prompt")
+            params = gw.prepare(body, len(ids), info.max_model_len, info.vocab_size, "prompt")
             all_params.append(params)
             for i, p in enumerate(params):
                 index = pi * body.n + i
@@ -447,11 +398,11 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
         p = body.prompt
         try:
             if isinstance(p, str):
-                return [await backends.tokenize_text(body.model, p)]
+                return [await gw.backends.tokenize_text(body.model, p)]
             if p and all(isinstance(x, int) for x in p):
                 return [list(p)]
             if p and all(isinstance(x, str) for x in p):
-                return [await backends.tokenize_text(body.model, x) for x in p]
+                return [await gw.backends.tokenize_text(body.model, x) for x in p]
             return [list(x) for x in p]
         except grpc.aio.AioRpcError as e:
             raise error_from_grpc(e) from e
@@ -463,9 +414,9 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
         try:
             if body.messages is not None:
                 messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
-                ids, _ = await backends.tokenize_chat(model, messages, body.add_generation_prompt)
+                ids, _ = await gw.backends.tokenize_chat(model, messages, body.add_generation_prompt)
             elif body.prompt is not None:
-                ids = await backends.tokenize_text(model, body.prompt, body.add_special_tokens)
+                ids = await gw.backends.tokenize_text(model, body.prompt, body.add_special_tokens)
             else:
                 raise OpenAIError(400, "give either prompt or messages", "prompt")
         except grpc.aio.AioRpcError as e:
@@ -477,81 +428,8 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
         model = body.model or gw.models[0]
         await gw.info(model)
         try:
-            return {"prompt": await backends.detokenize(model, body.tokens)}
+            return {"prompt": await gw.backends.detokenize(model, body.tokens)}
         except grpc.aio.AioRpcError as e:
             raise error_from_grpc(e) from e
 
     return app
-
-
-async def stream_chat(gw: Gateway, body: ChatCompletionRequest, streams, base: dict, include_usage: bool):
-    chunk_base = {**base, "object": "chat.completion.chunk"}
-    extra = {"usage": None} if include_usage else {}
-    usage, completion_tokens = None, 0
-    try:
-        for i in range(body.n):
-            yield sse(
-                {
-                    **chunk_base,
-                    "choices": [
-                        {
-                            "index": i,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                    **extra,
-                }
-            )
-        async for index, chunk in gw.merged(streams):
-            completion_tokens += len(chunk.token_ids)
-            finish = FINISH_REASON_NAMES[chunk.finish_reason]
-            logprobs = None
-            if body.logprobs and chunk.logprobs:
-                logprobs = chat_logprobs_json(
-                    chunk.logprobs, await gw.token_strings(body.model, chunk.logprobs)
-                )
-            if chunk.text or logprobs or finish:
-                delta = {"content": chunk.text} if chunk.text or logprobs else {}
-                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-                if finish:
-                    choice["stop_reason"] = _stop_reason(chunk)
-                yield sse({**chunk_base, "choices": [choice], **extra})
-            if finish and index == 0:
-                usage = chunk.usage
-        if include_usage:
-            yield sse({**chunk_base, "choices": [], "usage": usage_json([usage], completion_tokens)})
-    except OpenAIError as e:
-        yield sse(e.body())
-    yield "data: [DONE]\n\n"
-
-
-async def stream_completion(
-    gw: Gateway, body: CompletionRequest, streams, base: dict, include_usage: bool, num_prompts: int
-):
-    chunk_base = {**base, "object": "text_completion"}
-    extra = {"usage": None} if include_usage else {}
-    usages, completion_tokens, offsets = {}, 0, {}
-    try:
-        async for index, chunk in gw.merged(streams):
-            completion_tokens += len(chunk.token_ids)
-            finish = FINISH_REASON_NAMES[chunk.finish_reason]
-            logprobs = None
-            if body.logprobs is not None and chunk.logprobs:
-                strings = await gw.token_strings(body.model, chunk.logprobs)
-                logprobs = completion_logprobs_json(chunk.logprobs, strings, offsets.get(index, 0))
-            offsets[index] = offsets.get(index, 0) + len(chunk.text)
-            if chunk.text or logprobs or finish:
-                choice = {"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": finish}
-                if finish:
-                    choice["stop_reason"] = _stop_reason(chunk)
-                yield sse({**chunk_base, "choices": [choice], **extra})
-            if finish and index % body.n == 0:
-                usages[index // body.n] = chunk.usage
-        if include_usage:
-            per_prompt = [usages[i] for i in range(num_prompts) if i in usages]
-            yield sse({**chunk_base, "choices": [], "usage": usage_json(per_prompt, completion_tokens)})
-    except OpenAIError as e:
-        yield sse(e.body())
-    yield "data: [DONE]\n\n"

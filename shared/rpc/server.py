@@ -82,8 +82,3 @@ class GrpcServer:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await self.stop(on_drain)
-
-
-async def abort_with(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str):
-    """End an RPC with a status; the message is what the caller will show its user."""
-    await context.abort(code, message)

@@ -1,0 +1,133 @@
+"""How the gateway renders results in OpenAI's shapes: usage, logprobs, and the SSE chunk streams of
+chat and text completions (each ends with `data: [DONE]`; an error mid-stream is an error event)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from services.gateway.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError
+from shared.rpc.convert import FINISH_REASON_NAMES
+from tandem.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from services.gateway.app import Gateway
+
+
+def stop_reason(chunk: common_pb2.TokenChunk):
+    which = chunk.WhichOneof("stop_reason")
+    return getattr(chunk, which) if which else None
+
+
+def usage_json(per_prompt: list[common_pb2.Usage], completion_tokens: int) -> dict:
+    prompt = sum(u.prompt_tokens for u in per_prompt)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(u.cached_tokens for u in per_prompt)},
+    }
+
+
+def chat_logprobs_json(logprobs, strings: dict[int, str]) -> dict:
+    def entry(token_id, lp):
+        s = strings.get(token_id, "")
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {
+        "content": [
+            {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top]}
+            for lp in logprobs
+        ]
+    }
+
+
+def completion_logprobs_json(logprobs, strings: dict[int, str], offset: int) -> dict:
+    tokens, offsets = [], []
+    for lp in logprobs:
+        offsets.append(offset)
+        tokens.append(strings.get(lp.token_id, ""))
+        offset += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{strings.get(t.token_id, ""): t.logprob for t in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+def sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def stream_chat(gw: Gateway, body: ChatCompletionRequest, streams, base: dict, include_usage: bool):
+    chunk_base = {**base, "object": "chat.completion.chunk"}
+    extra = {"usage": None} if include_usage else {}
+    usage, completion_tokens = None, 0
+    try:
+        for i in range(body.n):
+            yield sse(
+                {
+                    **chunk_base,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                    **extra,
+                }
+            )
+        async for index, chunk in gw.merged(streams):
+            completion_tokens += len(chunk.token_ids)
+            finish = FINISH_REASON_NAMES[chunk.finish_reason]
+            logprobs = None
+            if body.logprobs and chunk.logprobs:
+                logprobs = chat_logprobs_json(
+                    chunk.logprobs, await gw.token_strings(body.model, chunk.logprobs)
+                )
+            if chunk.text or logprobs or finish:
+                delta = {"content": chunk.text} if chunk.text or logprobs else {}
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+                if finish:
+                    choice["stop_reason"] = stop_reason(chunk)
+                yield sse({**chunk_base, "choices": [choice], **extra})
+            if finish and index == 0:
+                usage = chunk.usage
+        if include_usage:
+            yield sse({**chunk_base, "choices": [], "usage": usage_json([usage], completion_tokens)})
+    except OpenAIError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"
+
+
+async def stream_completion(
+    gw: Gateway, body: CompletionRequest, streams, base: dict, include_usage: bool, num_prompts: int
+):
+    chunk_base = {**base, "object": "text_completion"}
+    extra = {"usage": None} if include_usage else {}
+    usages, completion_tokens, offsets = {}, 0, {}
+    try:
+        async for index, chunk in gw.merged(streams):
+            completion_tokens += len(chunk.token_ids)
+            finish = FINISH_REASON_NAMES[chunk.finish_reason]
+            logprobs = None
+            if body.logprobs is not None and chunk.logprobs:
+                strings = await gw.token_strings(body.model, chunk.logprobs)
+                logprobs = completion_logprobs_json(chunk.logprobs, strings, offsets.get(index, 0))
+            offsets[index] = offsets.get(index, 0) + len(chunk.text)
+            if chunk.text or logprobs or finish:
+                choice = {"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": finish}
+                if finish:
+                    choice["stop_reason"] = stop_reason(chunk)
+                yield sse({**chunk_base, "choices": [choice], **extra})
+            if finish and index % body.n == 0:
+                usages[index // body.n] = chunk.usage
+        if include_usage:
+            per_prompt = [usages[i] for i in range(num_prompts) if i in usages]
+            yield sse({**chunk_base, "choices": [], "usage": usage_json(per_prompt, completion_tokens)})
+    except OpenAIError as e:
+        yield sse(e.body())
+    yield "data: [DONE]\n\n"
