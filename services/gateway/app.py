@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -51,6 +51,7 @@ from tandem.v1 import common_pb2
 log = logging.getLogger("tandem.gateway")
 
 MAX_N = 16
+ROUTE_HEADER = "x-tandem-route"  # the router's placement of each choice, for debugging
 GRPC_TO_HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.OUT_OF_RANGE: 400,
@@ -136,13 +137,32 @@ class Gateway:
             raise OpenAIError(400, str(e), str(e).split(" ", 1)[0]) from e
         return params
 
-    async def stream_choice(
-        self, request_id: str, model: str, prompt_ids: list[int], params, index: int
-    ) -> AsyncIterator[tuple[int, common_pb2.TokenChunk]]:
-        request = common_pb2.GenerateRequest(
-            request_id=request_id, model=model, prompt_token_ids=prompt_ids, params=params_to_proto(params)
-        )
-        call = self.backends.generate(request)
+    async def open_choices(
+        self, model: str, specs: list[tuple[str, list[int], object, int]]
+    ) -> tuple[list[str], list[AsyncIterator[tuple[int, common_pb2.TokenChunk]]]]:
+        """Start one router stream per (request id, prompt ids, params, index); returns the router's
+        routing decision of each (its `x-tandem-route` metadata) and the chunk streams."""
+        calls = []
+        for request_id, prompt_ids, params, _ in specs:
+            request = common_pb2.GenerateRequest(
+                request_id=request_id,
+                model=model,
+                prompt_token_ids=prompt_ids,
+                params=params_to_proto(params),
+            )
+            calls.append(self.backends.generate(request))
+        routes = []
+        try:
+            for call in calls:
+                metadata = await call.initial_metadata()  # empty when the router failed it: see the stream
+                routes.append(dict(metadata or ()).get(ROUTE_HEADER, ""))
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
+        return routes, [self._chunks(call, spec[3]) for call, spec in zip(calls, specs, strict=True)]
+
+    async def _chunks(self, call, index: int) -> AsyncIterator[tuple[int, common_pb2.TokenChunk]]:
         try:
             async for chunk in call:
                 yield index, chunk
@@ -308,7 +328,7 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
         info = await gw.info(body.model)
         messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
         try:
@@ -317,13 +337,18 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
             raise error_from_grpc(e) from e
         params = gw.prepare(body, len(prompt_ids), info.max_model_len, info.vocab_size, "messages")
         rid = request.state.request_id
-        streams = [gw.stream_choice(f"{rid}-{i}", body.model, prompt_ids, p, i) for i, p in enumerate(params)]
+        specs = [(f"{rid}-{i}", prompt_ids, p, i) for i, p in enumerate(params)]
+        routes, streams = await gw.open_choices(body.model, specs)
+        headers = {ROUTE_HEADER: ", ".join(routes)}
         base = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": body.model}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                stream_chat(gw, body, streams, base, include_usage), media_type="text/event-stream"
+                stream_chat(gw, body, streams, base, include_usage),
+                media_type="text/event-stream",
+                headers=headers,
             )
+        response.headers.update(headers)
         choices = await until_disconnected(request, gw.collect(streams))
         strings = await gw.token_strings(body.model, [lp for c in choices for lp in c.logprobs])
         return {
@@ -343,7 +368,7 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
         }
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest, request: Request, response: Response):
         info = await gw.info(body.model)
         if body.suffix:
             raise OpenAIError(400, "suffix is not supported", "suffix")
@@ -353,7 +378,7 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
         if not prompts or any(not p for p in prompts):
             raise OpenAIError(400, "prompt must not be empty", "prompt")
         rid = request.state.request_id
-        streams, all_params = [], []
+        specs, all_params = [], []
         for pi, ids in enumerate(prompts):
             if any(t < 0 or t >= info.vocab_size for t in ids):
                 raise OpenAIError(
@@ -363,14 +388,18 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
             all_params.append(params)
             for i, p in enumerate(params):
                 index = pi * body.n + i
-                streams.append(gw.stream_choice(f"{rid}-{index}", body.model, ids, p, index))
+                specs.append((f"{rid}-{index}", ids, p, index))
+        routes, streams = await gw.open_choices(body.model, specs)
+        headers = {ROUTE_HEADER: ", ".join(routes)}
         base = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": body.model}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 stream_completion(gw, body, streams, base, include_usage, len(prompts)),
                 media_type="text/event-stream",
+                headers=headers,
             )
+        response.headers.update(headers)
         choices = await until_disconnected(request, gw.collect(streams))
         strings = await gw.token_strings(body.model, [lp for c in choices for lp in c.logprobs])
         return {

@@ -14,11 +14,11 @@ import asyncio
 import grpc
 
 from shared.kvstore import BlockMeta, KVStore, StoreError
+from shared.kvstore.client import CHUNK_BYTES
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc
 
 SERVICE_NAME = "tandem.v1.KVStore"
-CHUNK_BYTES = 2**20  # well under gRPC's default 4 MiB message limit, so any client can read a Get
 STATUS = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "layout": grpc.StatusCode.FAILED_PRECONDITION,

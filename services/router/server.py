@@ -1,15 +1,34 @@
-"""The router service: picks a worker for each request and forwards its token stream.
+"""The router service: places each request on workers and forwards its token stream.
 
-    tandem serve router --worker HOST:PORT [--worker HOST:PORT ...] [--policy least_loaded]
+    tandem serve router --worker HOST:PORT [--worker ...] [--policy prefix_aware]
+                        [--kvstore HOST:PORT] [--disagg-threshold 256] [--balance-threshold 4]
 
-Workers come from config. A background loop asks each for its load (GetLoad, with a deadline) every
-`health_interval` seconds; a worker that fails is marked unhealthy and skipped until it answers again.
-Policies: `round_robin`, and `least_loaded` (fewest running + waiting requests, counting the router's
-own in-flight requests since the last report). A worker that fails before the first token (it is
-down, or refuses with UNAVAILABLE / RESOURCE_EXHAUSTED) is marked and the request retried on
-another; after the first token an error is passed to the caller as is. Every call to a worker has a
-deadline: the caller's remaining time, or `request_timeout`. A caller that goes away cancels the
-worker call, which aborts the request on the worker; Abort(request_id) does the same explicitly.
+Workers come from config; each reports its role (monolithic, prefill, decode) and load through
+GetLoad, polled every `health_interval` seconds (a worker that fails is skipped until it answers
+again), and streams its prefix cache's changes (KVEvents) into the router's prefix index: per
+worker, the set of block keys it caches. A request's block keys are computed here with the same
+hash chain the engines use (shared/engine/kv_hash.py), so "how much of this prompt does worker w
+hold" is a few set lookups.
+
+Policies pick among candidate workers:
+  round_robin    in turn
+  least_loaded   fewest requests running there (counted by the router as they start and end)
+  prefix_aware   the worker holding the longest prefix of the prompt, unless its load exceeds the
+                 least loaded candidate's by more than `balance_threshold` requests — then the least
+                 loaded (affinity must not pile everything on one overloaded worker)
+
+Disaggregation: the request's decode worker is picked among monolithic/decode workers. If a prefill
+worker is healthy and the part of the prompt that neither the decode worker nor the KV store holds
+is longer than `disagg_threshold` tokens, a prefill worker (picked by the same policy) prefills it
+(`prefill_only`), its first token goes to the caller at once, and the decode worker continues from
+the KV handle; otherwise the decode worker prefills locally.
+
+The decision (policy, prefill worker, decode worker, cached tokens it expects) is logged and sent as
+the `x-tandem-route` initial metadata, which the gateway returns as a response header. A worker that
+fails before the first token (down, UNAVAILABLE, RESOURCE_EXHAUSTED) is retried elsewhere (a failed
+prefill falls back to a local prefill); after that an error passes to the caller as is. Every call
+has a deadline; a caller that goes away cancels the worker calls (aborting the request there) and the
+router releases a handoff's store lease that no decode collected.
 """
 
 from __future__ import annotations
@@ -17,17 +36,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
 
+from shared.engine.kv_hash import prompt_block_keys
+from shared.kvstore.client import KVStoreClient
 from shared.rpc.server import OPTIONS
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.router")
 SERVICE_NAME = "tandem.v1.Router"
-POLICIES = ("round_robin", "least_loaded")
+POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+ROUTE_HEADER = "x-tandem-route"
 
 
 @dataclass
@@ -37,13 +60,41 @@ class WorkerHandle:
     stub: worker_pb2_grpc.WorkerStub
     healthy: bool = False
     load: worker_pb2.LoadReport | None = None
-    in_flight: int = 0  # requests this router sent since the last load report
-    requests: set[str] = field(default_factory=set)
+    requests: set[str] = field(default_factory=set)  # this router's requests running there now
+    cached: set[bytes] = field(default_factory=set)  # block keys in its prefix cache (KV events)
+    events_task: asyncio.Task | None = None
+
+    @property
+    def role(self) -> str:
+        return self.load.role if self.load is not None else "monolithic"
 
     @property
     def score(self) -> int:
-        reported = (self.load.running + self.load.waiting) if self.load is not None else 0
-        return reported + self.in_flight
+        """Load: the requests this router has running there, counted as they start and end (the
+        worker's own report lags by up to a health interval)."""
+        return len(self.requests)
+
+    def match(self, keys: list[bytes]) -> int:
+        """Leading blocks of `keys` this worker caches."""
+        n = 0
+        while n < len(keys) and keys[n] in self.cached:
+            n += 1
+        return n
+
+
+@dataclass
+class Route:
+    policy: str
+    decode: WorkerHandle
+    prefill: WorkerHandle | None = None
+    cached_tokens: int = 0
+
+    def header(self) -> str:
+        prefill = self.prefill.address if self.prefill else ""
+        return (
+            f"policy={self.policy};prefill={prefill};decode={self.decode.address};"
+            f"cached_tokens={self.cached_tokens}"
+        )
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -55,16 +106,24 @@ class RouterService(router_pb2_grpc.RouterServicer):
         health_timeout: float = 2.0,
         request_timeout: float = 600.0,
         max_attempts: int = 3,
+        kvstore: str | None = None,
+        disagg_threshold: int = 256,
+        balance_threshold: int = 4,
     ):
         if not workers:
             raise ValueError("the router needs at least one worker address (--worker HOST:PORT)")
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got '{policy}'")
+        if disagg_threshold < 0 or balance_threshold < 0:
+            raise ValueError("disagg_threshold and balance_threshold must not be negative")
         self.policy = policy
         self.health_interval = health_interval
         self.health_timeout = health_timeout
         self.request_timeout = request_timeout
         self.max_attempts = max_attempts
+        self.disagg_threshold = disagg_threshold
+        self.balance_threshold = balance_threshold
+        self.store = KVStoreClient(kvstore, timeout=health_timeout) if kvstore else None
         self.workers = []
         for address in workers:
             channel = grpc.aio.insecure_channel(address, options=OPTIONS)
@@ -72,17 +131,23 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._rr = itertools.count()
         self._health_task: asyncio.Task | None = None
 
-    # -- worker health and choice ------------------------------------------------------------------
+    # -- worker health, load and prefix index ------------------------------------------------------
 
     async def start(self) -> None:
         await self.check_workers()
         self._health_task = asyncio.create_task(self._health_loop())
+        for w in self.workers:
+            w.events_task = asyncio.create_task(self._follow_kv_events(w))
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
+        tasks = [t for t in [self._health_task, *(w.events_task for w in self.workers)] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for w in self.workers:
             await w.channel.close()
+        if self.store is not None:
+            await self.store.close()
 
     async def _health_loop(self) -> None:
         while True:
@@ -95,22 +160,87 @@ class RouterService(router_pb2_grpc.RouterServicer):
     async def _check(self, w: WorkerHandle) -> None:
         try:
             w.load = await w.stub.GetLoad(worker_pb2.LoadRequest(), timeout=self.health_timeout)
-            w.in_flight = 0
             if not w.healthy:
-                log.info("worker %s is up (%s)", w.address, w.load.worker_id)
+                log.info("worker %s is up (%s, %s)", w.address, w.load.worker_id, w.load.role)
             w.healthy = True
         except grpc.aio.AioRpcError as e:
             if w.healthy:
                 log.warning("worker %s is down: %s", w.address, e.code().name)
             w.healthy = False
 
-    def pick(self, exclude: set[str] = frozenset()) -> WorkerHandle | None:
-        candidates = [w for w in self.workers if w.healthy and w.address not in exclude]
+    async def _follow_kv_events(self, w: WorkerHandle) -> None:
+        """Mirror a worker's prefix cache; start over (from its snapshot) after any break."""
+        while True:
+            try:
+                async for batch in w.stub.KVEvents(worker_pb2.KVEventsRequest()):
+                    if batch.reset:
+                        w.cached = set(batch.stored)
+                    else:
+                        w.cached.difference_update(batch.removed)
+                        w.cached.update(batch.stored)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    return
+            w.cached = set()
+            await asyncio.sleep(self.health_interval)
+
+    # -- placement ---------------------------------------------------------------------------------
+
+    def block_keys(self, prompt: list[int], cache_salt: str) -> list[bytes]:
+        """The prompt's block keys as the workers name them (from any worker's reported layout)."""
+        for w in self.workers:
+            if w.load is not None and w.load.kv_layout and w.load.block_size:
+                return prompt_block_keys(
+                    prompt, w.load.block_size, w.load.model, w.load.kv_layout, cache_salt or None
+                )
+        return []
+
+    def pick(self, candidates: list[WorkerHandle], keys: list[bytes] = ()) -> WorkerHandle | None:
         if not candidates:
             return None
         if self.policy == "round_robin":
             return candidates[next(self._rr) % len(candidates)]
-        return min(candidates, key=lambda w: w.score)
+        least = min(candidates, key=lambda w: (w.score, -w.match(keys)))
+        if self.policy == "least_loaded" or not keys:
+            return least
+        best = max(candidates, key=lambda w: (w.match(keys), -w.score))
+        if best.match(keys) == 0 or best.score - least.score > self.balance_threshold:
+            return least
+        return best
+
+    def candidates(self, roles: tuple[str, ...], exclude: set[str]) -> list[WorkerHandle]:
+        return [w for w in self.workers if w.healthy and w.role in roles and w.address not in exclude]
+
+    async def place(self, request, exclude: set[str]) -> Route | None:
+        decoders = self.candidates(("monolithic", "decode"), exclude) or self.candidates(
+            ("prefill",), exclude
+        )
+        prefillers = self.candidates(("prefill",), exclude)
+        keys = self.block_keys(list(request.prompt_token_ids), request.params.cache_salt)
+        decode = self.pick(decoders, keys)
+        if decode is None:
+            return None
+        route = Route(self.policy, decode)
+        local = decode.match(keys)
+        route.cached_tokens = min(local * self._block_size(), len(request.prompt_token_ids))
+        if not prefillers or decode.role == "prefill":
+            return route
+        in_store = 0
+        if self.store is not None and keys:
+            try:
+                _, in_store = await self.store.lookup(keys)
+            except grpc.aio.AioRpcError as e:
+                log.warning("KV store lookup failed: %s", e.code().name)
+        cached = max(local, in_store) * self._block_size()
+        if len(request.prompt_token_ids) - cached > self.disagg_threshold:
+            route.prefill = self.pick(prefillers, keys)
+            route.cached_tokens = min(
+                max(route.prefill.match(keys), in_store) * self._block_size(), len(request.prompt_token_ids)
+            )
+        return route
+
+    def _block_size(self) -> int:
+        return next((w.load.block_size for w in self.workers if w.load is not None and w.load.block_size), 16)
 
     # -- RPCs ------------------------------------------------------------------------------------
 
@@ -119,25 +249,25 @@ class RouterService(router_pb2_grpc.RouterServicer):
         timeout = min(remaining, self.request_timeout) if remaining is not None else self.request_timeout
         tried: set[str] = set()
         last_error: grpc.aio.AioRpcError | None = None
+        announced = False
         for attempt in range(self.max_attempts):
-            worker = self.pick(tried)
-            if worker is None:
-                if not tried:  # maybe everything just came back: look once more
-                    await self.check_workers()
-                    worker = self.pick(tried)
-                if worker is None:
-                    if last_error is not None:  # e.g. every worker's queue is full: say so
-                        await context.abort(last_error.code(), last_error.details() or last_error.code().name)
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "no healthy worker is available")
-            tried.add(worker.address)
-            worker.in_flight += 1
-            worker.requests.add(request.request_id)
-            call = worker.stub.Generate(request, timeout=timeout)
+            route = await self.place(request, tried)
+            if route is None and not tried:  # maybe everything just came back: look once more
+                await self.check_workers()
+                route = await self.place(request, tried)
+            if route is None:
+                if last_error is not None:  # e.g. every worker's queue is full: say so
+                    await context.abort(last_error.code(), last_error.details() or last_error.code().name)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "no healthy worker is available")
+            if not announced:
+                await context.send_initial_metadata(((ROUTE_HEADER, route.header()),))
+                announced = True
+            log.info("route %s: %s", request.request_id, route.header())
+            tried.add(route.decode.address)
             started = False
             try:
-                async for chunk in call:
+                async for chunk in self._run(route, request, timeout):
                     started = True
-                    chunk.worker = worker.address
                     yield chunk
                 return
             except grpc.aio.AioRpcError as e:
@@ -145,27 +275,87 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     # another worker may take it (tried ones are skipped)
                     log.warning(
                         "worker %s failed before the first token (%s); retrying",
-                        worker.address,
+                        route.decode.address,
                         e.code().name,
                     )
                     if e.code() == grpc.StatusCode.UNAVAILABLE:
-                        worker.healthy = False
+                        route.decode.healthy = False
                     last_error = e
                     continue
                 await context.abort(e.code(), e.details() or e.code().name)
-            finally:
-                call.cancel()  # no-op when finished; aborts the request on the worker otherwise
-                worker.requests.discard(request.request_id)
         await context.abort(grpc.StatusCode.UNAVAILABLE, "every worker tried failed")
 
+    async def _run(self, route: Route, request, timeout: float) -> AsyncIterator[common_pb2.TokenChunk]:
+        """The request's chunks: a remote prefill first when the route has one, then the decode."""
+        if route.prefill is None:
+            async for chunk in self._stream(route.decode, request, timeout):
+                yield chunk
+            return
+        prefill_request = common_pb2.GenerateRequest()
+        prefill_request.CopyFrom(request)
+        prefill_request.prefill_only = True
+        handle = None
+        try:
+            first = None
+            try:
+                async for chunk in self._stream(route.prefill, prefill_request, timeout):
+                    first = chunk
+            except grpc.aio.AioRpcError as e:
+                if first is not None or e.code() not in RETRYABLE:
+                    raise
+                log.warning(
+                    "prefill on %s failed (%s); prefilling on the decode worker",
+                    route.prefill.address,
+                    e.code().name,
+                )
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    route.prefill.healthy = False
+                async for chunk in self._stream(route.decode, request, timeout):
+                    yield chunk
+                return
+            if first is None or first.finish_reason != common_pb2.FINISH_REASON_HANDOFF:
+                if first is not None:  # it finished at its first token (EOS, max_tokens 1)
+                    yield first
+                return
+            handle = first.kv_handle
+            first.ClearField("kv_handle")
+            first.ClearField("usage")
+            first.finish_reason = common_pb2.FINISH_REASON_UNSPECIFIED
+            yield first  # the first token reaches the caller now, while the decode imports the KV
+            decode_request = common_pb2.GenerateRequest()
+            decode_request.CopyFrom(request)
+            decode_request.kv_handle.CopyFrom(handle)
+            async for chunk in self._stream(route.decode, decode_request, timeout):
+                yield chunk
+        finally:
+            if handle is not None and handle.lease_id and self.store is not None:
+                try:  # normally the decode released it already; this covers a decode that never came
+                    await self.store.release(handle.lease_id)
+                except grpc.aio.AioRpcError:
+                    pass  # its TTL ends it
+
+    async def _stream(
+        self, worker: WorkerHandle, request, timeout: float
+    ) -> AsyncIterator[common_pb2.TokenChunk]:
+        worker.requests.add(request.request_id)
+        call = worker.stub.Generate(request, timeout=timeout)
+        try:
+            async for chunk in call:
+                chunk.worker = worker.address
+                yield chunk
+        finally:
+            call.cancel()  # no-op when finished; aborts the request on the worker otherwise
+            worker.requests.discard(request.request_id)
+
     async def Abort(self, request, context):
+        aborted = False
         for w in self.workers:
             if request.request_id in w.requests:
                 try:
-                    return await w.stub.Abort(request, timeout=self.health_timeout)
+                    aborted |= (await w.stub.Abort(request, timeout=self.health_timeout)).aborted
                 except grpc.aio.AioRpcError as e:
                     await context.abort(e.code(), f"worker {w.address}: {e.details()}")
-        return common_pb2.AbortResponse(aborted=False)
+        return common_pb2.AbortResponse(aborted=aborted)
 
     async def ListWorkers(self, request, context):
         return router_pb2.ListWorkersResponse(

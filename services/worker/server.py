@@ -1,25 +1,44 @@
-"""The worker service: the engine behind gRPC. Role "monolithic": it prefills and decodes itself.
+"""The worker service: the engine behind gRPC.
 
-    tandem serve worker --model smollm2-135m-instruct [--port P] [--max-num-seqs N] ...
+    tandem serve worker --model smollm2-135m-instruct [--role prefill|decode|monolithic]
+                        [--kvstore HOST:PORT] [--port P] [--max-num-seqs N] ...
 
 Generate streams TokenChunks as the engine produces them (token ids, the text that became final,
 logprobs; finish reason and usage on the last). A caller that goes away (cancels, disconnects,
 passes its deadline) aborts the request at once and frees its KV blocks. Status codes: a bad
 parameter or an over-long prompt INVALID_ARGUMENT (the message names it), another model NOT_FOUND,
-a duplicate request id ALREADY_EXISTS, a full queue RESOURCE_EXHAUSTED, a failed engine UNAVAILABLE.
+a duplicate request id ALREADY_EXISTS, a full queue RESOURCE_EXHAUSTED, a failed engine UNAVAILABLE,
+a KV handle whose blocks cannot be had FAILED_PRECONDITION.
+
+Disaggregation (the router decides; the role only tells it how to use this worker):
+  prefill_only   prefill (reusing prefix blocks from the local cache or the KV store), sample the
+                 first token, publish the prompt's new full blocks to the store, lease them for the
+                 decode, and end with FINISH_REASON_HANDOFF and a KVHandle (block keys + the KV of
+                 the partial tail inline; without a store everything is inline)
+  kv_handle      import the handle's blocks (the local prefix cache first, then the store, then the
+                 inline tail), release the lease, and decode on from the first token
+Any request, on any worker with a store, takes the longest prefix the store has beyond the local
+cache, so only the rest is computed. KVEvents streams the prefix cache's changes to routers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 
 import grpc
+import torch
 
 from shared.engine import AsyncLLMEngine, EngineDeadError, RequestOutput
-from shared.rpc.convert import FINISH_REASONS, logprob_to_proto, params_from_proto
+from shared.engine.kv_transfer import KVHandoff, from_wire, to_wire
+from shared.kvstore.client import KVStoreClient
+from shared.rpc.convert import FINISH_REASONS, logprob_from_proto, logprob_to_proto, params_from_proto
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
+log = logging.getLogger("tandem.worker")
 SERVICE_NAME = "tandem.v1.Worker"
+ROLES = ("monolithic", "prefill", "decode")
 
 
 def chunk_from_output(out: RequestOutput) -> common_pb2.TokenChunk:
@@ -53,12 +72,28 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         worker_id: str | None = None,
         role: str = "monolithic",
         max_waiting: int = 256,
+        kvstore: str | None = None,
+        lease_ttl: float = 60.0,
     ):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
         self.engine = engine
         self.model = model
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.role = role
         self.max_waiting = max_waiting
+        self.store = KVStoreClient(kvstore) if kvstore else None
+        self.lease_ttl = lease_ttl
+        self.counters = {"store_fetched_blocks": 0, "store_published_blocks": 0}
+        self.closing = asyncio.Event()
+
+    async def close(self) -> None:
+        """Stop the engine and let go of the store (after the server drained)."""
+        await self.engine.shutdown()
+        if self.store is not None:
+            await self.store.close()
+
+    # -- generation -------------------------------------------------------------------------------
 
     async def Generate(self, request, context):
         if request.model and request.model != self.model:
@@ -70,26 +105,156 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         if len(self.engine.engine.scheduler.waiting) >= self.max_waiting:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the worker's queue is full; retry later")
+        if request.prefill_only and request.HasField("kv_handle"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a request is either prefill_only or carries a kv_handle"
+            )
         params = params_from_proto(request.params)
+        prompt = list(request.prompt_token_ids)
+        handle = request.kv_handle if request.HasField("kv_handle") else None
         try:
-            stream = await self.engine.add_request(request_id, list(request.prompt_token_ids), params)
+            if handle is not None:
+                try:
+                    handoff = await self._import(handle)
+                finally:
+                    await self._release(handle.lease_id)  # the blocks are copied (or lost): unpin
+                stream = await self.engine.add_request(request_id, prompt, params, kv_handoff=handoff)
+            else:
+                prefix = await self._fetch_prefix(prompt, params.cache_salt)
+                stream = await self.engine.add_request(
+                    request_id, prompt, params, prefill_only=request.prefill_only, prefix_kv=prefix
+                )
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except grpc.aio.AioRpcError as e:  # the store failed a handle's blocks
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"cannot import the KV handle's blocks: {e.details()}"
+            )
         try:
             async for out in stream:
-                yield chunk_from_output(out)
+                chunk = chunk_from_output(out)
+                if out.kv_handoff is not None:
+                    chunk.kv_handle.CopyFrom(await self._publish(out.kv_handoff))
+                    try:
+                        yield chunk
+                    except BaseException:  # nobody will collect it: unpin now, not at the TTL
+                        await self._release(chunk.kv_handle.lease_id)
+                        raise
+                else:
+                    yield chunk
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
             await stream.aclose()  # the caller left early: abort and free the blocks
+
+    async def _fetch_prefix(self, prompt: list[int], cache_salt: str | None) -> torch.Tensor | None:
+        """The KV of the prompt's longest prefix the store has beyond what this engine caches (with
+        the cached part copied in front), or None when the local cache does as well."""
+        eng = self.engine.engine
+        if self.store is None or not eng.config.enable_prefix_caching:
+            return None
+        keys = eng.prompt_keys(prompt, cache_salt)[: (len(prompt) - 1) // eng.config.block_size]
+        local = eng.cached_prefix_len(keys)
+        try:
+            _, anywhere = await self.store.lookup(keys)
+            if anywhere <= local:
+                return None
+            have = await self.engine.call(eng.read_cached, keys[:local])
+            fetched = await self.store.get_blocks(keys[have.shape[0] : anywhere], eng.layout)
+        except grpc.aio.AioRpcError as e:  # the store is down or lost a block: compute it here
+            log.warning("KV store prefix fetch failed (%s); computing the prompt locally", e.code().name)
+            return None
+        self.counters["store_fetched_blocks"] += fetched.shape[0]
+        return torch.cat([have, fetched.to(have.dtype)])
+
+    async def _publish(self, handoff: KVHandoff) -> common_pb2.KVHandle:
+        """Put the prompt's new full blocks in the store, lease them, and describe the handoff."""
+        keys = list(handoff.block_hashes)
+        lease_id = ""
+        if self.store is not None and keys:
+            layout = self.engine.engine.layout
+            try:
+                _, present = await self.store.lookup(keys)
+                if present < len(keys):
+                    stored = await self.store.put_blocks(
+                        keys[present:], handoff.payload[present : len(keys)], layout
+                    )
+                    self.counters["store_published_blocks"] += stored
+                lease_id = await self.store.lease(keys, self.lease_ttl)
+            except grpc.aio.AioRpcError as e:  # hand everything over inline instead
+                log.warning("KV store publish failed (%s); handing the KV over inline", e.code().name)
+                keys, lease_id = [], ""
+        else:
+            keys = []
+        dtype, shape, data = to_wire(handoff.payload[len(keys) :])
+        handle = common_pb2.KVHandle(
+            layout=handoff.layout,
+            num_tokens=handoff.num_tokens,
+            block_keys=keys,
+            inline_dtype=dtype,
+            inline_shape=shape,
+            inline_kv=data,
+            first_token=handoff.first_token,
+            rng_state=handoff.rng_state.numpy().tobytes(),
+            lease_id=lease_id,
+            num_cached_tokens=handoff.num_cached_tokens,
+        )
+        if handoff.first_logprob is not None:
+            handle.first_logprob.CopyFrom(logprob_to_proto(handoff.first_logprob))
+        return handle
+
+    async def _import(self, handle: common_pb2.KVHandle) -> KVHandoff:
+        eng = self.engine.engine
+        if handle.layout != eng.layout:
+            raise ValueError(f"KV handle has layout '{handle.layout}', this worker uses '{eng.layout}'")
+        keys = list(handle.block_keys)
+        inline = from_wire(handle.inline_dtype, tuple(handle.inline_shape), handle.inline_kv)
+        parts = []
+        if keys:
+            have = await self.engine.call(eng.read_cached, keys)
+            parts.append(have)
+            if have.shape[0] < len(keys):
+                if self.store is None:
+                    raise ValueError("the KV handle names store blocks but this worker has no --kvstore")
+                fetched = await self.store.get_blocks(keys[have.shape[0] :], eng.layout)
+                self.counters["store_fetched_blocks"] += fetched.shape[0]
+                parts.append(fetched)
+        parts.append(inline)
+        payload = torch.cat([p.to(inline.dtype) for p in parts]) if len(parts) > 1 else inline
+        rng = torch.frombuffer(bytearray(handle.rng_state), dtype=torch.uint8) if handle.rng_state else None
+        if rng is None:
+            raise ValueError("the KV handle has no rng_state")
+        return KVHandoff(
+            num_tokens=handle.num_tokens,
+            payload=payload,
+            block_hashes=tuple(keys),
+            first_token=handle.first_token,
+            first_logprob=logprob_from_proto(handle.first_logprob)
+            if handle.HasField("first_logprob")
+            else None,
+            rng_state=rng,
+            layout=handle.layout,
+            num_cached_tokens=handle.num_cached_tokens,
+        )
+
+    async def _release(self, lease_id: str) -> None:
+        if self.store is None or not lease_id:
+            return
+        try:
+            await self.store.release(lease_id)
+        except grpc.aio.AioRpcError as e:  # it expires on its own
+            log.warning("could not release KV lease %s: %s", lease_id, e.code().name)
+
+    # -- control ----------------------------------------------------------------------------------
 
     async def Abort(self, request, context):
         return common_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
 
     async def GetLoad(self, request, context):
         load = self.engine.load()
+        eng = self.engine.engine
         return worker_pb2.LoadReport(
             worker_id=self.worker_id,
             role=self.role,
@@ -101,19 +266,46 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             kv_usage=load["kv_usage"],
             prefix_cache_hit_blocks=load["prefix_cache_hit_blocks"],
             num_preemptions=load["num_preemptions"],
-            max_model_len=self.engine.engine.max_model_len,
+            max_model_len=eng.max_model_len,
+            kv_layout=eng.layout,
+            block_size=eng.config.block_size,
+            prompt_tokens_computed=load["prompt_tokens_computed"],
+            **self.counters,
         )
+
+    async def KVEvents(self, request, context):
+        events = await self.engine.subscribe_kv_events()
+        closing = asyncio.ensure_future(self.closing.wait())
+        get = None
+        try:
+            while True:
+                get = asyncio.ensure_future(events.get())
+                await asyncio.wait({get, closing}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    return
+                kind, data = get.result()
+                if kind == "reset":
+                    yield worker_pb2.KVEventBatch(worker_id=self.worker_id, reset=True, stored=data)
+                else:
+                    stored, removed = data
+                    yield worker_pb2.KVEventBatch(worker_id=self.worker_id, stored=stored, removed=removed)
+        finally:
+            closing.cancel()
+            if get is not None:
+                get.cancel()
+            self.engine.unsubscribe_kv_events(events)
 
 
 def register(server, engine: AsyncLLMEngine, model: str, **kwargs) -> WorkerService:
     service = WorkerService(engine, model, **kwargs)
     server.add(worker_pb2_grpc.add_WorkerServicer_to_server, service, SERVICE_NAME)
+    server.on_drain_start.append(service.closing.set)
     return service
 
 
 async def start_server(model_dir, model: str, config=None, host: str = "127.0.0.1", port: int = 0, **kwargs):
     """A started worker server running an AsyncLLMEngine for the model in `model_dir`.
-    Returns (GrpcServer, WorkerService); stop with `await server.stop(service.engine.shutdown)`."""
+    Returns (GrpcServer, WorkerService); stop with `await server.stop(service.close)`."""
     from shared.engine import EngineConfig, LLMEngine
     from shared.rpc.server import GrpcServer
 

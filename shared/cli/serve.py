@@ -38,9 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--store", type=Path)
     q.set_defaults(func=cmd_serve, run=run_tokenizer, parser=q)
 
-    q = roles.add_parser("worker", help="the engine behind gRPC (role: monolithic)")
+    q = roles.add_parser("worker", help="the engine behind gRPC (role: monolithic, prefill or decode)")
     common(q)
     q.add_argument("--model", default=DEFAULT_MODEL)
+    q.add_argument("--role", default="monolithic", choices=["monolithic", "prefill", "decode"])
+    q.add_argument("--kvstore", help="KV-cache store HOST:PORT (prefix reuse and handoffs)")
+    q.add_argument("--lease-ttl", type=float, default=60.0, help="seconds a handoff's blocks stay pinned")
     q.add_argument("--store", type=Path)
     q.add_argument("--device", default="cpu")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -57,7 +60,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = roles.add_parser("router", help="pick a worker per request, forward streams")
     common(q)
     q.add_argument("--worker", action="append", required=False, help="worker HOST:PORT (repeatable)")
-    q.add_argument("--policy", default="least_loaded", choices=["round_robin", "least_loaded"])
+    q.add_argument(
+        "--policy", default="least_loaded", choices=["round_robin", "least_loaded", "prefix_aware"]
+    )
+    q.add_argument("--kvstore", help="KV-cache store HOST:PORT (prefix lookups, lease clean-up)")
+    q.add_argument(
+        "--disagg-threshold", type=int, default=256,
+        help="prefill remotely when more uncached prompt tokens than this (default 256)",
+    )  # fmt: skip
+    q.add_argument(
+        "--balance-threshold", type=int, default=4,
+        help="prefix_aware: prefer the least loaded worker when the best match has this many more requests",
+    )  # fmt: skip
     q.add_argument("--health-interval", type=float, default=1.0)
     q.add_argument("--request-timeout", type=float, default=600.0)
     q.set_defaults(func=cmd_serve, run=run_router, parser=q)
@@ -134,10 +148,11 @@ async def run_worker(args) -> None:
     )
     server, service = await start_server(
         store.path(info.name), info.name, config, args.host, args.port,
-        worker_id=args.worker_id, max_waiting=args.max_waiting,
+        worker_id=args.worker_id, max_waiting=args.max_waiting, role=args.role,
+        kvstore=args.kvstore, lease_ttl=args.lease_ttl,
     )  # fmt: skip
     _announce("worker", args.host, server.port, args.port_file)
-    await server.serve_until_signal(service.engine.shutdown)
+    await server.serve_until_signal(service.close)
 
 
 async def run_router(args) -> None:
@@ -148,6 +163,8 @@ async def run_router(args) -> None:
     server, service = await start_server(
         args.worker, args.host, args.port, policy=args.policy,
         health_interval=args.health_interval, request_timeout=args.request_timeout,
+        kvstore=args.kvstore, disagg_threshold=args.disagg_threshold,
+        balance_threshold=args.balance_threshold,
     )  # fmt: skip
     _announce("router", args.host, server.port, args.port_file)
     await server.serve_until_signal(service.close)

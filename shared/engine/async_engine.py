@@ -12,6 +12,10 @@ with call_soon_threadsafe. So a step (tens of milliseconds of matmuls, which rel
 blocks the event loop. A stream whose consumer stops early (`break`, cancellation, a closed client)
 aborts its request when it is closed, so no KV block outlives its reader. If a step raises, every
 open stream gets the error and the engine refuses new work (EngineDeadError).
+
+KV events: `subscribe_kv_events()` returns a queue that first gets ("reset", every cached key), then
+after each step the keys that became findable or were evicted, as (stored, removed) lists — in
+order, since both are handed over by the engine thread itself.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator
+
+import torch
 
 from shared.engine.engine import LLMEngine, RequestOutput
 from shared.engine.kv_transfer import KVHandoff
@@ -77,6 +83,8 @@ class AsyncLLMEngine:
         self.stopping = False
         self.dead: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.kv_subscribers: set[asyncio.Queue] = set()
+        engine.pool.record_events()
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -88,6 +96,7 @@ class AsyncLLMEngine:
         *,
         prefill_only: bool = False,
         kv_handoff: KVHandoff | None = None,
+        prefix_kv: torch.Tensor | None = None,
     ) -> RequestStream:
         self._ensure_running()
         if request_id in self.streams:
@@ -102,6 +111,7 @@ class AsyncLLMEngine:
                 params,
                 prefill_only=prefill_only,
                 kv_handoff=kv_handoff,
+                prefix_kv=prefix_kv,
             )
         except BaseException:
             self.streams.pop(request_id, None)
@@ -125,6 +135,30 @@ class AsyncLLMEngine:
             return False
         return await self._call(self._abort_on_engine_thread, request_id)
 
+    async def call(self, fn, *args, **kwargs):
+        """Run fn(*args, **kwargs) on the engine thread between steps (e.g. engine.read_cached)."""
+        self._ensure_running()
+        return await self._call(fn, *args, **kwargs)
+
+    async def subscribe_kv_events(self) -> asyncio.Queue:
+        """A queue of ("reset", keys) first, then ("delta", (stored, removed)) per step with changes.
+        Drop it with unsubscribe_kv_events."""
+        q: asyncio.Queue = asyncio.Queue()
+
+        def snapshot():  # on the engine thread: nothing can change between the snapshot and the next delta
+            keys = list(self.engine.pool.cached)
+            self.loop.call_soon_threadsafe(self._add_subscriber, q, keys)
+
+        await self.call(snapshot)
+        return q
+
+    def _add_subscriber(self, q: asyncio.Queue, keys: list[bytes]) -> None:
+        q.put_nowait(("reset", keys))
+        self.kv_subscribers.add(q)
+
+    def unsubscribe_kv_events(self, q: asyncio.Queue) -> None:
+        self.kv_subscribers.discard(q)
+
     def load(self) -> dict:
         """Scheduler and cache state for routers and metrics (a snapshot; read without locking)."""
         eng = self.engine
@@ -136,6 +170,7 @@ class AsyncLLMEngine:
             "kv_usage": eng.pool.usage,
             "prefix_cache_hit_blocks": eng.pool.hits,
             "num_preemptions": eng.scheduler.num_preemptions,
+            "prompt_tokens_computed": eng.prompt_tokens_computed,
         }
 
     async def shutdown(self) -> None:
@@ -203,6 +238,7 @@ class AsyncLLMEngine:
                 self._drain_commands(e)
                 return
             self._deliver(outputs)
+            self._deliver_kv_events()
         self._drain_commands(EngineDeadError("the engine is shut down"))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -215,6 +251,21 @@ class AsyncLLMEngine:
             for request_id in list(self.engine.requests):
                 self.engine.abort(request_id)
             self.stopping = True
+
+    def _deliver_kv_events(self) -> None:
+        events = self.engine.pool.drain_events()
+        if not events:
+            return
+        stored = [k for kind, k in events if kind == "stored"]
+        removed = [k for kind, k in events if kind == "removed"]
+        try:
+            self.loop.call_soon_threadsafe(self._dispatch_kv_events, stored, removed)
+        except RuntimeError:  # the event loop is gone
+            pass
+
+    def _dispatch_kv_events(self, stored: list[bytes], removed: list[bytes]) -> None:
+        for q in self.kv_subscribers:
+            q.put_nowait(("delta", (stored, removed)))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:  # on the event loop
         for out in outputs:

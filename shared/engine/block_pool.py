@@ -10,6 +10,10 @@ Verbs come in pairs and report failure as return values:
   lookup(keys) -> list[int]                               longest cached prefix, without taking it
   acquire(block_ids) / release(block_ids)                 take / drop a reference
   cache(block_id, key)                                    make a full block findable by key
+
+With `record_events()` the pool also logs what becomes findable and what is evicted —
+("stored", key) / ("removed", key) — for routers that track which worker caches which prefix;
+`drain_events()` takes the log.
 """
 
 from __future__ import annotations
@@ -31,6 +35,15 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hits = 0  # blocks served from the cache, for metrics
         self.evictions = 0
+        self.events: list[tuple[str, bytes]] | None = None
+
+    def record_events(self) -> None:
+        if self.events is None:
+            self.events = []
+
+    def drain_events(self) -> list[tuple[str, bytes]]:
+        events, self.events = self.events or [], ([] if self.events is not None else None)
+        return events
 
     @property
     def num_free(self) -> int:
@@ -85,6 +98,8 @@ class BlockPool:
             return
         self.block_key[block_id] = key
         self.cached[key] = block_id
+        if self.events is not None:
+            self.events.append(("stored", key))
 
     def reset_cache(self) -> None:
         """Forget every cached prefix of free blocks (e.g. after new weights are loaded)."""
@@ -97,3 +112,5 @@ class BlockPool:
             self.evictions += 1
             del self.cached[key]
             self.block_key[block] = None
+            if self.events is not None:
+                self.events.append(("removed", key))

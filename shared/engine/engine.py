@@ -14,6 +14,11 @@ Three modes, per request:
   decode-from-KV   add_request(..., kv_handoff=handoff): the prompt's KV is written into this
                    engine's cache when the request is admitted, and decoding continues from the
                    first token — the same tokens a monolithic run would give.
+
+Any of them may bring a computed prefix from elsewhere (a KV store): add_request(...,
+prefix_kv=payload) with the KV of the prompt's first full blocks; only the rest is computed.
+`prompt_keys` names a prompt's blocks and `read_cached(keys)` copies out the longest locally cached
+run of them, so a worker can tell what it has and what to fetch.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 
 from shared.engine.block_pool import BlockPool
 from shared.engine.kv_cache_manager import KVCacheManager
+from shared.engine.kv_hash import prompt_block_keys
 from shared.engine.kv_transfer import KVHandoff
 from shared.engine.model_runner import ModelRunner, kv_bytes_per_token
 from shared.engine.request import Request, RequestStatus, TokenLogprob
@@ -112,6 +118,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype)
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
+        self.model_id = model_id
+        self.prompt_tokens_computed = 0  # prompt tokens run through the model (not from any cache)
         log.info(
             "engine: %d KV blocks of %d tokens (%.0f MiB)",
             num_blocks,
@@ -143,6 +151,7 @@ class LLMEngine:
         *,
         prefill_only: bool = False,
         kv_handoff: KVHandoff | None = None,
+        prefix_kv: torch.Tensor | None = None,
     ) -> Request:
         """Queue a request. Raises ValueError, naming the problem, for a request the engine cannot run."""
         if request_id in self.requests:
@@ -177,6 +186,10 @@ class LLMEngine:
             if kv_handoff.first_logprob is not None:
                 request.output_logprobs.append(kv_handoff.first_logprob)
             request.generator.set_state(kv_handoff.rng_state)
+        elif prefix_kv is not None and prefix_kv.shape[0] > 0:
+            self._check_prefix(request, prefix_kv)
+            request.pending_kv = prefix_kv
+            request.num_computed_tokens = prefix_kv.shape[0] * self.config.block_size
         if self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params)
             if kv_handoff is not None:  # its text went out with the prefill's output
@@ -201,6 +214,33 @@ class LLMEngine:
             )
         if not 0 <= handoff.first_token < self.model.config.vocab_size:
             raise ValueError(f"KV handoff's first token {handoff.first_token} is outside the vocabulary")
+
+    def _check_prefix(self, request: Request, prefix_kv: torch.Tensor) -> None:
+        blocks = prefix_kv.shape[0]
+        if blocks * self.config.block_size >= request.num_prompt_tokens:
+            raise ValueError(
+                f"a prefix of {blocks} blocks covers the whole {request.num_prompt_tokens}-token prompt; "
+                "at least its last token must be computed"
+            )
+        if tuple(prefix_kv.shape[1:]) != self.runner.block_shape:
+            raise ValueError(
+                f"prefix KV has block shape {tuple(prefix_kv.shape[1:])}, expected {self.runner.block_shape}"
+            )
+
+    def prompt_keys(self, prompt_token_ids: list[int], cache_salt: str | None = None) -> list[bytes]:
+        """Chain keys of the prompt's full blocks, as this engine's prefix cache names them."""
+        return prompt_block_keys(
+            prompt_token_ids, self.config.block_size, self.model_id, self.layout, cache_salt
+        )
+
+    def cached_prefix_len(self, keys: list[bytes]) -> int:
+        """How many leading keys this engine's prefix cache holds (a snapshot)."""
+        return len(self.pool.lookup(keys)) if self.config.enable_prefix_caching else 0
+
+    def read_cached(self, keys: list[bytes]) -> torch.Tensor:
+        """A copy of the KV of the longest locally cached run of `keys`: [blocks, *block_shape]."""
+        blocks = self.pool.lookup(keys) if self.config.enable_prefix_caching else []
+        return self.runner.read_blocks(blocks)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks at once; False if it is unknown or already finished."""
@@ -230,6 +270,8 @@ class LLMEngine:
                 request.pending_kv = None
         samplers, logits = self.runner.execute(plan.scheduled)
         for request, n in plan.scheduled:
+            done = request.num_computed_tokens
+            self.prompt_tokens_computed += max(0, min(done + n, request.num_prompt_tokens) - done)
             request.num_computed_tokens += n
             self.kv.cache_full_blocks(request)
         return self._postprocess(samplers, self.sampler(logits, samplers))

@@ -38,3 +38,10 @@ def chain_hashes(
         parent = keys[-1] if keys else b""
         keys.append(hash_block(parent, tokens[i * block_size : (i + 1) * block_size], extras))
     return keys
+
+
+def prompt_block_keys(
+    tokens: Sequence[int], block_size: int, model_id: str, layout: str, cache_salt: str | None = None
+) -> list[bytes]:
+    """Keys of a prompt's full blocks as an engine serving `model_id` with `layout` names them."""
+    return chain_hashes(tokens, block_size, kv_extras(model_id, layout, None, cache_salt))

@@ -64,9 +64,8 @@ def from_wire(dtype: str, shape: tuple[int, ...], data: bytes | bytearray | memo
         raise ValueError(
             f"KV payload of shape {tuple(shape)} {dtype} needs {expected} bytes, got {len(data)}"
         )
-    raw = (
-        torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        if expected
-        else torch.empty(0, dtype=torch.uint8)
-    )
+    if not expected:
+        return torch.empty(shape, dtype=torch_dtype)
+    # A bytearray is taken over as is (no copy); read-only buffers are copied once.
+    raw = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
     return raw.view(torch_dtype).reshape(shape)

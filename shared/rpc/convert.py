@@ -15,6 +15,7 @@ FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
+    "handoff": pb.FINISH_REASON_HANDOFF,
 }
 FINISH_REASON_NAMES = {v: k for k, v in FINISH_REASONS.items()}
 

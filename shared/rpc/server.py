@@ -44,6 +44,9 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         self._stopped = asyncio.Event()
+        # run when draining starts: services end their endless streams (e.g. KV events) here so
+        # the grace period only waits for real work
+        self.on_drain_start: list[Callable[[], None]] = []
 
     @property
     def address(self) -> str:
@@ -70,6 +73,8 @@ class GrpcServer:
         self._stopped.set()
         log.info("%s draining (grace %.0fs)", self.name, self.grace)
         await self.health.enter_graceful_shutdown()
+        for hook in self.on_drain_start:
+            hook()
         await self.server.stop(self.grace)
         if on_drain is not None:
             await on_drain()

@@ -221,3 +221,26 @@ def test_kv_payload_is_the_cache_content(engine, prompt):
         _, k = attn.rotary[0](torch.arange(len(prompt)), k.new_zeros(len(prompt), 1, dim), k)
     assert torch.allclose(k0, k, atol=1e-4)
     assert pools_full(engine)
+
+
+def test_prefix_kv_from_another_engine_computes_only_the_suffix(engine, decode_engine, prompt):
+    """A worker that fetched a prefix's blocks (here: read from another engine's cache) computes only
+    the rest, and the output is the monolithic one."""
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    want = run(engine, "pk-ref", prompt, params)[-1]
+    keys = engine.prompt_keys(prompt)
+    usable = (len(prompt) - 1) // 16
+    assert engine.cached_prefix_len(keys) == len(keys)  # the finished request left them behind
+    prefix = engine.read_cached(keys[:usable])
+    assert prefix.shape == (usable, *engine.runner.block_shape)
+    before = decode_engine.prompt_tokens_computed
+    got = run(decode_engine, "pk", prompt, params, prefix_kv=prefix)[-1]
+    assert got.output_token_ids == want.output_token_ids and got.text == want.text
+    assert got.num_cached_tokens == usable * 16
+    assert decode_engine.prompt_tokens_computed - before == len(prompt) - usable * 16
+    whole = engine.read_cached(keys + keys)  # more blocks than the prompt has: rejected, nothing leaks
+    with pytest.raises(ValueError, match="at least its last token"):
+        decode_engine.add_request("pk-bad", prompt[: whole.shape[0] * 16], params, prefix_kv=whole)
+    with pytest.raises(ValueError, match="block shape"):
+        decode_engine.add_request("pk-bad", prompt, params, prefix_kv=prefix[:, :2])
+    assert pools_full(engine, decode_engine)

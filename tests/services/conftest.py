@@ -47,7 +47,7 @@ class Platform:
         server, service = self.loop.run(
             start_server(model_dir, DEFAULT_MODEL, EngineConfig(**config), **(service_kwargs or {}))
         )
-        self.stops.append(lambda: server.stop(service.engine.shutdown))
+        self.stops.append(lambda: server.stop(service.close))
         return server, service
 
     def start_router(self, workers, **kwargs):

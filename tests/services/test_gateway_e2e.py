@@ -65,6 +65,16 @@ def test_chat_matches_the_engine_streamed_or_not(idle, client, engine, stack):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.output_token_ids)
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt ran just before
+    # the router's decision comes back as a header, streamed or not
+    for stream in (False, True):
+        r = httpx.post(
+            stack["url"] + "/v1/chat/completions",
+            json={"model": MODEL, "messages": CHAT, "max_tokens": 2, "stream": stream},
+            timeout=60,
+        )
+        route = r.headers["x-tandem-route"]
+        assert r.status_code == 200 and route.startswith("policy=") and "decode=127.0.0.1:" in route
+        assert "cached_tokens=" in route and int(route.rsplit("=", 1)[1]) > 0  # the router saw the prefix
     assert idle(stack["worker"])
 
 

@@ -128,7 +128,7 @@ def test_router_retries_a_worker_that_fails_before_the_first_token(
         [a.address, b.address], policy="round_robin", health_interval=3600
     )
     assert all(w.healthy for w in service.workers)
-    loop.run(b.stop(b_service.engine.shutdown))  # the router still believes b is up
+    loop.run(b.stop(b_service.close))  # the router still believes b is up
     stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(server.address))
     for i in range(2):  # one of the two picks b first
         chunks = list(stub.Generate(request(f"x{i}", prompt)))
@@ -143,7 +143,7 @@ def test_shutdown_drains_in_flight_streams(platform, loop, default_model_dir, pr
     call = stub.Generate(request("drain", prompt, max_tokens=40, ignore_eos=True))
     next(call)
     stopping = __import__("asyncio").run_coroutine_threadsafe(
-        server.stop(service.engine.shutdown), loop.loop
+        server.stop(service.close), loop.loop
     )  # SIGTERM does exactly this
     rest = list(call)  # the in-flight stream still completes
     assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH

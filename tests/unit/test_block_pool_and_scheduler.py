@@ -105,3 +105,16 @@ def test_finish_returns_blocks_from_any_state():
     sched.finish(a, RequestStatus.FINISHED_ABORTED)
     sched.finish(b, RequestStatus.FINISHED_ABORTED)
     assert pool.num_free == 8 and not sched.has_unfinished()
+
+
+def test_pool_events_name_what_becomes_findable_and_what_is_evicted():
+    pool = BlockPool(2, 4)
+    assert pool.drain_events() == []  # off until asked for
+    pool.record_events()
+    a, b = pool.allocate(2)
+    pool.cache(a, b"ka")
+    pool.cache(b, b"ka")  # same content already cached: no second event
+    pool.release([a, b])
+    assert pool.drain_events() == [("stored", b"ka")]
+    pool.allocate(2)  # hands out the cached block again: its key is forgotten
+    assert pool.drain_events() == [("removed", b"ka")] and pool.drain_events() == []

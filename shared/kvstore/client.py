@@ -1,0 +1,98 @@
+"""KVStoreClient: what workers and the router use to talk to the KV-cache store service (asyncio).
+
+    store = KVStoreClient("127.0.0.1:50070")
+    memory, anywhere = await store.lookup(keys)
+    await store.put_blocks(keys, payload, layout)          # payload [blocks, *block_shape]
+    payload = await store.get_blocks(keys, layout)         # the same tensor back
+    lease_id = await store.lease(keys, ttl_s=30); await store.release(lease_id)
+
+Blocks travel as a header then data chunks of at most CHUNK_BYTES; a payload tensor is turned into
+bytes once per block on the way out and viewed (not copied again) on the way in.
+"""
+
+from __future__ import annotations
+
+import grpc
+import torch
+
+from shared.engine.kv_transfer import dtype_name, from_wire
+from shared.rpc.server import OPTIONS
+from tandem.v1 import kvstore_pb2 as pb
+from tandem.v1 import kvstore_pb2_grpc
+
+CHUNK_BYTES = 2**20  # the service's chunk limit: well under gRPC's default 4 MiB message size
+
+
+class KVStoreClient:
+    def __init__(self, address: str, timeout: float = 30.0):
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+        self.stub = kvstore_pb2_grpc.KVStoreStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def lookup(self, keys: list[bytes]) -> tuple[int, int]:
+        """How many leading keys the store has: (in memory, in any tier)."""
+        if not keys:
+            return 0, 0
+        resp = await self.stub.Lookup(pb.LookupRequest(keys=keys), timeout=self.timeout)
+        return resp.memory, resp.any_tier
+
+    async def put_blocks(self, keys: list[bytes], payload: torch.Tensor, layout: str) -> int:
+        """Store payload[i] under keys[i]; returns how many blocks were stored."""
+        if not keys:
+            return 0
+        if payload.shape[0] != len(keys):
+            raise ValueError(f"{len(keys)} keys for a payload of {payload.shape[0]} blocks")
+        payload = payload.detach().to("cpu").contiguous()
+        dtype, shape = dtype_name(payload.dtype), list(payload.shape[1:])
+
+        def chunks():
+            for key, block in zip(keys, payload, strict=True):
+                data = block.view(torch.uint8).numpy().tobytes()
+                header = pb.BlockHeader(key=key, layout=layout, dtype=dtype, shape=shape, nbytes=len(data))
+                yield pb.BlockChunk(header=header)
+                view = memoryview(data)
+                for i in range(0, len(data), CHUNK_BYTES):
+                    yield pb.BlockChunk(data=bytes(view[i : i + CHUNK_BYTES]))
+
+        return (await self.stub.Put(chunks(), timeout=self.timeout)).stored
+
+    async def get_blocks(self, keys: list[bytes], layout: str) -> torch.Tensor:
+        """The blocks under `keys`, stacked: [len(keys), *block_shape]. Raises grpc.aio.AioRpcError
+        (NOT_FOUND, FAILED_PRECONDITION for another layout) when one is missing or does not fit."""
+        blocks: list[torch.Tensor] = []
+        header: pb.BlockHeader | None = None
+        buf = bytearray()
+
+        def finish():
+            blocks.append(from_wire(header.dtype, tuple(header.shape), buf))
+
+        call = self.stub.Get(pb.GetRequest(keys=keys, layout=layout), timeout=self.timeout)
+        async for chunk in call:
+            if chunk.WhichOneof("part") == "header":
+                if header is not None:
+                    finish()
+                header, buf = chunk.header, bytearray()
+            else:
+                buf += chunk.data
+        if header is not None:
+            finish()
+        if len(blocks) != len(keys):
+            raise ValueError(f"asked the store for {len(keys)} blocks, got {len(blocks)}")
+        return torch.stack(blocks) if blocks else torch.empty(0)
+
+    async def lease(self, keys: list[bytes], ttl_s: float) -> str:
+        resp = await self.stub.Lease(pb.LeaseRequest(keys=keys, ttl_s=ttl_s), timeout=self.timeout)
+        return resp.lease_id
+
+    async def release(self, lease_id: str) -> bool:
+        if not lease_id:
+            return False
+        resp = await self.stub.Release(pb.ReleaseRequest(lease_id=lease_id), timeout=self.timeout)
+        return resp.released
+
+    async def stats(self) -> pb.StoreStats:
+        return await self.stub.Stats(pb.StoreStatsRequest(), timeout=self.timeout)
