@@ -31,19 +31,18 @@ $(STAMP): pyproject.toml Makefile
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Until the services land (gateway, router, workers on Ray), `make run` imports the default model and
-# answers one chat prompt with the engine in-process.
+# The whole platform on a local Ray, in the foreground (Ctrl-C stops it): deploy/local.yaml, or
+# CONFIG=FILE. The gateway answers on http://127.0.0.1:8000/v1 once it says it is ready.
 run: install
 	$(BIN)/tandem models import smollm2-135m-instruct --if-missing
-	$(BIN)/tandem models list
-	$(BIN)/tandem generate --chat --max-tokens 64 --prompt "$(or $(PROMPT),What is the capital of France?)"
+	$(BIN)/tandem up $(if $(CONFIG),--config $(CONFIG),)
 
 lint: install
 	$(BIN)/ruff check shared services tests
 	$(BIN)/ruff format --check shared services tests
 
 bench: install
-	@for m in $$(ls tests/bench/*.py 2>/dev/null | grep -v __init__ | xargs -n1 basename | sed 's/\.py$$//'); do \
+	@for m in $$(ls tests/bench/*.py 2>/dev/null | grep -v -e __init__ -e common | xargs -n1 basename | sed 's/\.py$$//'); do \
 		echo "== tests.bench.$$m"; $(BIN)/python -m tests.bench.$$m $(BENCH_ARGS) || exit 1; done
 
 clean:

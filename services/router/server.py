@@ -124,16 +124,44 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.disagg_threshold = disagg_threshold
         self.balance_threshold = balance_threshold
         self.store = KVStoreClient(kvstore, timeout=health_timeout) if kvstore else None
-        self.workers = []
-        for address in workers:
-            channel = grpc.aio.insecure_channel(address, options=OPTIONS)
-            self.workers.append(WorkerHandle(address, channel, worker_pb2_grpc.WorkerStub(channel)))
+        self.workers = [self._handle(address) for address in workers]
+        self.retired: list[WorkerHandle] = []  # removed by set_workers, finishing their requests
         self._rr = itertools.count()
         self._health_task: asyncio.Task | None = None
+        self._started = False
+
+    @staticmethod
+    def _handle(address: str) -> WorkerHandle:
+        channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+        return WorkerHandle(address, channel, worker_pb2_grpc.WorkerStub(channel))
+
+    def set_workers(self, addresses: list[str]) -> None:
+        """Serve exactly these workers from now on. New ones join after their first health check;
+        removed ones get no new requests, finish the ones they run, and are then let go of."""
+        if not addresses:
+            raise ValueError("the router needs at least one worker")
+        current = {w.address: w for w in self.workers}
+        workers = []
+        for address in dict.fromkeys(addresses):
+            w = current.pop(address, None)
+            if w is None:
+                w = self._handle(address)
+                if self._started:
+                    asyncio.ensure_future(self._check(w))
+                    w.events_task = asyncio.create_task(self._follow_kv_events(w))
+                log.info("worker %s added", address)
+            workers.append(w)
+        for w in current.values():
+            log.info("worker %s removed; draining %d request(s)", w.address, len(w.requests))
+            if w.events_task is not None:
+                w.events_task.cancel()
+            self.retired.append(w)
+        self.workers = workers
 
     # -- worker health, load and prefix index ------------------------------------------------------
 
     async def start(self) -> None:
+        self._started = True
         await self.check_workers()
         self._health_task = asyncio.create_task(self._health_loop())
         for w in self.workers:
@@ -144,7 +172,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for w in self.workers:
+        for w in [*self.workers, *self.retired]:
             await w.channel.close()
         if self.store is not None:
             await self.store.close()
@@ -156,6 +184,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def check_workers(self) -> None:
         await asyncio.gather(*(self._check(w) for w in self.workers))
+        for w in [w for w in self.retired if not w.requests]:  # drained: let go
+            self.retired.remove(w)
+            await w.channel.close()
 
     async def _check(self, w: WorkerHandle) -> None:
         try:
@@ -349,7 +380,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def Abort(self, request, context):
         aborted = False
-        for w in self.workers:
+        for w in [*self.workers, *self.retired]:
             if request.request_id in w.requests:
                 try:
                     aborted |= (await w.stub.Abort(request, timeout=self.health_timeout)).aborted

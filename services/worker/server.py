@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import grpc
@@ -85,6 +86,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.store = KVStoreClient(kvstore) if kvstore else None
         self.lease_ttl = lease_ttl
         self.counters = {"store_fetched_blocks": 0, "store_published_blocks": 0}
+        self.timers = {"kv_publish_seconds": 0.0, "kv_import_seconds": 0.0, "kv_fetch_seconds": 0.0}
         self.closing = asyncio.Event()
 
     async def close(self) -> None:
@@ -114,13 +116,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         handle = request.kv_handle if request.HasField("kv_handle") else None
         try:
             if handle is not None:
+                t0 = time.perf_counter()
                 try:
                     handoff = await self._import(handle)
+                    self.timers["kv_import_seconds"] += time.perf_counter() - t0
                 finally:
                     await self._release(handle.lease_id)  # the blocks are copied (or lost): unpin
                 stream = await self.engine.add_request(request_id, prompt, params, kv_handoff=handoff)
             else:
+                t0 = time.perf_counter()
                 prefix = await self._fetch_prefix(prompt, params.cache_salt)
+                self.timers["kv_fetch_seconds"] += time.perf_counter() - t0
                 stream = await self.engine.add_request(
                     request_id, prompt, params, prefill_only=request.prefill_only, prefix_kv=prefix
                 )
@@ -136,7 +142,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             async for out in stream:
                 chunk = chunk_from_output(out)
                 if out.kv_handoff is not None:
+                    t0 = time.perf_counter()
                     chunk.kv_handle.CopyFrom(await self._publish(out.kv_handoff))
+                    self.timers["kv_publish_seconds"] += time.perf_counter() - t0
                     try:
                         yield chunk
                     except BaseException:  # nobody will collect it: unpin now, not at the TTL
@@ -271,6 +279,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             block_size=eng.config.block_size,
             prompt_tokens_computed=load["prompt_tokens_computed"],
             **self.counters,
+            **self.timers,
         )
 
     async def KVEvents(self, request, context):

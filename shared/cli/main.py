@@ -13,6 +13,7 @@ import sys
 from shared.cli import chat as chat_cmd
 from shared.cli import generate as generate_cmd
 from shared.cli import models as models_cmd
+from shared.cli import platform as platform_cmd
 from shared.cli import serve as serve_cmd
 
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.register(sub)
     chat_cmd.register(sub)
     serve_cmd.register(sub)
+    platform_cmd.register(sub)
     return parser
 
 

@@ -11,7 +11,9 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,3 +87,42 @@ def emit(results: dict) -> None:
     for key, value in results.items():
         log(f"  {key:34s} {value}")
     print(json.dumps(results), flush=True)
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    v = sorted(values)
+    return v[len(v) // 2], v[min(len(v) - 1, int(len(v) * 0.9))]
+
+
+class Processes:
+    """Platform services as `tandem serve` processes (torch threads each: `threads`), each announcing
+    its port in a file; start() returns its HOST:PORT, down() stops them all."""
+
+    def __init__(self, threads: int):
+        self.dir = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
+        self.procs: list[subprocess.Popen] = []
+        self.threads = threads
+
+    def start(self, name: str, *args: str) -> str:
+        port_file = self.dir / f"{name}-{len(self.procs)}.port"
+        cmd = [sys.executable, "-m", "shared.cli.main", "serve", name, "--port-file", str(port_file), *args]
+        env = {**os.environ, "TANDEM_THREADS": str(self.threads)}
+        logf = open(self.dir / f"{name}-{len(self.procs)}.log", "w")  # noqa: SIM115 - closed with the process
+        self.procs.append(subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + 120
+        while not (port_file.is_file() and port_file.read_text()):
+            if self.procs[-1].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start; see the logs in {self.dir}")
+            time.sleep(0.1)
+        return f"127.0.0.1:{port_file.read_text()}"
+
+    def down(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -13,30 +13,19 @@ token p50/p90 and inter-token latency p50/p90; ratio = gateway tok/s / engine to
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.bench.common import emit, environment, log, model_path, parser
+from tests.bench.common import Processes, emit, environment, log, model_path, parser, quantiles
 
 TOPICS = ["the sea", "a mountain", "a robot", "the moon", "a garden", "a city", "a river", "a cat"]
 
 
 def messages(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]} (#{i})."}]
-
-
-def quantiles(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    v = sorted(values)
-    return v[len(v) // 2], v[min(len(v) - 1, int(len(v) * 0.9))]
 
 
 def engine_alone(path: Path, n: int, new_tokens: int) -> dict:
@@ -63,47 +52,6 @@ def engine_alone(path: Path, n: int, new_tokens: int) -> dict:
             last[out.request_id] = now
     elapsed = time.perf_counter() - start
     return {"tok_s": tokens / elapsed, "ttft": list(first.values()), "itl": gaps, "tokens": tokens}
-
-
-class Services:
-    """The platform as `tandem serve` processes, each announcing its port in a file."""
-
-    def __init__(self, store: Path, model: str, threads: int):
-        self.dir = Path(tempfile.mkdtemp(prefix="tandem-bench-"))
-        self.procs: list[subprocess.Popen] = []
-        self.store, self.model, self.threads = store, model, threads
-
-    def start(self, name: str, *args: str) -> str:
-        port_file = self.dir / f"{name}.port"
-        cmd = [sys.executable, "-m", "shared.cli.main", "serve", name, "--port-file", str(port_file), *args]
-        env = {**os.environ, "TANDEM_THREADS": str(self.threads)}
-        logf = open(self.dir / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        self.procs.append(subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + 120
-        while not (port_file.is_file() and port_file.read_text()):
-            if self.procs[-1].poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start; see {self.dir / (name + '.log')}")
-            time.sleep(0.1)
-        return f"127.0.0.1:{port_file.read_text()}"
-
-    def up(self) -> str:
-        store = ["--store", str(self.store), "--model", self.model]
-        tok = self.start("tokenizer", *store)
-        worker = self.start("worker", *store)
-        router = self.start("router", "--worker", worker)
-        gw = self.start(
-            "gateway", "--tokenizer", tok, "--router", router, "--model", self.model, "--port", "0"
-        )
-        return gw
-
-    def down(self) -> None:
-        for p in reversed(self.procs):
-            p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 async def through_gateway(url: str, model: str, n: int, new_tokens: int) -> dict:
@@ -156,10 +104,15 @@ def main(argv=None) -> dict:
 
     log(f"engine alone: {n} requests x {new_tokens} tokens")
     alone = engine_alone(path, n, new_tokens)
-    services = Services(path.parent, args.model, args.threads)
+    services = Processes(args.threads)
     try:
         log("starting tokenizer, worker, router, gateway ...")
-        url = services.up()
+        store = ["--store", str(path.parent), "--model", args.model]
+        tok = services.start("tokenizer", *store)
+        router = services.start("router", "--worker", services.start("worker", *store))
+        url = services.start(
+            "gateway", "--tokenizer", tok, "--router", router, "--model", args.model, "--port", "0"
+        )
         log(f"gateway: {n} streamed chat requests x {new_tokens} tokens")
         served = asyncio.run(through_gateway(url, args.model, n, new_tokens))
     finally:

@@ -1,0 +1,186 @@
+"""`tandem up | status | scale | down`: the whole platform on Ray.
+
+    tandem up [--config FILE] [--address RAY_ADDRESS]     foreground; Ctrl-C takes everything down
+    tandem status [--json]
+    tandem scale prefill=N decode=M
+    tandem down
+
+`up` starts a local Ray (or joins the cluster at --address), creates the platform's controller actor
+(named `controller` in the `tandem` namespace), which launches every service as a Ray actor, then
+sends a one-token chat request through the gateway and says the platform is ready only once it is
+answered. The other commands join the same Ray cluster (`--address`, default: the local one) and
+talk to that controller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from shared.deploy.config import ConfigError, load_config
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start the whole platform on Ray (foreground)")
+    p.add_argument("--config", type=Path, help="deployment config YAML (default: deploy/local.yaml)")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("status", help="the running platform's services, roles, addresses, health, load")
+    p.add_argument("--address", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("scale", help="set the number of workers per role, e.g. prefill=2 decode=1")
+    p.add_argument("counts", nargs="+", metavar="ROLE=N")
+    p.add_argument("--address", default="auto")
+    p.set_defaults(func=cmd_scale)
+    p = sub.add_parser("down", help="stop the running platform")
+    p.add_argument("--address", default="auto")
+    p.set_defaults(func=cmd_down)
+
+
+def _ray_init(address: str | None, num_cpus: float | None = None):
+    import ray
+
+    from shared.deploy.actors import NAMESPACE
+
+    kwargs = dict(namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+    ray.init(**kwargs)
+    return ray
+
+
+def _controller(address: str):
+    try:
+        ray = _ray_init(address)
+    except (ConnectionError, RuntimeError) as e:
+        raise ValueError(f"no Ray cluster to join at '{address}' (is `tandem up` running?): {e}") from e
+    from shared.deploy.actors import CONTROLLER
+
+    try:
+        return ray, ray.get_actor(CONTROLLER)
+    except ValueError as e:
+        raise ValueError(
+            "no Tandem platform is running on this Ray cluster (start one with `tandem up`)"
+        ) from e
+
+
+def cmd_up(args) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise ValueError(f"config: {e}") from e
+    workers = cfg.prefill_workers + cfg.decode_workers + cfg.monolithic_workers
+    roles = ["tokenizer", "kvstore", "router", "gateway"]
+    wanted = sum(cfg.resources_for(r).num_cpus for r in roles) + sum(
+        cfg.resources_for(r).num_cpus * n
+        for r, n in (("prefill", cfg.prefill_workers), ("decode", cfg.decode_workers),
+                     ("monolithic", cfg.monolithic_workers))
+    )  # fmt: skip
+    # A local Ray gets enough logical CPUs for the config plus room to scale: on a small machine the
+    # services share cores (torch threads per role are what bound the real CPU use).
+    num_cpus = None if args.address else max(os.cpu_count() or 1, wanted + 4)
+    started = time.monotonic()
+    ray = _ray_init(args.address, num_cpus)
+    from shared.deploy.actors import CONTROLLER, Controller
+
+    try:
+        ray.get_actor(CONTROLLER)
+        raise ValueError("a Tandem platform is already running on this Ray cluster (`tandem down` first)")
+    except ValueError as e:
+        if "already running" in str(e):
+            raise
+    controller = Controller.options(name=CONTROLLER, num_cpus=0).remote(cfg.to_dict())
+    try:
+        print(f"starting {workers} worker(s) and 4 services on Ray ...", file=sys.stderr, flush=True)
+        addresses = ray.get(controller.up.remote())
+        gateway = f"http://{addresses['gateway']}"
+        _wait_first_token(gateway, cfg)
+        took = time.monotonic() - started
+        print(
+            f"Tandem is ready in {took:.1f}s\n"
+            f"  API (OpenAI-compatible)  {gateway}/v1\n"
+            f"  API docs                 {gateway}/docs\n"
+            f"  health                   {gateway}/health\n"
+            f"  status                   tandem status   (scale: tandem scale prefill=N decode=M)\n"
+            f"Ctrl-C or `tandem down` stops it.",
+            flush=True,
+        )
+        while ray.get(controller.get_state.remote()) == "up":
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("stopping ...", file=sys.stderr, flush=True)
+    finally:
+        try:
+            ray.get(controller.down.remote(), timeout=120)
+        except Exception:  # noqa: BLE001 - shutting down regardless
+            pass
+        ray.shutdown()
+    print("Tandem stopped.", file=sys.stderr, flush=True)
+    return 0
+
+
+def _wait_first_token(gateway: str, cfg, timeout: float = 300) -> None:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {cfg.gateway.api_keys[0]}"} if cfg.gateway.api_keys else {}
+    body = {"model": cfg.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.post(f"{gateway}/v1/chat/completions", json=body, headers=headers, timeout=60)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise RuntimeError(f"the platform did not serve a first token within {timeout:.0f}s: {last}")
+
+
+def cmd_status(args) -> int:
+    ray, controller = _controller(args.address)
+    status = ray.get(controller.status.remote())
+    if args.json:
+        print(json.dumps(status))
+        return 0
+    print(f"platform: {status['state']}   workers: {status['counts']}   restarts: {status['restarts']}")
+    for s in status["services"]:
+        load = s.get("load") or {}
+        extra = ""
+        if "running" in load:
+            extra = f"running={load['running']} waiting={load['waiting']} kv_usage={load['kv_usage']:.2f}"
+        health = "healthy" if s["healthy"] else f"UNHEALTHY {s.get('error', '')}"
+        print(f"  {s['name']:14s} {s['role']:11s} {s.get('address') or '-':22s} {health:8s} {extra}")
+    return 0
+
+
+def cmd_scale(args) -> int:
+    counts = {}
+    for item in args.counts:
+        role, _, n = item.partition("=")
+        if role not in ("prefill", "decode", "monolithic") or not n.isdigit():
+            raise ValueError(f"scale: expected ROLE=N with ROLE prefill, decode or monolithic; got '{item}'")
+        counts[role] = int(n)
+    ray, controller = _controller(args.address)
+    try:
+        result = ray.get(controller.scale.remote(counts))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if hasattr(e, "cause") else e
+        raise ValueError(str(cause).splitlines()[-1]) from e
+    print(f"workers: {result}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    ray, controller = _controller(args.address)
+    ray.get(controller.down.remote(), timeout=180)
+    print("Tandem is down.")
+    return 0
