@@ -52,13 +52,13 @@ def _ray_init(address: str | None, num_cpus: float | None = None):
         kwargs["address"] = address
     else:
         kwargs.update(num_cpus=num_cpus, include_dashboard=False)
-    ray.init(**kwargs)
-    return ray
+    context = ray.init(**kwargs)
+    return ray, getattr(context, "dashboard_url", None) or None
 
 
 def _controller(address: str):
     try:
-        ray = _ray_init(address)
+        ray, _ = _ray_init(address)
     except (ConnectionError, RuntimeError) as e:
         raise ValueError(f"no Ray cluster to join at '{address}' (is `tandem up` running?): {e}") from e
     from shared.deploy.actors import CONTROLLER
@@ -87,7 +87,7 @@ def cmd_up(args) -> int:
     # services share cores (torch threads per role are what bound the real CPU use).
     num_cpus = None if args.address else max(os.cpu_count() or 1, wanted + 4)
     started = time.monotonic()
-    ray = _ray_init(args.address, num_cpus)
+    ray, dashboard = _ray_init(args.address, num_cpus)
     from shared.deploy.actors import CONTROLLER, Controller
 
     try:
@@ -103,11 +103,13 @@ def cmd_up(args) -> int:
         gateway = f"http://{addresses['gateway']}"
         _wait_first_token(gateway, cfg)
         took = time.monotonic() - started
+        ray_dashboard = f"http://{dashboard}" if dashboard else "off (the local Ray runs without it)"
         print(
             f"Tandem is ready in {took:.1f}s\n"
             f"  API (OpenAI-compatible)  {gateway}/v1\n"
             f"  API docs                 {gateway}/docs\n"
             f"  health                   {gateway}/health\n"
+            f"  Ray dashboard            {ray_dashboard}\n"
             f"  status                   tandem status   (scale: tandem scale prefill=N decode=M)\n"
             f"Ctrl-C or `tandem down` stops it.",
             flush=True,

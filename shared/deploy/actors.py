@@ -108,7 +108,9 @@ class ServiceActor:
         from services.gateway.app import create_app
 
         app = create_app(o["tokenizer"], o["router"], [o["model"]], o.get("api_keys") or [])
-        server = uvicorn.Server(uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning")
+        )
         server.install_signal_handlers = lambda: None  # the actor, not uvicorn, owns the process
         task = asyncio.create_task(server.serve())
         while not server.started:
