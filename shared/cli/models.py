@@ -36,6 +36,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = msub.add_parser("list", help="list the models in the store")
     ls.set_defaults(func=cmd_list)
 
+    up = msub.add_parser(
+        "upcycle",
+        help="turn a dense model into a mixture of experts (every expert a copy of the FFN)",
+        description="Sparse upcycling. With --noise 0 the MoE model's output equals the dense model's.",
+    )
+    up.add_argument("source", help="a dense model in the store")
+    up.add_argument("--experts", type=int, required=True)
+    up.add_argument("--top-k", type=int, required=True)
+    up.add_argument(
+        "--shared-experts", type=int, default=0, help="shared experts (Qwen2-MoE layout); 0: Mixtral"
+    )
+    up.add_argument("--noise", type=float, default=0.0, help="σ of the router init and relative expert noise")
+    up.add_argument("--seed", type=int, default=0)
+    up.add_argument("--name", required=True, help="name of the new model in the store")
+    up.set_defaults(func=cmd_upcycle)
+
     rm = msub.add_parser("remove", help="remove a model from the store")
     rm.add_argument("name")
     rm.set_defaults(func=cmd_remove)
@@ -86,6 +102,28 @@ def cmd_import(args) -> int:
 
 def _builtin_as(store: ModelStore, builtin: str, name: str):
     return store.import_gguf(BUILTIN[builtin].locate(), name)
+
+
+def cmd_upcycle(args) -> int:
+    from shared.store.upcycle import upcycle
+
+    store = _store(args)
+    src = store.path(store.get(args.source).name)
+    t0 = time.perf_counter()
+    info = store.create(
+        args.name,
+        f"upcycle:{args.source}:E{args.experts}:k{args.top_k}:S{args.shared_experts}:noise{args.noise}",
+        lambda d: upcycle(src, d, args.experts, args.top_k, args.shared_experts, args.noise, args.seed),
+    )
+    log.info(
+        "upcycled '%s' into '%s' (%s) in %.1fs",
+        args.source,
+        info.name,
+        info.architecture,
+        time.perf_counter() - t0,
+    )
+    print(info.name)
+    return 0
 
 
 def cmd_list(args) -> int:

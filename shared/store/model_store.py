@@ -108,6 +108,10 @@ class ModelStore:
             name or src.resolve().name, f"dir:{src.resolve()}", lambda d: _copy_checkpoint(src, d)
         )
 
+    def create(self, name: str, source: str, build: Callable[[Path], None]) -> ModelInfo:
+        """A new model written by `build(directory)` (e.g. an upcycled one), checked and added atomically."""
+        return self._import(name, source, build)
+
     def remove(self, name: str) -> None:
         self.get(name)
         shutil.rmtree(self.path(name))

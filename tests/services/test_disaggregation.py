@@ -6,6 +6,7 @@ spreads under load; cancellation and uncollected leases leave every pool and the
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -293,6 +294,10 @@ def test_prefix_aware_routing_follows_kv_events_and_spreads_under_load(
 
 
 def test_prefix_aware_pick_balances_affinity_and_load():
+    asyncio.run(_pick_checks())
+
+
+async def _pick_checks():  # gRPC aio channels need a running loop
     router = RouterService(["a:1", "b:1"], policy="prefix_aware", balance_threshold=2)
     a, b = router.workers
     for w in (a, b):
@@ -309,3 +314,4 @@ def test_prefix_aware_pick_balances_affinity_and_load():
     assert router.pick([a, b], [b"other"]) is a  # no match anywhere: least loaded (ties: first)
     a.requests.add("r1")
     assert router.pick([a, b], [b"other"]) is b
+    await router.close()

@@ -1,0 +1,90 @@
+"""Expert parallelism over a real gloo process group (2 shard processes), and sparse upcycling:
+tiny random Mixtral and Qwen2-MoE checkpoints made by transformers give transformers' logits with
+ep_size 2; a shard with no tokens still takes part; the upcycled SmolLM2 (σ = 0) gives the dense
+model's greedy tokens, and with σ > 0, ep_size 2 gives the same tokens as ep_size 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ep_shard import run_group
+
+from shared.cli.main import main as tandem_main
+from shared.engine import EngineConfig, LLMEngine, SamplingParams
+from tests.tiny_models import BASE, make_tiny
+
+pytestmark = pytest.mark.slow
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2-moe"])
+def test_ep2_logits_match_transformers(case, tmp_path, store_root):
+    ref = make_tiny(case, tmp_path / case)
+    name = f"ep-tiny-{case}"
+    assert (
+        tandem_main(["models", "--store", str(store_root), "import", str(tmp_path / case), "--name", name])
+        == 0
+    )
+    torch.manual_seed(3)
+    sequences = [torch.randint(0, BASE["vocab_size"], (n,)).tolist() for n in (19, 6)]
+    results = run_group(2, "logits", {"model_dir": str(store_root / name), "sequences": sequences}, tmp_path)
+    with torch.no_grad():
+        for seq, res in zip(sequences, results, strict=True):
+            want = ref(torch.tensor(seq)[None]).logits[0]
+            assert (res["logits"] - want).abs().max().item() < 1e-4
+    assert max(results[0]["empty_shard_max_diff"]) < 1e-5  # shard 1 had no tokens and still took part
+    # each shard counted its own tokens' routing: k per token per MoE layer
+    k = 2
+    for seq, res in zip(sequences, results, strict=True):
+        assert all(int(c.sum()) == (len(seq) + 7 * (res is results[0])) * k for c in res["expert_tokens"])
+
+
+@pytest.fixture(scope="module")
+def dense_tokens(default_model_dir):
+    engine = LLMEngine.from_store(default_model_dir, EngineConfig(kv_cache_bytes=32 * 2**20))
+    prompts = [
+        engine.tokenizer.encode_chat([{"role": "user", "content": q}])
+        for q in ("What is rain?", "Name a fruit.")
+    ]
+    out = engine.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    return prompts, [o.output_token_ids for o in out]
+
+
+def test_upcycled_model_equals_the_dense_one_and_ep2_equals_ep1(store_root, dense_tokens, tmp_path):
+    prompts, dense = dense_tokens
+    store = ["models", "--store", str(store_root)]
+    assert tandem_main([*store, "upcycle", "smollm2-135m-instruct", "--experts", "4", "--top-k", "2",
+                        "--name", "smollm2-moe4"]) == 0  # fmt: skip
+    exact = LLMEngine.from_store(store_root / "smollm2-moe4", EngineConfig(kv_cache_bytes=32 * 2**20))
+    assert exact.model.moe_layers() and exact.model.config.moe.num_experts == 4
+    got = exact.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    assert [o.output_token_ids for o in got] == dense  # σ = 0: the dense model's function
+    del exact
+
+    assert tandem_main([*store, "upcycle", "smollm2-135m-instruct", "--experts", "4", "--top-k", "2",
+                        "--noise", "0.05", "--name", "smollm2-moe4-noisy"]) == 0  # fmt: skip
+    path = store_root / "smollm2-moe4-noisy"
+    ep1 = LLMEngine.from_store(path, EngineConfig(kv_cache_bytes=32 * 2**20))
+    want = [
+        o.output_token_ids
+        for o in ep1.generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    ]
+    del ep1
+    assert want != dense  # the noise made the experts differ
+    results = run_group(
+        2, "generate", {"model_dir": str(path), "prompts": prompts, "max_tokens": 12}, tmp_path
+    )
+    assert [r["tokens"] for r in results] == want
+
+
+def test_upcycle_rejects_bad_arguments(store_root, capsys):
+    store = ["models", "--store", str(store_root)]
+    assert (
+        tandem_main(
+            [*store, "upcycle", "smollm2-135m-instruct", "--experts", "4", "--top-k", "5", "--name", "x"]
+        )
+        == 1
+    )
+    assert "--top-k must be between 1 and --experts" in capsys.readouterr().err
+    assert tandem_main([*store, "upcycle", "nope", "--experts", "4", "--top-k", "2", "--name", "x"]) == 1
+    assert "not in the store" in capsys.readouterr().err
