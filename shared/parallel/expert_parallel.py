@@ -64,7 +64,9 @@ class ExpertParallelMoE(nn.Module):
         to_local = torch.full((len(owner),), -1, dtype=torch.long, device=device)
         to_local[idx] = torch.arange(len(local), device=device)
         self.register_buffer("to_local", to_local, persistent=False)
-        self.register_buffer("expert_tokens", torch.zeros(len(owner), dtype=torch.long, device=device), persistent=False)
+        self.register_buffer(
+            "expert_tokens", torch.zeros(len(owner), dtype=torch.long, device=device), persistent=False
+        )
         self.last_expert_counts: torch.Tensor | None = None
         self.comm_seconds = 0.0  # time in this layer's collectives (all calls), for benchmarks
         self.comm_bytes = 0  # hidden-state bytes this shard sent
