@@ -121,7 +121,7 @@ class ModelRunner:
                 PrefillChunk(start, q, s, None if t is None else self._gather_rows(torch.tensor([t])).to(dev))
                 for start, q, s, t in prefills
             ],
-            all_decode=len(decode_rows) == num_rows,
+            all_decode=bool(decode_rows) and len(decode_rows) == num_rows,
         )
 
     # -- KV block payloads (disaggregation) --------------------------------------------------------

@@ -57,7 +57,51 @@ def generate_task(rank, world, model_dir, prompts, max_tokens):
     return {"tokens": out[0].output_token_ids}
 
 
-TASKS = {"logits": logits_task, "generate": generate_task}
+def staggered(engine, prompts, max_tokens, first: int = 2, after_steps: int = 3):
+    """Run prompts with arrivals at different steps: `first` now, the rest after a few steps."""
+    from shared.engine import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    tokens: dict[int, list[int]] = {}
+    for i in range(first):
+        engine.add_request(f"g{i}", prompts[i], params)
+    steps = 0
+    while engine.has_unfinished() or len(tokens) < len(prompts):
+        if steps == after_steps:
+            for i in range(first, len(prompts)):
+                engine.add_request(f"g{i}", prompts[i], params)
+        for out in engine.step():
+            if out.finished:
+                tokens[int(out.request_id[1:])] = out.output_token_ids
+        steps += 1
+    return [tokens[i] for i in range(len(prompts))]
+
+
+def group_task(rank, world, model_dir, prompts, max_tokens):
+    """One scheduler (rank 0's engine) drives the group; the others follow in lock-step."""
+    from shared.engine import EngineConfig, LLMEngine
+    from shared.parallel.expert_parallel import moe_layers, shard_experts
+    from shared.parallel.group_runner import follow, lead
+
+    config = EngineConfig(kv_cache_bytes=32 * 2**20, enable_prefix_caching=False, long_prefill_chunk=8,
+                          max_num_batched_tokens=24)  # fmt: skip
+    engine = LLMEngine.from_store(Path(model_dir), config)
+    shard_experts(engine.model)
+    if rank != 0:
+        steps = follow(engine.runner)
+        return {
+            "steps": steps,
+            "expert_tokens": sum(int(m.expert_tokens.sum()) for m in moe_layers(engine.model)),
+        }
+    runner = lead(engine)
+    try:
+        tokens = staggered(engine, prompts, max_tokens)
+    finally:
+        runner.close()
+    return {"tokens": tokens, "steps": runner.steps, "assigned": sorted(set(runner.shard_of.values()))}
+
+
+TASKS = {"logits": logits_task, "generate": generate_task, "group": group_task}
 
 
 def run_group(world: int, task: str, args: dict, tmp: Path) -> list[dict]:

@@ -88,3 +88,29 @@ def test_upcycle_rejects_bad_arguments(store_root, capsys):
     assert "--top-k must be between 1 and --experts" in capsys.readouterr().err
     assert tandem_main([*store, "upcycle", "nope", "--experts", "4", "--top-k", "2", "--name", "x"]) == 1
     assert "not in the store" in capsys.readouterr().err
+
+
+def test_one_scheduler_drives_the_group_in_lock_step(store_root, tmp_path, default_model_dir):
+    """Requests arriving at different steps, chunked prefills, 4 requests over 2 shards: the group's
+    tokens equal one unsharded engine's under the same schedule, and the follower took every step."""
+    from ep_shard import staggered
+
+    name = "smollm2-moe4-group"
+    if not (store_root / name).is_dir():
+        assert tandem_main(["models", "--store", str(store_root), "upcycle", "smollm2-135m-instruct",
+                            "--experts", "4", "--top-k", "2", "--noise", "0.05", "--name", name]) == 0  # fmt: skip
+    single = LLMEngine.from_store(
+        store_root / name,
+        EngineConfig(kv_cache_bytes=32 * 2**20, enable_prefix_caching=False, long_prefill_chunk=8,
+                     max_num_batched_tokens=24),
+    )  # fmt: skip
+    prompts = [single.tokenizer.encode_chat([{"role": "user", "content": q}])
+               for q in ("What is rain?", "Name a fruit.", "Why is the sky blue?", "Hi")]  # fmt: skip
+    want = staggered(single, prompts, 6)
+    del single
+    leader, follower = run_group(2, "group", {"model_dir": str(store_root / name), "prompts": prompts,
+                                              "max_tokens": 6}, tmp_path)  # fmt: skip
+    assert leader["tokens"] == want
+    assert follower["steps"] == leader["steps"] > 0
+    assert leader["assigned"] == []  # every request finished: no shard assignment left behind
+    assert follower["expert_tokens"] > 0  # the follower's experts served tokens routed from the leader

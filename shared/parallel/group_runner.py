@@ -1,0 +1,132 @@
+"""One scheduler driving an expert-parallel group: the leader's engine plans every step, each shard
+runs its part of it, all shards step in lock-step.
+
+    # rank 0 (the leader): an ordinary LLMEngine whose runner is wrapped
+    engine = LLMEngine.from_store(path, EngineConfig(enable_prefix_caching=False))
+    shard_experts(engine.model, group)
+    engine.runner = GroupRunner(engine.runner, group)
+    ... engine.step() / generate() as usual ...; engine.runner.close()
+    # ranks 1..P-1 (followers)
+    shard_experts(engine.model, group); follow(engine.runner, group)
+
+Each request lives on one shard for its whole life (assigned at its first step to the shard with the
+fewest requests): its KV stays in that shard's cache (data-parallel attention). Per step the leader
+broadcasts, for every shard, the scheduled requests' token ids, positions and block tables (as
+`StepRequest`s), every shard runs its part — an idle shard runs an empty forward, so it still joins
+every MoE layer's all-to-all — and the logits of the requests that sample come back to the leader,
+which samples and post-processes as usual. Block ids come from the leader's one pool, so every shard
+sizes its cache for the whole pool and touches only its requests' blocks.
+
+Limits of this first version (raised as errors, not silently wrong): prefix caching must be off (a
+cached block would live in another shard's cache), and KV import/export (disaggregation) is not
+routed to the owning shard yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from shared.engine.model_runner import ModelRunner
+
+
+@dataclass
+class StepRequest:
+    """What ModelRunner.execute reads of a request, without the rest of it."""
+
+    request_id: str
+    all_token_ids: list[int]
+    num_prompt_tokens: int
+    num_computed_tokens: int
+    block_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens :]
+
+
+class GroupRunner:
+    def __init__(self, runner: ModelRunner, group=None, live: dict | None = None):
+        """`live`: the leader engine's requests by id (shard assignments of requests no longer in it
+        are dropped)."""
+        self.runner = runner
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.src = _leader(group)
+        self.live = live if live is not None else {}
+        self.shard_of: dict[str, int] = {}
+        self.block_shape = runner.block_shape
+        self.steps = 0
+
+    def prune(self) -> None:
+        """Forget the shards of requests the engine no longer has."""
+        for rid in [rid for rid in self.shard_of if rid not in self.live]:
+            del self.shard_of[rid]
+
+    def execute(self, scheduled):
+        self.prune()
+        plan: list[list[tuple[StepRequest, int]]] = [[] for _ in range(self.world)]
+        for request, n in scheduled:
+            shard = self.shard_of.get(request.request_id)
+            if shard is None:
+                load = [0] * self.world
+                for s in self.shard_of.values():
+                    load[s] += 1
+                shard = self.shard_of[request.request_id] = load.index(min(load))
+            step = StepRequest(request.request_id, list(request.all_token_ids), request.num_prompt_tokens,
+                               request.num_computed_tokens, list(request.block_ids))  # fmt: skip
+            plan[shard].append((step, n))
+        dist.broadcast_object_list([plan], src=self.src, group=self.group)
+        samplers, logits = self.runner.execute(plan[0])
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, ([s.request_id for s in samplers], logits), group=self.group)
+        self.steps += 1
+        by_id = {rid: part[i] for ids, part in gathered for i, rid in enumerate(ids)}
+        requests = [r for r, n in scheduled if r.num_computed_tokens + n == r.num_tokens]
+        rows = [by_id[r.request_id] for r in requests]
+        return requests, (torch.stack(rows) if rows else logits[:0])
+
+    def write_blocks(self, *_):
+        raise NotImplementedError("KV import into an expert-parallel group is not supported yet")
+
+    def read_blocks(self, *_):
+        raise NotImplementedError("KV export from an expert-parallel group is not supported yet")
+
+    def close(self) -> None:
+        """Tell the followers to stop."""
+        self.prune()
+        dist.broadcast_object_list([None], src=self.src, group=self.group)
+
+
+def _leader(group) -> int:
+    return dist.get_global_rank(group, 0) if group is not None else 0
+
+
+def follow(runner: ModelRunner, group=None) -> int:
+    """A follower's loop: run its part of every step the leader broadcasts, until close(). Returns the
+    number of steps taken."""
+    rank, world, src = dist.get_rank(group), dist.get_world_size(group), _leader(group)
+    steps = 0
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=src, group=group)
+        plan = box[0]
+        if plan is None:
+            return steps
+        samplers, logits = runner.execute(plan[rank])
+        dist.all_gather_object([None] * world, ([s.request_id for s in samplers], logits), group=group)
+        steps += 1
+
+
+def lead(engine, group=None) -> GroupRunner:
+    """Make `engine` (rank 0's, its model already sharded) drive the group; returns its runner."""
+    if engine.config.enable_prefix_caching:
+        raise ValueError("an expert-parallel group needs enable_prefix_caching=False for now")
+    engine.runner = GroupRunner(engine.runner, group, live=engine.requests)
+    return engine.runner
