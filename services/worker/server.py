@@ -261,6 +261,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return common_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
 
     async def GetLoad(self, request, context):
+        if self.engine.dead is not None:  # the router's health check marks this worker down
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine failed: {self.engine.dead}")
         load = self.engine.load()
         eng = self.engine.engine
         return worker_pb2.LoadReport(
@@ -312,13 +314,18 @@ def register(server, engine: AsyncLLMEngine, model: str, **kwargs) -> WorkerServ
     return service
 
 
-async def start_server(model_dir, model: str, config=None, host: str = "127.0.0.1", port: int = 0, **kwargs):
-    """A started worker server running an AsyncLLMEngine for the model in `model_dir`.
+async def start_server(
+    model_dir, model: str, config=None, host: str = "127.0.0.1", port: int = 0, engine=None, **kwargs
+):
+    """A started worker server running an AsyncLLMEngine for the model in `model_dir` (or for the
+    given, already built LLMEngine — e.g. the leader of an expert-parallel group).
     Returns (GrpcServer, WorkerService); stop with `await server.stop(service.close)`."""
     from shared.engine import EngineConfig, LLMEngine
     from shared.rpc.server import GrpcServer
 
-    engine = AsyncLLMEngine(LLMEngine.from_store(model_dir, config or EngineConfig(), model_id=model))
+    engine = AsyncLLMEngine(
+        engine or LLMEngine.from_store(model_dir, config or EngineConfig(), model_id=model)
+    )
     server = GrpcServer("worker", host, port)
     service = register(server, engine, model, **kwargs)
     await server.start()

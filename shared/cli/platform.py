@@ -81,7 +81,7 @@ def cmd_up(args) -> int:
     wanted = sum(cfg.resources_for(r).num_cpus for r in roles) + sum(
         cfg.resources_for(r).num_cpus * n
         for r, n in (("prefill", cfg.prefill_workers), ("decode", cfg.decode_workers),
-                     ("monolithic", cfg.monolithic_workers))
+                     ("monolithic", cfg.monolithic_workers * cfg.ep_size))
     )  # fmt: skip
     # A local Ray gets enough logical CPUs for the config plus room to scale: on a small machine the
     # services share cores (torch threads per role are what bound the real CPU use).
@@ -159,6 +159,8 @@ def cmd_status(args) -> int:
         extra = ""
         if "running" in load:
             extra = f"running={load['running']} waiting={load['waiting']} kv_usage={load['kv_usage']:.2f}"
+        if "shards" in s:
+            extra += f" shards={s['shards']} expert_imbalance={s['expert_imbalance']}"
         health = "healthy" if s["healthy"] else f"UNHEALTHY {s.get('error', '')}"
         print(f"  {s['name']:14s} {s['role']:11s} {s.get('address') or '-':22s} {health:8s} {extra}")
     return 0

@@ -19,6 +19,8 @@ import os
 import time
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shared.deploy.config import DeploymentConfig, Resources
 
@@ -44,11 +46,14 @@ class ServiceActor:
     def get_address(self) -> str | None:
         return self.address
 
-    async def start(self, port: int = 0) -> str:
+    async def start(self, port: int = 0, ep: dict | None = None) -> str:
         """Start the server (port 0: any free one; a restarted actor is given its old port back, so
-        every address the platform handed out stays valid). Idempotent."""
+        every address the platform handed out stays valid). `ep`: this actor's place in an
+        expert-parallel group ({"rank", "world", "init_method"}). Idempotent."""
         async with self.lock:
             if self.address is None:
+                if ep is not None:
+                    self.options = {**self.options, "ep": ep}
                 await self._start(port)
             return self.address
 
@@ -78,15 +83,26 @@ class ServiceActor:
             device = e["device"]
             if o.get("num_gpus", 0) > 0 and device == "cpu":
                 device = "cuda"  # Ray gave this actor a GPU (CUDA_VISIBLE_DEVICES names it)
+            ep = o.get("ep")  # {"rank", "world", "init_method"} for a shard of an expert-parallel group
             config = EngineConfig(
                 device=device,
                 dtype=e["dtype"],
                 kv_cache_bytes=e["kv_cache_mb"] * 2**20,
                 max_num_seqs=e["max_num_seqs"],
                 max_num_batched_tokens=e["max_num_batched_tokens"],
+                enable_prefix_caching=ep is None,  # a group runs without it for now (group_runner.py)
             )
+            engine = None
+            if ep is not None:
+                engine = await asyncio.to_thread(
+                    self._join_group, store.path(info.name), info.name, config, ep
+                )
+                if ep["rank"] != 0:  # a follower: no server, its thread steps with the leader
+                    self.address = f"shard {ep['rank']} of {ep['init_method']}"
+                    self.started_at = time.time()
+                    return
             self.server, self.service = await start_server(
-                store.path(info.name), info.name, config, host, port,
+                store.path(info.name), info.name, config, host, port, engine=engine,
                 role=o["role"], kvstore=o.get("kvstore"), worker_id=o.get("worker_id"),
             )  # fmt: skip
         elif self.kind == "router":
@@ -101,6 +117,65 @@ class ServiceActor:
             raise ValueError(f"unknown service kind '{self.kind}'")
         self.address = self.server.address
         self.started_at = time.time()
+
+    def _join_group(self, path, model_id, config, ep: dict):
+        """Join the group's process group, load and shard the model; the leader's engine drives
+        the group, a follower's runner follows it on a thread."""
+        import datetime
+        import threading
+
+        import torch.distributed as dist
+
+        from shared.engine import LLMEngine
+        from shared.parallel.expert_parallel import shard_experts
+        from shared.parallel.group_runner import follow, lead
+
+        backend = "nccl" if config.device.startswith("cuda") else "gloo"
+        dist.init_process_group(
+            backend, init_method=ep["init_method"], rank=ep["rank"], world_size=ep["world"],
+            timeout=datetime.timedelta(days=1),  # an idle group waits in its broadcast; deaths end it
+        )  # fmt: skip
+        engine = LLMEngine.from_store(path, config, model_id=model_id)
+        shard_experts(engine.model)
+        self.group_engine = engine
+        if ep["rank"] == 0:
+            self.group_runner = lead(engine)
+        else:
+            self.follower = threading.Thread(target=self._follow, args=(follow, engine), daemon=True)
+            self.follower.start()
+        return engine
+
+    def _follow(self, follow, engine) -> None:
+        try:
+            follow(engine.runner)
+        except Exception as e:  # noqa: BLE001 - the leader is gone; the controller restarts the group
+            log.warning("expert-parallel follower stopped: %s", e)
+        self.group_failed = True
+
+    def free_address(self) -> str:
+        """tcp://HOST:PORT of a free port on this node, for the group's rendezvous."""
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+    def expert_tokens(self) -> list[list[int]]:
+        """Per MoE layer, tokens routed to each expert by this shard's requests (expert-parallel
+        groups; empty otherwise)."""
+        from shared.parallel.expert_parallel import moe_layers
+
+        engine = getattr(self, "group_engine", None)
+        return [m.expert_tokens.tolist() for m in moe_layers(engine.model)] if engine is not None else []
+
+    def healthy(self) -> bool:
+        """False when this actor serves nothing any more (a failed engine, a follower whose group
+        broke) — the controller then restarts it (its whole group)."""
+        if getattr(self, "group_failed", False):
+            return False
+        if self.kind == "worker" and self.service is not None:
+            return self.service.engine.dead is None
+        return True
 
     async def _start_gateway(self, o: dict, port: int) -> str:
         import uvicorn
@@ -152,6 +227,12 @@ class ServiceActor:
             await task
         elif self.service is not None:
             await self.server.stop(self.service.close)
+            runner = getattr(self, "group_runner", None)
+            if runner is not None:  # release the followers (best effort: one may be gone)
+                try:
+                    await asyncio.wait_for(asyncio.to_thread(runner.close), 10)
+                except Exception as e:  # noqa: BLE001 - the group is killed next either way
+                    log.warning("could not release the group's followers: %s", e)
         else:
             await self.server.stop()
         self.server, self.address = None, None
@@ -183,6 +264,9 @@ class Controller:
         self.counter = 0
         self.monitor: asyncio.Task | None = None
         self.restarts = 0
+        self.groups: dict[str, list] = {}  # expert-parallel worker name -> its shard actors (rank order)
+        self.worker_options: dict[str, dict] = {}  # worker name -> the options it was launched with
+        self.placement: dict[str, object] = {}  # group name -> its placement group
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -233,7 +317,10 @@ class Controller:
                     await asyncio.wait_for(actor.stop.remote(), 30)
                 except Exception as e:  # noqa: BLE001 - it is killed next either way
                     log.warning("%s did not stop cleanly: %s", name, e)
-                ray.kill(actor, no_restart=True)
+                for member in self.groups.pop(name, [actor]):
+                    ray.kill(member, no_restart=True)
+                if name in self.placement:
+                    remove_placement_group(self.placement.pop(name))
         self.addresses.clear()
         self.state = "down"
 
@@ -256,6 +343,43 @@ class Controller:
         log.info("%s (%s) at %s", name, role, self.addresses[name])
         return self.addresses[name]
 
+    async def _launch_group(self, name: str, role: str, options: dict, port: int = 0) -> str:
+        """`ep_size` shard actors joined in one process group; rank 0 serves, the rest follow."""
+        res = self.cfg.resources_for(role)
+        world = self.cfg.ep_size
+        options = {**options, "threads": res.threads, "num_gpus": res.num_gpus}
+        # the shards are placed together (one node: the all-to-all stays on the node's fabric)
+        bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
+        pg = placement_group([bundle] * world, strategy="STRICT_PACK")
+        await pg.ready()
+        self.placement[name] = pg
+        actors = [
+            ServiceActor.options(
+                name=f"{NAMESPACE}-{name}-shard{r}",
+                **actor_options(res),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+            ).remote("worker", options)
+            for r in range(world)
+        ]
+        self.groups[name] = actors
+        self.services[name] = (actors[0], role)
+        self.launching.add(name)
+        try:
+            init = await actors[0].free_address.remote()
+            addresses = await asyncio.gather(
+                *(
+                    actor.start.remote(
+                        port if r == 0 else 0, {"rank": r, "world": world, "init_method": init}
+                    )
+                    for r, actor in enumerate(actors)
+                )
+            )
+        finally:
+            self.launching.discard(name)
+        self.addresses[name] = addresses[0]
+        log.info("%s (%s, %d shards) at %s", name, role, world, addresses[0])
+        return addresses[0]
+
     async def _add_worker(self, role: str) -> str:
         self.counter += 1
         name = f"{role}-{self.counter}"
@@ -268,6 +392,9 @@ class Controller:
             "worker_id": name,
             "engine": e.__dict__,
         }
+        self.worker_options[name] = options
+        if self.cfg.ep_size > 1 and role == "monolithic":
+            return await self._launch_group(name, role, options)
         return await self._launch(name, role, options)
 
     def worker_addresses(self) -> list[str]:
@@ -282,22 +409,63 @@ class Controller:
             await self.services["router"][0].set_workers.remote(self.worker_addresses())
 
     async def _watch(self) -> None:
-        """Start the servers of actors Ray restarted again, on their old ports: every address the
-        platform handed out stays valid, and the router's health checks see the worker come back."""
+        """Bring failed services back, on their old ports, so every address the platform handed out
+        stays valid and the router's health checks see a worker return:
+          - an actor Ray restarted (its process died) gets its server started again;
+          - an actor alive but serving nothing (a failed engine) is killed for Ray to restart;
+          - an expert-parallel group with any failed shard is replaced as a whole."""
         while True:
             await asyncio.sleep(1.0)
             for name, (actor, _) in list(self.services.items()):
                 if name in self.launching or name not in self.addresses or self.state != "up":
                     continue
+                port = int(self.addresses[name].rsplit(":", 1)[1])
                 try:
+                    if name in self.groups:
+                        if not await self._group_ok(self.groups[name]):
+                            await self._restart_group(name, port)
+                        continue
                     address = await actor.get_address.remote()
                     if address is None:
-                        port = int(self.addresses[name].rsplit(":", 1)[1])
                         await actor.start.remote(port=port)
                         self.restarts += 1
                         log.warning("%s restarted at %s", name, self.addresses[name])
+                    elif not await actor.healthy.remote():
+                        log.warning("%s is alive but failed; restarting it", name)
+                        ray.kill(actor, no_restart=False)
                 except ray.exceptions.RayActorError:
                     continue  # being restarted; look again next round
+                except Exception:  # noqa: BLE001 - a failed restart is retried next round
+                    log.exception("bringing %s back failed; trying again", name)
+
+    async def _group_ok(self, actors: list) -> bool:
+        try:
+            for actor in actors:
+                if await actor.get_address.remote() is None or not await actor.healthy.remote():
+                    return False
+        except ray.exceptions.RayActorError:
+            return False
+        return True
+
+    async def _restart_group(self, name: str, port: int) -> None:
+        log.warning("expert-parallel group %s lost a shard; restarting the group", name)
+        self.launching.add(name)
+        old = self.groups.pop(name)
+        for member in old:
+            ray.kill(member, no_restart=True)
+        if name in self.placement:
+            remove_placement_group(self.placement.pop(name))
+        for member in old:  # wait until they are gone: the new leader takes the old one's port
+            for _ in range(100):
+                try:
+                    await asyncio.wait_for(member.pid.remote(), 1)
+                    await asyncio.sleep(0.1)
+                except (TimeoutError, ray.exceptions.RayActorError):
+                    break
+        self.launching.discard(name)
+        role = self.services[name][1]
+        await self._launch_group(name, role, self.worker_options[name], port)
+        self.restarts += 1
 
     async def scale(self, counts: dict[str, int]) -> dict[str, int]:
         """Bring each worker role to the given count: new workers join the router; removed ones stop
@@ -327,7 +495,10 @@ class Controller:
             try:
                 await asyncio.wait_for(actor.stop.remote(), 30)
             finally:
-                ray.kill(actor, no_restart=True)
+                for member in self.groups.pop(name, [actor]):
+                    ray.kill(member, no_restart=True)
+                if name in self.placement:
+                    remove_placement_group(self.placement.pop(name))
         return self.counts()
 
     def counts(self) -> dict[str, int]:
@@ -341,6 +512,12 @@ class Controller:
         services = []
         for name, (actor, role) in self.services.items():
             entry = {"name": name, "role": role, "address": self.addresses.get(name)}
+            if name in self.groups:
+                entry["shards"] = len(self.groups[name])
+                entry["expert_tokens"] = await self._group_expert_tokens(self.groups[name])
+                flat = [c for layer in entry["expert_tokens"] for c in layer]
+                mean = sum(flat) / len(flat) if flat else 0
+                entry["expert_imbalance"] = round(max(flat) / mean, 3) if mean else 1.0
             try:
                 entry["load"] = await asyncio.wait_for(actor.load.remote(), 5)
                 entry["healthy"] = entry["address"] is not None
@@ -349,5 +526,25 @@ class Controller:
             services.append(entry)
         return {"state": self.state, "services": services, "restarts": self.restarts, "counts": self.counts()}
 
+    async def _group_expert_tokens(self, actors) -> list[list[int]]:
+        """The group's per-layer, per-expert routed-token counts (summed over its shards)."""
+        total: list[list[int]] = []
+        for actor in actors:
+            try:
+                counts = await asyncio.wait_for(actor.expert_tokens.remote(), 5)
+            except Exception:  # noqa: BLE001 - a shard being replaced: count what answers
+                continue
+            if not total:
+                total = [list(layer) for layer in counts]
+            else:
+                total = [
+                    [a + b for a, b in zip(x, y, strict=True)] for x, y in zip(total, counts, strict=True)
+                ]
+        return total
+
     async def pids(self) -> dict[str, int]:
-        return {name: await actor.pid.remote() for name, (actor, _) in self.services.items()}
+        out = {name: await actor.pid.remote() for name, (actor, _) in self.services.items()}
+        for name, actors in self.groups.items():
+            for r, actor in enumerate(actors):
+                out[f"{name}-shard{r}"] = await actor.pid.remote()
+        return out

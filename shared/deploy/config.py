@@ -75,7 +75,7 @@ class DeploymentConfig:
     prefill_workers: int = 1
     decode_workers: int = 1
     monolithic_workers: int = 0
-    ep_size: int = 1  # expert-parallel shards per MoE decode group (issue 7; only 1 today)
+    ep_size: int = 1  # shards per expert-parallel group; > 1: each monolithic worker is such a group
     engine: EngineOptions = field(default_factory=EngineOptions)
     router: RouterConfig = field(default_factory=RouterConfig)
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
@@ -151,9 +151,12 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
             raise ConfigError(f"{name}: must be a non-negative integer, got {getattr(cfg, name)}")
     if cfg.decode_workers + cfg.monolithic_workers < 1:
         raise ConfigError("decode_workers: at least one decode or monolithic worker is needed")
-    if cfg.ep_size != 1:
+    if cfg.ep_size < 1:
+        raise ConfigError(f"ep_size: must be at least 1, got {cfg.ep_size}")
+    if cfg.ep_size > 1 and (cfg.prefill_workers or cfg.decode_workers):
         raise ConfigError(
-            f"ep_size: expert parallelism is not built yet; only 1 is supported, got {cfg.ep_size}"
+            "ep_size: expert-parallel groups serve as monolithic workers (KV handoff into a group is not "
+            "built yet); set prefill_workers and decode_workers to 0 and monolithic_workers to the groups"
         )
     from services.router.server import POLICIES
 

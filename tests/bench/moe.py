@@ -17,6 +17,7 @@ bytes_per_token_per_layer: hidden-state bytes one routed token sends out and get
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -54,7 +55,8 @@ def shard(rank: int, world: int, init: str, model_dir: str, prompts, new_tokens:
     tokens = sum(len(o.output_token_ids) for o in outs)
     torch.save({"elapsed": elapsed, "tokens": tokens, "comm": comm, "calls": calls,
                 "imbalance": max(m.imbalance() for m in layers)}, Path(out) / f"rank{rank}.pt")  # fmt: skip
-    dist.destroy_process_group()
+    dist.barrier()
+    os._exit(0)  # skip gloo's teardown at exit, which can abort after the work is saved
 
 
 def main(argv=None) -> dict:

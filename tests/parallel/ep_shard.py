@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -12,11 +13,12 @@ import torch.distributed as dist
 def run_shard(rank: int, world: int, init_file: str, task: str, args: dict, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        result = TASKS[task](rank, world, **args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    result = TASKS[task](rank, world, **args)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    dist.barrier()
+    # Leave without running C++ destructors: tearing gloo down at interpreter exit sometimes aborts
+    # ("terminate called without an active exception") after the work is done and saved.
+    os._exit(0)
 
 
 def logits_task(rank, world, model_dir, sequences):

@@ -6,16 +6,21 @@ configs fail fast, naming the field."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import yaml
+from platform_helpers import (
+    alive,
+    client,
+    ray_processes,
+    start_platform,
+    status,
+    stop_platform,
+    tandem,
+    write_config,
+)
 
 from shared.cli.main import main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
@@ -34,48 +39,14 @@ CONFIG = {
 }
 
 
-def tandem(*args, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "shared.cli.main", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
 def platform_up(tmp_path_factory, store_root, default_model_dir):
-    cfg_file = tmp_path_factory.mktemp("deploy") / "test.yaml"
-    cfg_file.write_text(yaml.safe_dump({**CONFIG, "model_store": str(store_root)}))
-    log = open(cfg_file.parent / "up.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli.main", "up", "--config", str(cfg_file)],
-        stdout=subprocess.PIPE, stderr=log, text=True,
-    )  # fmt: skip
-    url = None
-    deadline = time.monotonic() + 240
-    for line in proc.stdout:
-        if "API (OpenAI-compatible)" in line:
-            url = line.split()[-1]
-        if line.startswith("Ctrl-C") or time.monotonic() > deadline:
-            break
-    if url is None:
-        proc.kill()
-        pytest.fail(f"tandem up did not become ready; see {cfg_file.parent / 'up.log'}")
-    yield {"url": url, "proc": proc, "log": cfg_file.parent / "up.log"}
-    if proc.poll() is None:
-        tandem("down")
-        proc.wait(60)
-    log.close()
-
-
-def status() -> dict:
-    r = tandem("status", "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def client(url):
-    import openai
-
-    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    cfg_file = write_config(
+        tmp_path_factory.mktemp("deploy") / "test.yaml", {**CONFIG, "model_store": str(store_root)}
+    )
+    up = start_platform(cfg_file)
+    yield up
+    stop_platform(up)
 
 
 def test_streamed_chat_through_the_platform_equals_the_engine(platform_up, default_model_dir):
@@ -167,34 +138,10 @@ def test_down_leaves_no_process_behind(platform_up):
     assert r.returncode == 0 and "down" in r.stdout
     assert platform_up["proc"].wait(120) == 0
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (_alive(pids) or _ray_processes()):
+    while time.monotonic() < deadline and (alive(pids) or ray_processes()):
         time.sleep(0.5)
-    assert not _alive(pids) and not _ray_processes()
+    assert not alive(pids) and not ray_processes()
     assert tandem("status").returncode == 1
-
-
-def _alive(pids) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            out.append(pid)
-        except ProcessLookupError:
-            pass
-    return out
-
-
-def _ray_processes() -> list[str]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if "raylet" in cmd or "gcs_server" in cmd or "ray::" in cmd:
-                found.append(cmd[:80])
-    return found
 
 
 @pytest.mark.parametrize(
@@ -206,6 +153,8 @@ def _ray_processes() -> list[str]:
         ({"model": "no-such-model"}, "model: 'no-such-model' is not in the model store"),
         ({"router": {"policy": "random"}}, "router.policy: must be one of"),
         ({"prefil_workers": 1}, "prefil_workers: unknown field"),
+        ({"ep_size": 2}, "ep_size: expert-parallel groups serve as monolithic workers"),
+        ({"ep_size": 0}, "ep_size: must be at least 1"),
     ],
 )
 def test_bad_config_fails_fast_naming_the_field(tmp_path, store_root, capsys, patch, field):
