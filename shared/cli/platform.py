@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -80,12 +81,12 @@ def cmd_up(args) -> int:
     roles = ["tokenizer", "kvstore", "router", "gateway"]
     wanted = sum(cfg.resources_for(r).num_cpus for r in roles) + sum(
         cfg.resources_for(r).num_cpus * n
-        for r, n in (("prefill", cfg.prefill_workers), ("decode", cfg.decode_workers),
+        for r, n in (("prefill", cfg.prefill_workers), ("decode", cfg.decode_workers * cfg.ep_size),
                      ("monolithic", cfg.monolithic_workers * cfg.ep_size))
     )  # fmt: skip
     # A local Ray gets enough logical CPUs for the config plus room to scale: on a small machine the
     # services share cores (torch threads per role are what bound the real CPU use).
-    num_cpus = None if args.address else max(os.cpu_count() or 1, wanted + 4)
+    num_cpus = None if args.address else max(os.cpu_count() or 1, math.ceil(wanted) + 4)
     started = time.monotonic()
     ray, dashboard = _ray_init(args.address, num_cpus)
     from shared.deploy.actors import CONTROLLER, Controller

@@ -393,7 +393,7 @@ class Controller:
             "engine": e.__dict__,
         }
         self.worker_options[name] = options
-        if self.cfg.ep_size > 1 and role == "monolithic":
+        if self.cfg.ep_size > 1 and role in ("decode", "monolithic"):  # prefill workers stay whole
             return await self._launch_group(name, role, options)
         return await self._launch(name, role, options)
 

@@ -75,7 +75,7 @@ class DeploymentConfig:
     prefill_workers: int = 1
     decode_workers: int = 1
     monolithic_workers: int = 0
-    ep_size: int = 1  # shards per expert-parallel group; > 1: each monolithic worker is such a group
+    ep_size: int = 1  # shards per expert-parallel group; > 1: each decode / monolithic worker is a group
     engine: EngineOptions = field(default_factory=EngineOptions)
     router: RouterConfig = field(default_factory=RouterConfig)
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
@@ -153,11 +153,6 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
         raise ConfigError("decode_workers: at least one decode or monolithic worker is needed")
     if cfg.ep_size < 1:
         raise ConfigError(f"ep_size: must be at least 1, got {cfg.ep_size}")
-    if cfg.ep_size > 1 and (cfg.prefill_workers or cfg.decode_workers):
-        raise ConfigError(
-            "ep_size: expert-parallel groups serve as monolithic workers (KV handoff into a group is not "
-            "built yet); set prefill_workers and decode_workers to 0 and monolithic_workers to the groups"
-        )
     from services.router.server import POLICIES
 
     if cfg.router.policy not in POLICIES:

@@ -266,7 +266,7 @@ class LLMEngine:
         for request, _ in plan.scheduled:
             if request.pending_kv is not None:  # decode-from-KV: the prompt's KV lands on admission
                 blocks = request.block_ids[: request.pending_kv.shape[0]]
-                self.runner.write_blocks(blocks, request.pending_kv)
+                self.runner.write_blocks(blocks, request.pending_kv, request_id=request.request_id)
                 request.pending_kv = None
         samplers, logits = self.runner.execute(plan.scheduled)
         for request, n in plan.scheduled:

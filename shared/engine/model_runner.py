@@ -134,8 +134,11 @@ class ModelRunner:
         ]
         return torch.stack(per_layer, dim=1).cpu().contiguous()
 
-    def write_blocks(self, block_ids: list[int], payload: torch.Tensor) -> None:
-        """Put a payload from `read_blocks` (same layout, any device) into the given blocks."""
+    def write_blocks(
+        self, block_ids: list[int], payload: torch.Tensor, request_id: str | None = None
+    ) -> None:
+        """Put a payload from `read_blocks` (same layout, any device) into the given blocks.
+        (`request_id` names the owner, for runners that place requests on shards.)"""
         expected = (len(block_ids), *self.block_shape)
         if tuple(payload.shape) != expected:
             raise ValueError(f"KV payload has shape {tuple(payload.shape)}, this cache expects {expected}")

@@ -17,9 +17,10 @@ every MoE layer's all-to-all — and the logits of the requests that sample come
 which samples and post-processes as usual. Block ids come from the leader's one pool, so every shard
 sizes its cache for the whole pool and touches only its requests' blocks.
 
-Limits of this first version (raised as errors, not silently wrong): prefix caching must be off (a
-cached block would live in another shard's cache), and KV import/export (disaggregation) is not
-routed to the owning shard yet.
+Imported KV (a disaggregated decode, or a prefix from the KV store) is written on the shard that
+will own the request: `write_blocks` places the request then, and the payload travels with the next
+step's plan. Limits (raised as errors, not silently wrong): prefix caching must be off (a cached block
+would live in another shard's cache), and exporting KV from a group (prefill-only) is not supported.
 """
 
 from __future__ import annotations
@@ -63,26 +64,34 @@ class GroupRunner:
         self.shard_of: dict[str, int] = {}
         self.block_shape = runner.block_shape
         self.steps = 0
+        self.writes: list[list[tuple[list[int], torch.Tensor]]] = [[] for _ in range(self.world)]
 
     def prune(self) -> None:
         """Forget the shards of requests the engine no longer has."""
         for rid in [rid for rid in self.shard_of if rid not in self.live]:
             del self.shard_of[rid]
 
+    def _place(self, request_id: str) -> int:
+        shard = self.shard_of.get(request_id)
+        if shard is None:
+            load = [0] * self.world
+            for s in self.shard_of.values():
+                load[s] += 1
+            shard = self.shard_of[request_id] = load.index(min(load))
+        return shard
+
     def execute(self, scheduled):
         self.prune()
         plan: list[list[tuple[StepRequest, int]]] = [[] for _ in range(self.world)]
         for request, n in scheduled:
-            shard = self.shard_of.get(request.request_id)
-            if shard is None:
-                load = [0] * self.world
-                for s in self.shard_of.values():
-                    load[s] += 1
-                shard = self.shard_of[request.request_id] = load.index(min(load))
+            shard = self._place(request.request_id)
             step = StepRequest(request.request_id, list(request.all_token_ids), request.num_prompt_tokens,
                                request.num_computed_tokens, list(request.block_ids))  # fmt: skip
             plan[shard].append((step, n))
-        dist.broadcast_object_list([plan], src=self.src, group=self.group)
+        writes, self.writes = self.writes, [[] for _ in range(self.world)]
+        dist.broadcast_object_list([(plan, writes)], src=self.src, group=self.group)
+        for blocks, payload in writes[0]:
+            self.runner.write_blocks(blocks, payload)
         samplers, logits = self.runner.execute(plan[0])
         gathered: list = [None] * self.world
         dist.all_gather_object(gathered, ([s.request_id for s in samplers], logits), group=self.group)
@@ -92,11 +101,21 @@ class GroupRunner:
         rows = [by_id[r.request_id] for r in requests]
         return requests, (torch.stack(rows) if rows else logits[:0])
 
-    def write_blocks(self, *_):
-        raise NotImplementedError("KV import into an expert-parallel group is not supported yet")
+    def write_blocks(
+        self, block_ids: list[int], payload: torch.Tensor, request_id: str | None = None
+    ) -> None:
+        """Queue imported KV for the shard that will own `request_id` (sent with the next step)."""
+        if request_id is None:
+            raise ValueError("a group needs to know which request imported KV belongs to")
+        expected = (len(block_ids), *self.block_shape)
+        if tuple(payload.shape) != expected:
+            raise ValueError(f"KV payload has shape {tuple(payload.shape)}, this cache expects {expected}")
+        self.writes[self._place(request_id)].append((list(block_ids), payload.cpu()))
 
-    def read_blocks(self, *_):
-        raise NotImplementedError("KV export from an expert-parallel group is not supported yet")
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        if block_ids:
+            raise NotImplementedError("KV export from an expert-parallel group is not supported yet")
+        return self.runner.read_blocks([])
 
     def close(self) -> None:
         """Tell the followers to stop."""
@@ -116,9 +135,11 @@ def follow(runner: ModelRunner, group=None) -> int:
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=src, group=group)
-        plan = box[0]
-        if plan is None:
+        if box[0] is None:
             return steps
+        plan, writes = box[0]
+        for blocks, payload in writes[rank]:
+            runner.write_blocks(blocks, payload)
         samplers, logits = runner.execute(plan[rank])
         dist.all_gather_object([None] * world, ([s.request_id for s in samplers], logits), group=group)
         steps += 1

@@ -103,7 +103,48 @@ def group_task(rank, world, model_dir, prompts, max_tokens):
     return {"tokens": tokens, "steps": runner.steps, "assigned": sorted(set(runner.shard_of.values()))}
 
 
-TASKS = {"logits": logits_task, "generate": generate_task, "group": group_task}
+def group_handoff_task(rank, world, model_dir, prompts, max_tokens):
+    """A disaggregated decode into the group: an unsharded prefill-only engine (in the leader's
+    process, no collectives) hands its KV over; the group continues each request alongside others."""
+    from shared.engine import EngineConfig, LLMEngine, SamplingParams
+    from shared.parallel.expert_parallel import shard_experts
+    from shared.parallel.group_runner import follow, lead
+
+    config = EngineConfig(kv_cache_bytes=32 * 2**20, enable_prefix_caching=False)
+    engine = LLMEngine.from_store(Path(model_dir), config)
+    shard_experts(engine.model)
+    if rank != 0:
+        return {"steps": follow(engine.runner)}
+    runner = lead(engine)
+    prefill = LLMEngine.from_store(Path(model_dir), EngineConfig(kv_cache_bytes=32 * 2**20))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    try:
+        for i, prompt in enumerate(prompts):
+            prefill.add_request(f"p{i}", prompt, params, prefill_only=True)
+            handoff = None
+            while prefill.has_unfinished():
+                for out in prefill.step():
+                    handoff = out.kv_handoff or handoff
+            engine.add_request(f"g{i}", prompt, params, kv_handoff=handoff)
+        tokens = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    tokens[int(out.request_id[1:])] = out.output_token_ids
+    finally:
+        runner.close()
+    return {
+        "tokens": [tokens[i] for i in range(len(prompts))],
+        "shards": sorted(set(runner.shard_of.values())),
+    }
+
+
+TASKS = {
+    "logits": logits_task,
+    "generate": generate_task,
+    "group": group_task,
+    "group_handoff": group_handoff_task,
+}
 
 
 def run_group(world: int, task: str, args: dict, tmp: Path) -> list[dict]:

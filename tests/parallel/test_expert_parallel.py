@@ -114,3 +114,25 @@ def test_one_scheduler_drives_the_group_in_lock_step(store_root, tmp_path, defau
     assert follower["steps"] == leader["steps"] > 0
     assert leader["assigned"] == []  # every request finished: no shard assignment left behind
     assert follower["expert_tokens"] > 0  # the follower's experts served tokens routed from the leader
+
+
+def test_a_group_decodes_from_handed_over_kv(store_root, tmp_path):
+    """KV from an unsharded prefill-only engine, imported into a 2-shard group (each request's KV
+    written on the shard that owns it): the monolithic tokens."""
+    name = "smollm2-moe4-group"
+    if not (store_root / name).is_dir():
+        assert tandem_main(["models", "--store", str(store_root), "upcycle", "smollm2-135m-instruct",
+                            "--experts", "4", "--top-k", "2", "--noise", "0.05", "--name", name]) == 0  # fmt: skip
+    single = LLMEngine.from_store(store_root / name, EngineConfig(kv_cache_bytes=32 * 2**20))
+    prompts = [
+        single.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in ("What is rain?", "Hi")
+    ]
+    want = [
+        o.output_token_ids
+        for o in single.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    ]
+    del single
+    leader, follower = run_group(2, "group_handoff", {"model_dir": str(store_root / name), "prompts": prompts,
+                                                      "max_tokens": 6}, tmp_path)  # fmt: skip
+    assert leader["tokens"] == want
+    assert follower["steps"] > 0

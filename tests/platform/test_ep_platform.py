@@ -1,7 +1,7 @@
-"""An MoE model served by an expert-parallel group of 2 shard actors through the whole platform:
-the gateway's streamed answer equals one unsharded engine's; a killed shard takes its group down and
-the launcher brings the whole group back on the same address, so the next request succeeds; nothing
-is left behind."""
+"""An MoE model served by an expert-parallel decode group of 2 shard actors through the whole
+platform, fed by a (whole-model) prefill worker through the KV store: the gateway's streamed answer
+equals one unsharded engine's; a killed shard takes its group down and the launcher brings the whole
+group back on the same address, so the next request succeeds; nothing is left behind."""
 
 from __future__ import annotations
 
@@ -40,15 +40,14 @@ def ep_platform(tmp_path_factory, store_root, moe_model):
     cfg = {
         "model": MODEL,
         "model_store": str(store_root),
-        "prefill_workers": 0,
-        "decode_workers": 0,
-        "monolithic_workers": 1,
+        "prefill_workers": 1,
+        "decode_workers": 1,
         "ep_size": 2,
         "engine": {"kv_cache_mb": 64},
-        "router": {"health_interval": 0.5},
-        "kvstore": {"memory_mb": 64},
+        "router": {"health_interval": 0.5, "disagg_threshold": 0},
+        "kvstore": {"memory_mb": 256},
         "gateway": {"port": 0},
-        "resources": {"monolithic": {"num_cpus": 1, "threads": 1}},
+        "resources": {"decode": {"num_cpus": 1, "threads": 1}, "prefill": {"num_cpus": 0.5, "threads": 1}},
     }
     up = start_platform(write_config(tmp_path_factory.mktemp("deploy") / "ep.yaml", cfg))
     yield up
@@ -77,9 +76,9 @@ def test_group_answers_like_one_engine_and_survives_a_killed_shard(ep_platform, 
         [engine.tokenizer.encode_chat(CHAT)], SamplingParams(max_tokens=16, temperature=0)
     )[0]
     del engine
-    assert ask(ep_platform["url"]) == want.text
+    assert ask(ep_platform["url"]) == want.text  # prefilled on the prefill worker, decoded by the group
     s = status()
-    group = next(x for x in s["services"] if x["role"] == "monolithic")
+    group = next(x for x in s["services"] if x["role"] == "decode")
     assert group["shards"] == 2 and group["healthy"]
     counts = group["expert_tokens"]  # per layer, per expert, summed over the shards
     assert len(counts) == 30 and all(len(layer) == 4 for layer in counts)
