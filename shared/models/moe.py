@@ -117,10 +117,16 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, weights, experts = self.gate(x)
         self.last_expert_counts = torch.bincount(experts.reshape(-1), minlength=self.moe.num_experts)
-        out = self.experts(x, weights, experts)
-        if self.shared_experts is not None:
-            shared = self.shared_experts(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        return add_shared_experts(
+            self.experts(x, weights, experts), x, self.shared_experts, self.shared_expert_gate
+        )
+
+
+def add_shared_experts(routed: torch.Tensor, x: torch.Tensor, shared_experts, gate) -> torch.Tensor:
+    """The routed experts' output plus the shared experts' (behind a sigmoid gate, for Qwen2-MoE)."""
+    if shared_experts is None:
+        return routed
+    shared = shared_experts(x)
+    if gate is not None:
+        shared = torch.sigmoid(gate(x)) * shared
+    return routed + shared

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shared.models.moe import ExpertBank, SparseMoE
+from shared.models.moe import ExpertBank, SparseMoE, add_shared_experts
 
 
 def contiguous_placement(num_experts: int, world: int) -> list[int]:
@@ -109,12 +109,7 @@ class ExpertParallelMoE(nn.Module):
         back = self._all_to_all(y, recv, send)  # [T*k, D], in `order`
         out = torch.zeros_like(x)
         out.index_add_(0, token_of, back)
-        if self.shared_experts is not None:
-            shared = self.shared_experts(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        return add_shared_experts(out, x, self.shared_experts, self.shared_expert_gate)
 
 
 def shard_experts(model: nn.Module, group=None, placement: list[int] | None = None) -> nn.Module:

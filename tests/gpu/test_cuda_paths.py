@@ -9,38 +9,16 @@ import torch
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.models.attention import VarlenAttention
 from shared.models.loader import load_model
+from tests.tiny_models import make_tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 transformers = pytest.importorskip("transformers")
 
-BASE = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
-
 
 @pytest.fixture(scope="module", params=["llama", "qwen2-moe"])
 def checkpoint(request, tmp_path_factory):
-    torch.manual_seed(0)
-    if request.param == "llama":
-        cfg = transformers.LlamaConfig(**BASE)
-    else:
-        cfg = transformers.Qwen2MoeConfig(
-            **BASE,
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=48,
-        )
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     path = tmp_path_factory.mktemp(request.param)
-    model.save_pretrained(path)
-    return path, model
+    return path, make_tiny(request.param, path)
 
 
 def test_forward_on_cuda_matches_transformers_on_cpu(checkpoint):
