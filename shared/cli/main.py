@@ -15,6 +15,7 @@ from shared.cli import generate as generate_cmd
 from shared.cli import models as models_cmd
 from shared.cli import platform as platform_cmd
 from shared.cli import serve as serve_cmd
+from shared.cli import train as train_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat_cmd.register(sub)
     serve_cmd.register(sub)
     platform_cmd.register(sub)
+    train_cmd.register(sub)
     return parser
 
 

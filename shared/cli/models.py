@@ -127,10 +127,17 @@ def cmd_upcycle(args) -> int:
 
 
 def cmd_list(args) -> int:
-    rows = [("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE")]
+    rows = [("NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE", "BASE")]
     for m in _store(args).list():
         rows.append(
-            (m.name, m.architecture, _human(m.num_parameters, ""), m.dtype, _human(m.size_bytes, "B", 1024))
+            (
+                m.name,
+                m.architecture,
+                _human(m.num_parameters, ""),
+                m.dtype,
+                _human(m.size_bytes, "B", 1024),
+                m.base_model or "-",
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

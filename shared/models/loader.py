@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from shared.models import model_class
 from shared.models.config import ConfigError, ModelConfig, from_hf_config
+from shared.models.lora import AdapterError, is_adapter_dir, merge_adapter, read_adapter_config
 from shared.models.transformer import CausalLM
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -166,8 +167,14 @@ def check_checkpoint(path: Path) -> ModelConfig:
 def load_model(
     path: Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> CausalLM:
-    """Build the model for a checkpoint directory and load its weights (eval mode, no grad)."""
+    """Build the model for a checkpoint directory and load its weights (eval mode, no grad).
+
+    A LoRA adapter directory (adapter_config.json, no config.json) loads its base, named by the
+    adapter's base_model_name_or_path (a directory, or a sibling in the same model store), with the
+    adapter merged into the weights."""
     path = Path(path)
+    if is_adapter_dir(path):
+        return merge_adapter(load_model(adapter_base(path), device, dtype), path)
     cfg = read_config(path)
     plan = plan_checkpoint(path, cfg)
     with torch.device("meta"):
@@ -177,6 +184,16 @@ def load_model(
     model.tie_weights()
     model.rotary.materialize(device)
     return model.eval().requires_grad_(False)
+
+
+def adapter_base(path: Path) -> Path:
+    base = read_adapter_config(path).get("base_model_name_or_path")
+    if not base:
+        raise AdapterError(f"{path}: adapter_config.json does not name its base model")
+    base_path = Path(base) if Path(base).is_absolute() else Path(path).parent / base
+    if not base_path.is_dir():
+        raise AdapterError(f"{path}: base model '{base}' not found (looked in {base_path})")
+    return base_path
 
 
 def _read_tensors(plan, expected, device, dtype) -> dict[str, torch.Tensor]:

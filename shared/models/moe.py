@@ -14,7 +14,8 @@ Routing rules (MoEConfig.scoring):
            of the chosen, optionally renormalised, times routed_scaling_factor (DeepSeek-V3, dots1)
 
 `SparseMoE.forward` also records how many tokens each expert received (`last_expert_counts`), which
-the engine exports for load-balance monitoring and the trainer uses for the balancing loss.
+the engine exports for load-balance monitoring and the trainer uses for bias balancing; in training
+mode it keeps the router logits of the call too (`last_router_logits`, for the balancing loss).
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ class SparseMoE(nn.Module):
         )
         self.shared_expert_gate = nn.Linear(hidden, 1, bias=False) if moe.shared_expert_gate else None
         self.last_expert_counts: torch.Tensor | None = None  # [E] tokens routed per expert, last call
+        self.last_router_logits: torch.Tensor | None = None  # [T, E] last call's, in training mode only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, weights, experts = self.gate(x)
+        logits, weights, experts = self.gate(x)
         self.last_expert_counts = torch.bincount(experts.reshape(-1), minlength=self.moe.num_experts)
+        self.last_router_logits = logits if self.training else None
         return add_shared_experts(
             self.experts(x, weights, experts), x, self.shared_experts, self.shared_expert_gate
         )

@@ -6,8 +6,11 @@
                   tokenizer_config.json     special tokens and the chat template
                   generation_config.json
                   tandem.json               what `models list` shows: architecture, params, dtype, source
+    <root>/<name>/adapter_config.json       a LoRA fine-tune instead: the adapter (PEFT format), the
+                  adapter_model.safetensors base's tokenizer files, and tandem.json naming the base
 
-Every model in the store is a Hugging Face-layout checkpoint, so transformers can load it too.
+Every full model in the store is a Hugging Face-layout checkpoint, so transformers can load it too;
+an adapter loads with peft onto that base.
 
 Imports are atomic: a model is built in <root>/.staging/<name>-<random>, validated (config parsed,
 architecture supported, every tensor's name and shape checked against the config), and only then
@@ -28,10 +31,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
+from shared.models import model_class
 from shared.models.config import ConfigError
-from shared.models.loader import WeightError, check_checkpoint, checkpoint_files
+from shared.models.loader import WeightError, check_checkpoint, checkpoint_files, read_config
+from shared.models.lora import AdapterError, adapter_pairs, read_adapter_config
 from shared.store.builtin import BUILTIN
 from shared.store.errors import StoreError
 from shared.store.gguf_import import import_gguf
@@ -58,6 +64,7 @@ class ModelInfo:
     source: str
     created: float
     has_tokenizer: bool
+    base_model: str | None = None  # a LoRA fine-tune: the base it applies to (by name, in this store)
 
 
 class ModelStore:
@@ -112,11 +119,46 @@ class ModelStore:
         """A new model written by `build(directory)` (e.g. an upcycled one), checked and added atomically."""
         return self._import(name, source, build)
 
+    def create_adapter(self, name: str, base: str, source: str, build: Callable[[Path], None]) -> ModelInfo:
+        """A LoRA fine-tune of `base` (a model in this store): the adapter in the PEFT format plus the
+        base's tokenizer files, written by `build(directory)`; checked against the base and added
+        atomically. Serving loads the base and merges the adapter."""
+        base_info = self.get(base)
+        if base_info.base_model:
+            raise StoreError(f"'{base}' is itself an adapter; train adapters on a full model")
+
+        def describe(staging: Path) -> ModelInfo:
+            cfg = read_adapter_config(staging)
+            if cfg.get("base_model_name_or_path") != base:
+                raise StoreError(
+                    f"cannot import '{name}': the adapter names base '{cfg.get('base_model_name_or_path')}'"
+                )
+            with torch.device("meta"):
+                model = model_class(read_config(self.path(base)))(read_config(self.path(base)))
+            pairs = adapter_pairs(staging, model)
+            size = sum(f.stat().st_size for f in staging.iterdir() if f.is_file())
+            return ModelInfo(
+                name=name,
+                architecture=base_info.architecture,
+                num_parameters=sum(a.numel() + b.numel() for _, a, b in pairs),
+                dtype=str(pairs[0][1].dtype).removeprefix("torch."),
+                size_bytes=size,
+                source=source,
+                created=time.time(),
+                has_tokenizer=(staging / "tokenizer.json").is_file(),
+                base_model=base,
+            )
+
+        return self._import(name, source, build, describe)
+
     def remove(self, name: str) -> None:
         self.get(name)
+        dependents = [m.name for m in self.list() if m.base_model == name]
+        if dependents:
+            raise StoreError(f"model '{name}' is the base of {', '.join(dependents)}; remove those first")
         shutil.rmtree(self.path(name))
 
-    def _import(self, name: str, source: str, build: Callable[[Path], None]) -> ModelInfo:
+    def _import(self, name: str, source: str, build: Callable[[Path], None], describe=None) -> ModelInfo:
         if not _NAME.match(name):
             raise StoreError(f"invalid model name '{name}': use letters, digits, '.', '_' and '-'")
         if self.path(name).exists():
@@ -124,10 +166,13 @@ class ModelStore:
         with self._staging(name) as staging:
             build(staging)
             try:
-                cfg = check_checkpoint(staging)
-            except (ConfigError, WeightError) as e:
+                if describe is not None:
+                    info = describe(staging)
+                else:
+                    cfg = check_checkpoint(staging)
+                    info = _describe(staging, name, cfg.architecture, source)
+            except (ConfigError, WeightError, AdapterError) as e:
                 raise StoreError(f"cannot import '{name}': {e}") from e
-            info = _describe(staging, name, cfg.architecture, source)
             (staging / METADATA).write_text(json.dumps(asdict(info), indent=2))
             staging.rename(self.path(name))
         return info

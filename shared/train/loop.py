@@ -1,0 +1,122 @@
+"""The per-worker training loop that Ray Train's TorchTrainer runs on each of `num_workers` workers.
+
+    load the base model from the store → LoRA / full → wrap for DDP or FSDP (ray.train.torch)
+    → restore the latest checkpoint if Ray hands one over → for each step: this worker's
+    micro-batches → Trainer.step → ray.train.report(metrics[, checkpoint])
+
+Ray Train has already joined the workers in a torch.distributed group (gloo on CPU, NCCL on GPU).
+Every worker reports every step (report is a barrier); worker 0 also writes the step's metrics to
+<job dir>/metrics.jsonl and attaches the checkpoints, which Ray persists under <job dir>/run/.
+Running the same job again finds that run and resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from shared.models.loader import load_model
+from shared.models.moe import SparseMoE
+from shared.train.config import TrainJob
+from shared.train.data import BatchPlan, Example, collate
+from shared.train.trainer import Trainer, prepare_model
+
+log = logging.getLogger("tandem.train")
+
+METRICS = "metrics.jsonl"
+
+
+def plan_for(job: TrainJob, num_examples: int) -> BatchPlan:
+    hp = job.hyperparameters
+    return BatchPlan(num_examples, hp.batch_size, hp.micro_batch_size, hp.epochs, hp.max_steps, hp.seed)
+
+
+def global_count(job: TrainJob, examples: list[Example], indices: list[int]) -> int:
+    """What the step's loss is averaged over: target tokens, or preference pairs for DPO."""
+    if job.objective == "dpo":
+        return len(indices)
+    return sum(examples[i].num_targets for i in indices)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    job = TrainJob.model_validate(config["job"])
+    examples: list[Example] = config["examples"]
+    until_step: int | None = config.get("until_step")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job.scaling.threads_per_worker)
+    device = ray.train.torch.get_device() if job.scaling.use_gpu else torch.device("cpu")
+    torch.manual_seed(job.hyperparameters.seed)
+
+    model = prepare_model(load_model(Path(config["base_dir"]), device=device), job)
+    plan = plan_for(job, len(examples))
+    sparse = any(isinstance(m, SparseMoE) for m in model.modules())
+
+    def wrap(module):
+        return ray.train.torch.prepare_model(
+            module,
+            move_to_device=device,
+            parallel_strategy=job.scaling.strategy,
+            # experts that get no token in a micro-batch have no gradient: DDP must not wait for them
+            parallel_strategy_kwargs={"find_unused_parameters": True} if sparse else None,
+        )
+
+    trainer = Trainer(model, job, plan.total_steps, device, wrap=wrap)
+    start = 0
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            start = trainer.load(Path(d))
+        log.info("worker %d resumed from step %d", rank, start)
+    metrics_file = Path(config["job_dir"]) / METRICS
+    if rank == 0:
+        _truncate_metrics(metrics_file, start)
+
+    for step in range(start, plan.total_steps):
+        parts = plan.micro_batches(step, rank, world)
+        count = global_count(job, examples, plan.global_indices(step))
+        metrics = trainer.step([collate([examples[i] for i in part]) for part in parts], count)
+        metrics["step"] = step + 1
+        metrics["total_steps"] = plan.total_steps
+        done = step + 1 == plan.total_steps or step + 1 == until_step
+        if rank == 0:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            log.info(
+                "step %d/%d loss %.4f lr %.2e",
+                step + 1,
+                plan.total_steps,
+                metrics["loss"],
+                metrics["learning_rate"],
+            )
+        reported = {k: v for k, v in metrics.items() if k != "expert_counts"}
+        if done or (step + 1) % job.checkpoint.every_steps == 0:
+            with tempfile.TemporaryDirectory() as d:
+                trainer.save(Path(d), step + 1, write=rank == 0)
+                checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+                ray.train.report(reported, checkpoint=checkpoint)
+        else:
+            ray.train.report(reported)
+        if done:
+            break
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines past `step` (written by a run that died after its last checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def read_metrics(job_dir: Path) -> list[dict]:
+    path = Path(job_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
