@@ -109,7 +109,9 @@ def main() -> None:
         tandem_step, hf_step = tandem_side(path, method, ids), hf_side(path, method, ids)
         t_tandem, loss_tandem = timed(tandem_step, repeats)
         t_hf, loss_hf = timed(hf_step, repeats)
-        log(f"{method}: tandem {t_tandem:.2f} s/step (loss {loss_tandem:.3f}), hf {t_hf:.2f} s/step (loss {loss_hf:.3f})")
+        log(
+            f"{method}: tandem {t_tandem:.2f} s/step (loss {loss_tandem:.3f}), hf {t_hf:.2f} s/step (loss {loss_hf:.3f})"
+        )
         results[f"{prefix}tandem_tok_s"] = round(tokens / t_tandem, 1)
         results[f"{prefix}hf_tok_s"] = round(tokens / t_hf, 1)
         results[f"{prefix}ratio"] = round(t_hf / t_tandem, 3)
