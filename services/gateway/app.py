@@ -18,17 +18,19 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import grpc
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.gateway import dashboard
 from services.gateway.clients import Backends
+from services.gateway.dashboard import router_status
 from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -260,7 +262,8 @@ class RequestIdAndAuth:
             await send(message)
 
         keys = self.gateway.api_keys
-        if keys and scope["path"].startswith("/v1/"):
+        guarded = scope["path"].startswith(("/v1/", "/metrics", "/dashboard/"))  # the page itself is static
+        if keys and guarded:
             auth = headers.get("authorization", "")
             if not auth.startswith("Bearer ") or auth[7:] not in keys:
                 err = OpenAIError(401, "Invalid or missing API key", code="invalid_api_key")
@@ -268,9 +271,17 @@ class RequestIdAndAuth:
         await self.app(scope, receive, send_with_id)
 
 
-def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[str] = ()) -> FastAPI:
+def create_app(
+    tokenizer: str,
+    router: str,
+    models: list[str],
+    api_keys: list[str] = (),
+    platform_status: Callable[[], Awaitable[dict]] | None = None,
+) -> FastAPI:
     """The gateway app for the tokenizer and router services at the given HOST:PORT addresses.
-    Its gRPC channels are opened on the serving event loop (they are bound to it)."""
+    Its gRPC channels are opened on the serving event loop (they are bound to it).
+    `platform_status` (under `tandem up`: the controller's status) feeds /dashboard and /metrics;
+    without it they show what the router reports."""
     gw = Gateway(None, models, api_keys)
 
     @asynccontextmanager
@@ -314,6 +325,31 @@ def create_app(tokenizer: str, router: str, models: list[str], api_keys: list[st
         return JSONResponse(
             {"status": "ok" if healthy else "unavailable", "healthy_workers": healthy}, status_code=status
         )
+
+    async def status() -> dict:
+        if platform_status is not None:
+            return await platform_status()
+        return router_status(await gw.backends.workers())
+
+    @app.get("/dashboard", include_in_schema=False)
+    async def dashboard_page():
+        return HTMLResponse(dashboard.PAGE)
+
+    @app.get("/dashboard/status")
+    async def dashboard_status():
+        try:
+            return await status()
+        except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
+            raise OpenAIError(503, f"platform status unavailable: {e}") from e
+
+    @app.get("/metrics")
+    async def metrics():
+        try:
+            return PlainTextResponse(
+                dashboard.prometheus_text(await status()), media_type="text/plain; version=0.0.4"
+            )
+        except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
+            raise OpenAIError(503, f"platform status unavailable: {e}") from e
 
     @app.get("/v1/models")
     async def list_models():

@@ -110,6 +110,7 @@ def cmd_up(args) -> int:
             f"  API (OpenAI-compatible)  {gateway}/v1\n"
             f"  API docs                 {gateway}/docs\n"
             f"  health                   {gateway}/health\n"
+            f"  dashboard                {gateway}/dashboard   (Prometheus: {gateway}/metrics)\n"
             f"  Ray dashboard            {ray_dashboard}\n"
             f"  status                   tandem status   (scale: tandem scale prefill=N decode=M)\n"
             f"Ctrl-C or `tandem down` stops it.",

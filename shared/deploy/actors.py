@@ -90,7 +90,6 @@ class ServiceActor:
                 kv_cache_bytes=e["kv_cache_mb"] * 2**20,
                 max_num_seqs=e["max_num_seqs"],
                 max_num_batched_tokens=e["max_num_batched_tokens"],
-                enable_prefix_caching=ep is None,  # a group runs without it for now (group_runner.py)
             )
             engine = None
             if ep is not None:
@@ -182,7 +181,10 @@ class ServiceActor:
 
         from services.gateway.app import create_app
 
-        app = create_app(o["tokenizer"], o["router"], [o["model"]], o.get("api_keys") or [])
+        async def platform_status() -> dict:
+            return await ray.get_actor(CONTROLLER).status.remote()
+
+        app = create_app(o["tokenizer"], o["router"], [o["model"]], o.get("api_keys") or [], platform_status)
         server = uvicorn.Server(
             uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning")
         )

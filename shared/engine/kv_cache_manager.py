@@ -10,6 +10,8 @@ Block table layout: request.block_ids[i] holds token positions [i*B, (i+1)*B).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shared.engine.block_pool import BlockPool
 from shared.engine.kv_hash import chain_hashes, kv_extras
 from shared.engine.request import Request
@@ -21,6 +23,9 @@ class KVCacheManager:
         self.block_size = pool.block_size
         self.model_id, self.layout = model_extras
         self.enable_prefix_caching = enable_prefix_caching
+        #: optional (request, cached blocks) -> the leading blocks it may use (an expert-parallel
+        #: group keeps only blocks held by the shard the request runs on)
+        self.prefix_filter: Callable[[Request, list[int]], list[int]] | None = None
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -42,7 +47,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return []
         usable = (request.num_tokens - 1) // self.block_size
-        return self.pool.lookup(self._keys(request)[:usable])
+        blocks = self.pool.lookup(self._keys(request)[:usable])
+        return self.prefix_filter(request, blocks) if self.prefix_filter and blocks else blocks
 
     def allocate_slots(self, request: Request, num_new_tokens: int, prefix: list[int] = ()) -> bool:
         have = len(request.block_ids) + len(prefix)

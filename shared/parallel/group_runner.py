@@ -2,9 +2,9 @@
 runs its part of it, all shards step in lock-step.
 
     # rank 0 (the leader): an ordinary LLMEngine whose runner is wrapped
-    engine = LLMEngine.from_store(path, EngineConfig(enable_prefix_caching=False))
+    engine = LLMEngine.from_store(path, EngineConfig())
     shard_experts(engine.model, group)
-    engine.runner = GroupRunner(engine.runner, group)
+    lead(engine, group)
     ... engine.step() / generate() as usual ...; engine.runner.close()
     # ranks 1..P-1 (followers)
     shard_experts(engine.model, group); follow(engine.runner, group)
@@ -19,8 +19,14 @@ sizes its cache for the whole pool and touches only its requests' blocks.
 
 Imported KV (a disaggregated decode, or a prefix from the KV store) is written on the shard that
 will own the request: `write_blocks` places the request then, and the payload travels with the next
-step's plan. Limits (raised as errors, not silently wrong): prefix caching must be off (a cached block
-would live in another shard's cache), and exporting KV from a group (prefill-only) is not supported.
+step's plan.
+
+Prefix caching: a cached block's KV exists only in the cache of the shard that wrote it, so the
+runner remembers each block's owner (updated whenever a step or an import writes the block) and
+filters the engine's prefix hits (`usable_prefix`): a new request goes to the shard holding the
+start of its cached prefix, unless that shard already runs AFFINITY_SLACK more requests than the
+least busy one (then it recomputes, for balance), and uses only the leading blocks held there.
+Exporting KV from a group (prefill-only) is not supported (raised as an error).
 """
 
 from __future__ import annotations
@@ -52,11 +58,18 @@ class StepRequest:
         return self.all_token_ids[self.num_prompt_tokens :]
 
 
+#: a prefix hit moves a request to the owning shard unless that shard runs this many more requests
+#: than the least busy one
+AFFINITY_SLACK = 4
+
+
 class GroupRunner:
-    def __init__(self, runner: ModelRunner, group=None, live: dict | None = None):
+    def __init__(self, runner: ModelRunner, group=None, live: dict | None = None, block_size: int = 16):
         """`live`: the leader engine's requests by id (shard assignments of requests no longer in it
         are dropped)."""
         self.runner = runner
+        self.block_size = block_size
+        self.owner: dict[int, int] = {}  # block id -> the shard whose cache holds its current KV
         self.group = group
         self.world = dist.get_world_size(group)
         self.src = _leader(group)
@@ -71,20 +84,49 @@ class GroupRunner:
         for rid in [rid for rid in self.shard_of if rid not in self.live]:
             del self.shard_of[rid]
 
+    def _loads(self) -> list[int]:
+        load = [0] * self.world
+        for s in self.shard_of.values():
+            load[s] += 1
+        return load
+
     def _place(self, request_id: str) -> int:
         shard = self.shard_of.get(request_id)
         if shard is None:
-            load = [0] * self.world
-            for s in self.shard_of.values():
-                load[s] += 1
+            load = self._loads()
             shard = self.shard_of[request_id] = load.index(min(load))
         return shard
+
+    def usable_prefix(self, request, blocks: list[int]) -> list[int]:
+        """The engine's prefix filter: the leading cached blocks held by the request's shard (placing
+        a new request on the shard that holds its prefix, if that keeps the load balanced)."""
+        self.prune()
+        shard = self.shard_of.get(request.request_id)
+        if shard is None:
+            shard = self.owner.get(blocks[0])
+            load = self._loads()
+            if shard is None or load[shard] > min(load) + AFFINITY_SLACK:
+                return []
+        n = 0
+        while n < len(blocks) and self.owner.get(blocks[n]) == shard:
+            n += 1
+        if n:
+            self.shard_of[request.request_id] = shard
+        return blocks[:n]
+
+    def _written(self, request, n: int, shard: int) -> None:
+        """Record the blocks this step writes for `request` (positions num_computed .. +n) on `shard`."""
+        first = request.num_computed_tokens // self.block_size
+        last = (request.num_computed_tokens + n - 1) // self.block_size
+        for block in request.block_ids[first : last + 1]:
+            self.owner[block] = shard
 
     def execute(self, scheduled):
         self.prune()
         plan: list[list[tuple[StepRequest, int]]] = [[] for _ in range(self.world)]
         for request, n in scheduled:
             shard = self._place(request.request_id)
+            self._written(request, n, shard)
             step = StepRequest(request.request_id, list(request.all_token_ids), request.num_prompt_tokens,
                                request.num_computed_tokens, list(request.block_ids))  # fmt: skip
             plan[shard].append((step, n))
@@ -110,7 +152,9 @@ class GroupRunner:
         expected = (len(block_ids), *self.block_shape)
         if tuple(payload.shape) != expected:
             raise ValueError(f"KV payload has shape {tuple(payload.shape)}, this cache expects {expected}")
-        self.writes[self._place(request_id)].append((list(block_ids), payload.cpu()))
+        shard = self._place(request_id)
+        self.owner.update(dict.fromkeys(block_ids, shard))
+        self.writes[shard].append((list(block_ids), payload.cpu()))
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         if block_ids:
@@ -147,7 +191,8 @@ def follow(runner: ModelRunner, group=None) -> int:
 
 def lead(engine, group=None) -> GroupRunner:
     """Make `engine` (rank 0's, its model already sharded) drive the group; returns its runner."""
-    if engine.config.enable_prefix_caching:
-        raise ValueError("an expert-parallel group needs enable_prefix_caching=False for now")
-    engine.runner = GroupRunner(engine.runner, group, live=engine.requests)
+    engine.runner = GroupRunner(
+        engine.runner, group, live=engine.requests, block_size=engine.config.block_size
+    )
+    engine.kv.prefix_filter = engine.runner.usable_prefix
     return engine.runner

@@ -58,14 +58,18 @@ def train_loop_per_worker(config: dict) -> None:
     plan = plan_for(job, len(examples))
     sparse = any(isinstance(m, SparseMoE) for m in model.modules())
 
+    if job.scaling.strategy == "fsdp":
+        # LoRA mixes frozen and trainable weights in a layer: FSDP must keep the original parameters
+        wrap_kwargs = {"use_orig_params": True}
+    else:
+        # experts that get no token in a micro-batch have no gradient: DDP must not wait for them
+        wrap_kwargs = {"find_unused_parameters": True} if sparse else None
+
     def wrap(module):
         return ray.train.torch.prepare_model(
-            module,
-            move_to_device=device,
-            parallel_strategy=job.scaling.strategy,
-            # experts that get no token in a micro-batch have no gradient: DDP must not wait for them
-            parallel_strategy_kwargs={"find_unused_parameters": True} if sparse else None,
-        )
+            module, move_to_device=device, parallel_strategy=job.scaling.strategy,
+            parallel_strategy_kwargs=wrap_kwargs,
+        )  # fmt: skip
 
     trainer = Trainer(model, job, plan.total_steps, device, wrap=wrap)
     start = 0

@@ -139,11 +139,51 @@ def group_handoff_task(rank, world, model_dir, prompts, max_tokens):
     }
 
 
+def group_prefix_task(rank, world, model_dir, prompts, max_tokens):
+    """The group with prefix caching on: requests sharing a long prefix, arriving while others run."""
+    from shared.engine import EngineConfig, LLMEngine, SamplingParams
+    from shared.parallel.expert_parallel import shard_experts
+    from shared.parallel.group_runner import follow, lead
+
+    engine = LLMEngine.from_store(
+        Path(model_dir), EngineConfig(kv_cache_bytes=32 * 2**20, long_prefill_chunk=32)
+    )
+    shard_experts(engine.model)
+    if rank != 0:
+        return {"steps": follow(engine.runner)}
+    runner = lead(engine)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    tokens, cached, placed = {}, {}, {}
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"g{i}", prompt, params)
+            for _ in range(3):  # the next request arrives while this one still runs
+                for out in engine.step():
+                    tokens[out.request_id], cached[out.request_id] = (
+                        out.output_token_ids,
+                        out.num_cached_tokens,
+                    )
+                placed.update(runner.shard_of)
+        while engine.has_unfinished():
+            for out in engine.step():
+                tokens[out.request_id], cached[out.request_id] = out.output_token_ids, out.num_cached_tokens
+            placed.update(runner.shard_of)
+    finally:
+        runner.close()
+    ids = [f"g{i}" for i in range(len(prompts))]
+    return {
+        "tokens": [tokens[i] for i in ids],
+        "cached": [cached[i] for i in ids],
+        "shards": [placed[i] for i in ids],
+    }
+
+
 TASKS = {
     "logits": logits_task,
     "generate": generate_task,
     "group": group_task,
     "group_handoff": group_handoff_task,
+    "group_prefix": group_prefix_task,
 }
 
 

@@ -136,3 +136,29 @@ def test_a_group_decodes_from_handed_over_kv(store_root, tmp_path):
                                                       "max_tokens": 6}, tmp_path)  # fmt: skip
     assert leader["tokens"] == want
     assert follower["steps"] > 0
+
+
+def test_a_group_with_prefix_caching_reuses_blocks_on_the_owning_shard(store_root, tmp_path):
+    """Requests sharing a long system prompt arrive one by one while others run: later ones reuse the
+    cached prefix, on the shard whose cache holds it, and every token equals an unsharded engine's."""
+    name = "smollm2-moe4-group"
+    if not (store_root / name).is_dir():
+        assert tandem_main(["models", "--store", str(store_root), "upcycle", "smollm2-135m-instruct",
+                            "--experts", "4", "--top-k", "2", "--noise", "0.05", "--name", name]) == 0  # fmt: skip
+    single = LLMEngine.from_store(store_root / name, EngineConfig(kv_cache_bytes=32 * 2**20))
+    system = "You answer questions about weather, fruit and the sky, in one short sentence, politely."
+    prompts = [
+        single.tokenizer.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
+        for q in ("What is rain?", "Name a fruit.", "Why is the sky blue?", "Hi")
+    ]
+    want = [
+        o.output_token_ids
+        for o in single.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    ]
+    del single
+    leader, follower = run_group(2, "group_prefix", {"model_dir": str(store_root / name), "prompts": prompts,
+                                                     "max_tokens": 6}, tmp_path)  # fmt: skip
+    assert leader["tokens"] == want
+    assert leader["cached"][0] == 0 and all(c >= 16 for c in leader["cached"][1:])  # the shared blocks
+    assert len(set(leader["shards"])) == 1  # every reuse ran where the prefix lives
+    assert follower["steps"] > 0

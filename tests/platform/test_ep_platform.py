@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 from platform_helpers import (
     alive,
@@ -84,6 +85,16 @@ def test_group_answers_like_one_engine_and_survives_a_killed_shard(ep_platform, 
     assert len(counts) == 30 and all(len(layer) == 4 for layer in counts)
     assert all(sum(layer) == sum(counts[0]) > 0 for layer in counts)  # every token routed in every layer
     assert group["expert_imbalance"] >= 1.0
+    # the gateway's operator dashboard shows the same counts (heatmap page + JSON + Prometheus)
+    root = ep_platform["url"].removesuffix("/v1")
+    page = httpx.get(root + "/dashboard")
+    assert page.status_code == 200 and "heatmap" in page.text
+    board = httpx.get(root + "/dashboard/status", timeout=30).json()
+    shown = next(x for x in board["services"] if x["name"] == group["name"])
+    assert sum(map(sum, shown["expert_tokens"])) >= sum(map(sum, counts))
+    metrics = httpx.get(root + "/metrics", timeout=30).text
+    assert f'tandem_expert_tokens_total{{name="{group["name"]}",layer="29",expert="3"}}' in metrics
+    assert f'tandem_service_up{{name="{group["name"]}",role="decode"}} 1' in metrics
 
     import ray
 

@@ -257,3 +257,20 @@ def test_no_worker_is_503_and_api_keys_are_checked(platform, stack):
     ok = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
     assert ok.models.list().data[0].id == MODEL
     assert json.loads(httpx.get(url + "/v1/models").text)["error"]["code"] == "invalid_api_key"
+    assert httpx.get(url + "/metrics").status_code == 401  # operator data is behind the keys too
+    assert httpx.get(url + "/dashboard").status_code == 200  # the page is static; it asks with ?key=
+    board = httpx.get(url + "/dashboard/status", headers={"Authorization": "Bearer sekret"}).json()
+    assert board["state"] == "standalone gateway"
+
+
+def test_dashboard_and_metrics_of_a_standalone_gateway(stack):
+    url = stack["url"]
+    page = httpx.get(url + "/dashboard")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    board = httpx.get(url + "/dashboard/status").json()
+    (worker,) = board["services"]
+    assert worker["healthy"] and worker["role"] == "monolithic" and worker["load"]["kv_blocks_total"] > 0
+    metrics = httpx.get(url + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert f'tandem_service_up{{name="{worker["address"]}",role="monolithic"}} 1' in metrics.text
+    assert "# TYPE tandem_worker_kv_usage gauge" in metrics.text

@@ -59,7 +59,8 @@ def test_import_list_and_load(tiny_llama, tmp_path, capsys):
     capsys.readouterr()
     assert _cli(root, "list") == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE"]
+    assert out[0].split() == ["NAME", "ARCHITECTURE", "PARAMS", "DTYPE", "SIZE", "BASE"]
+    assert out[1].split()[-1] == "-"  # a full model, not an adapter
     assert out[1].split()[:2] == ["tiny", "LlamaForCausalLM"]
     info = ModelStore(root).get("tiny")
     assert info.num_parameters == sum(p.numel() for p in ref.parameters())

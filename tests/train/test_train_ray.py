@@ -91,6 +91,45 @@ def test_two_workers_match_one_and_a_stopped_job_resumes_on_the_same_curve(tmp_p
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
+def test_moe_full_fine_tune_on_two_workers_logs_expert_load_and_saves_the_checkpoint_layout(
+    tmp_path, default_model_dir
+):
+    """DDP over an MoE model (experts without tokens in a micro-batch have no gradient), the balancing
+    loss and expert counts in the metrics, and the result written back in Mixtral's own tensor names
+    (transformers loads it and agrees with Tandem)."""
+    import transformers
+
+    store = ModelStore(tmp_path / "store")
+    add_tiny_llama(store, default_model_dir, name="tiny-mixtral", mixtral=True)
+    data = write_jsonl(
+        tmp_path / "docs.jsonl", [{"text": f"Entry {i}: tide tables for the harbour."} for i in range(8)]
+    )
+    spec = {
+        "model": "tiny-mixtral", "objective": "pretrain", "method": "full", "training_file": str(data),
+        "output_name": "tiny-mixtral-ft", "model_store": str(store.root), "output_dir": str(tmp_path / "job"),
+        "hyperparameters": {"batch_size": 4, "micro_batch_size": 1, "learning_rate": 1e-3, "max_steps": 2,
+                            "max_seq_len": 32},
+        "moe": {"aux_loss_coef": 0.02}, "scaling": {"num_workers": 2},
+    }  # fmt: skip
+    assert run_job(spec, tmp_path / "job.yaml")["status"] == "succeeded"
+    rows = [json.loads(ln) for ln in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        counts = row["expert_counts"]  # [layer][expert], summed over both workers
+        assert len(counts) == 3 and all(len(layer) == 4 for layer in counts)
+        assert sum(counts[0]) == 2 * row["tokens"]  # top-2: every token counted twice per layer
+        assert row["expert_imbalance"] >= 1.0 and row["moe_balance_loss"] > 0
+    out = store.path("tiny-mixtral-ft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours = load_model(out)
+    ids = torch.tensor([1, 504, 3575, 282, 4458, 30, 216, 1114])
+    with torch.no_grad():
+        want = hf(ids[None]).logits[0]
+        got = ours.compute_logits(ours(ids, torch.arange(len(ids)), VarlenAttention([len(ids)])))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    base = load_model(store.path("tiny-mixtral"))
+    assert not torch.equal(base.model.layers[0].mlp.experts.up_proj, ours.model.layers[0].mlp.experts.up_proj)
+
+
 def test_sft_teaches_smollm2_a_fact_it_then_states(tmp_path, store, default_model_dir):
     data = write_jsonl(tmp_path / "fact.jsonl", fact_rows())
     spec = {

@@ -20,13 +20,20 @@ TOKENIZER_FILES = (
 )
 
 
-def add_tiny_llama(store: ModelStore, tokenizer_dir: Path, name: str = "tiny-llama", seed: int = 0):
-    """A random 3-layer Llama with SmolLM2's vocabulary and tokenizer, added to `store`; returns the
-    transformers model (eval, fp32)."""
+def add_tiny_llama(
+    store: ModelStore, tokenizer_dir: Path, name: str = "tiny-llama", seed: int = 0, mixtral: bool = False
+):
+    """A random 3-layer Llama (or Mixtral: 4 experts, top-2) with SmolLM2's vocabulary and tokenizer,
+    added to `store`; returns the transformers model (eval, fp32)."""
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**{**BASE, "vocab_size": 49152, "tie_word_embeddings": True})
+    if mixtral:
+        cfg = transformers.MixtralConfig(
+            **{**BASE, "vocab_size": 49152}, num_local_experts=4, num_experts_per_tok=2
+        )
+    else:
+        cfg = transformers.LlamaConfig(**{**BASE, "vocab_size": 49152, "tie_word_embeddings": True})
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     randomize(model)
 
