@@ -11,6 +11,7 @@ from ep_shard import run_group
 
 from shared.cli.main import main as tandem_main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
+from shared.tokenizer import Tokenizer
 from tests.tiny_models import BASE, make_tiny
 
 pytestmark = pytest.mark.slow
@@ -90,15 +91,28 @@ def test_upcycle_rejects_bad_arguments(store_root, capsys):
     assert "not in the store" in capsys.readouterr().err
 
 
+def group_model(store_root) -> str:
+    """The upcycled 4-expert SmolLM2 (σ = 0.05) the group tests share, made in the store once."""
+    name = "smollm2-moe4-group"
+    if not (store_root / name).is_dir():
+        assert tandem_main(["models", "--store", str(store_root), "upcycle", "smollm2-135m-instruct",
+                            "--experts", "4", "--top-k", "2", "--noise", "0.05", "--name", name]) == 0  # fmt: skip
+    return name
+
+
+def greedy(model_dir, prompts, max_tokens: int = 6) -> list[list[int]]:
+    """An unsharded engine's greedy tokens (EOS ignored): the reference for the group."""
+    single = LLMEngine.from_store(model_dir, EngineConfig(kv_cache_bytes=32 * 2**20))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return [o.output_token_ids for o in single.generate(prompts, params)]
+
+
 def test_one_scheduler_drives_the_group_in_lock_step(store_root, tmp_path, default_model_dir):
     """Requests arriving at different steps, chunked prefills, 4 requests over 2 shards: the group's
     tokens equal one unsharded engine's under the same schedule, and the follower took every step."""
     from ep_shard import staggered
 
-    name = "smollm2-moe4-group"
-    if not (store_root / name).is_dir():
-        assert tandem_main(["models", "--store", str(store_root), "upcycle", "smollm2-135m-instruct",
-                            "--experts", "4", "--top-k", "2", "--noise", "0.05", "--name", name]) == 0  # fmt: skip
+    name = group_model(store_root)
     single = LLMEngine.from_store(
         store_root / name,
         EngineConfig(kv_cache_bytes=32 * 2**20, enable_prefix_caching=False, long_prefill_chunk=8,
@@ -119,19 +133,10 @@ def test_one_scheduler_drives_the_group_in_lock_step(store_root, tmp_path, defau
 def test_a_group_decodes_from_handed_over_kv(store_root, tmp_path):
     """KV from an unsharded prefill-only engine, imported into a 2-shard group (each request's KV
     written on the shard that owns it): the monolithic tokens."""
-    name = "smollm2-moe4-group"
-    if not (store_root / name).is_dir():
-        assert tandem_main(["models", "--store", str(store_root), "upcycle", "smollm2-135m-instruct",
-                            "--experts", "4", "--top-k", "2", "--noise", "0.05", "--name", name]) == 0  # fmt: skip
-    single = LLMEngine.from_store(store_root / name, EngineConfig(kv_cache_bytes=32 * 2**20))
-    prompts = [
-        single.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in ("What is rain?", "Hi")
-    ]
-    want = [
-        o.output_token_ids
-        for o in single.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
-    ]
-    del single
+    name = group_model(store_root)
+    tok = Tokenizer.from_dir(store_root / name)
+    prompts = [tok.encode_chat([{"role": "user", "content": q}]) for q in ("What is rain?", "Hi")]
+    want = greedy(store_root / name, prompts)
     leader, follower = run_group(2, "group_handoff", {"model_dir": str(store_root / name), "prompts": prompts,
                                                       "max_tokens": 6}, tmp_path)  # fmt: skip
     assert leader["tokens"] == want
@@ -141,21 +146,14 @@ def test_a_group_decodes_from_handed_over_kv(store_root, tmp_path):
 def test_a_group_with_prefix_caching_reuses_blocks_on_the_owning_shard(store_root, tmp_path):
     """Requests sharing a long system prompt arrive one by one while others run: later ones reuse the
     cached prefix, on the shard whose cache holds it, and every token equals an unsharded engine's."""
-    name = "smollm2-moe4-group"
-    if not (store_root / name).is_dir():
-        assert tandem_main(["models", "--store", str(store_root), "upcycle", "smollm2-135m-instruct",
-                            "--experts", "4", "--top-k", "2", "--noise", "0.05", "--name", name]) == 0  # fmt: skip
-    single = LLMEngine.from_store(store_root / name, EngineConfig(kv_cache_bytes=32 * 2**20))
+    name = group_model(store_root)
+    tok = Tokenizer.from_dir(store_root / name)
     system = "You answer questions about weather, fruit and the sky, in one short sentence, politely."
     prompts = [
-        single.tokenizer.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
+        tok.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": q}])
         for q in ("What is rain?", "Name a fruit.", "Why is the sky blue?", "Hi")
     ]
-    want = [
-        o.output_token_ids
-        for o in single.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
-    ]
-    del single
+    want = greedy(store_root / name, prompts)
     leader, follower = run_group(2, "group_prefix", {"model_dir": str(store_root / name), "prompts": prompts,
                                                      "max_tokens": 6}, tmp_path)  # fmt: skip
     assert leader["tokens"] == want
