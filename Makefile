@@ -10,7 +10,10 @@ PROTO_STAMP := tandem/v1/.generated
 
 .PHONY: install protos test run lint bench clean
 
+# The compiled CPU kernels (shared/kernels) build once per machine and source version; a failed build
+# only warns (the engine then runs its PyTorch path).
 install: $(STAMP) $(PROTO_STAMP)
+	@$(BIN)/python -m shared.kernels
 
 # gRPC stubs: generated from protos/ into the `tandem.v1` package, never edited, never committed.
 protos: $(PROTO_STAMP)

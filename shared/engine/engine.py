@@ -61,6 +61,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
+    cpu_kernels: bool = True  # Tandem's compiled CPU kernels where they apply (shared/kernels)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
@@ -115,8 +116,8 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.long_prefill_chunk),
             self.kv,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype)
-        self.sampler = Sampler()
+        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.cpu_kernels)
+        self.sampler = Sampler(self.runner.kernels)
         self.requests: dict[str, Request] = {}
         self.model_id = model_id
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (not from any cache)

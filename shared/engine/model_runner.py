@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from shared.engine.cpu_decode import CpuDecodeStack
 from shared.engine.paged_attention import PagedAttention, PagedMetadata, PrefillChunk
 from shared.engine.request import Request
+from shared.kernels import cpu_ops
+from shared.models.linear import SMALL_BATCH_ROWS
 from shared.models.transformer import CausalLM
 
 
@@ -26,7 +29,14 @@ def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype):
+    def __init__(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        cpu_kernels: bool = True,
+    ):
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -41,6 +51,12 @@ class ModelRunner:
         self.v_caches = [
             torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(cfg.num_layers)
         ]
+        # Tandem's compiled CPU kernels (shared/kernels), where they apply: paged decode attention
+        # for any step, and the whole decoder stack for all-decode steps of dense models.
+        self.kernels = None
+        if cpu_kernels and self.device.type == "cpu" and kv_dtype == torch.float32:
+            self.kernels = cpu_ops()
+        self.decode_stack = CpuDecodeStack.build(model, self.kernels)
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -84,45 +100,45 @@ class ModelRunner:
                 sample_rows.append(row - 1)
                 samplers.append(request)
         meta = self._metadata(slots, decode_rows, decode_tables, decode_lens, prefills, row)
-        attn = PagedAttention(self.k_caches, self.v_caches, meta)
         dev = self.device
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(positions, dtype=torch.long, device=dev),
-            attn,
-        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        input_positions = torch.tensor(positions, dtype=torch.long, device=dev)
+        if meta.all_decode and self.decode_stack is not None:
+            hidden = self.decode_stack.forward(input_ids, input_positions, meta, self.k_caches, self.v_caches)
+        else:
+            hidden = self.model(
+                input_ids, input_positions, PagedAttention(self.k_caches, self.v_caches, meta)
+            )
         if len(sample_rows) != row:
             hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)]
+        if self.decode_stack is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
+            return samplers, self.decode_stack.compute_logits(hidden)
         return samplers, self.model.compute_logits(hidden).float()
 
-    def _gather_rows(self, tables: torch.Tensor) -> torch.Tensor:
-        """[N, blocks] block tables -> the (block, head) rows in (sequence, head, block) order."""
-        heads = torch.arange(self.num_kv_heads)[None, :, None]
-        return (tables[:, None, :] * self.num_kv_heads + heads).reshape(-1)
-
     def _metadata(self, slots, decode_rows, decode_tables, decode_lens, prefills, num_rows) -> PagedMetadata:
-        dev, bs, heads = self.device, self.block_size, self.num_kv_heads
-        slot = torch.tensor(slots, dtype=torch.long)
-        # a token at (block, offset) writes head h to row (block * K + h) * B + offset
-        write_rows = ((slot // bs)[:, None] * heads + torch.arange(heads)[None, :]) * bs + (slot % bs)[
-            :, None
-        ]
+        dev, heads = self.device, self.num_kv_heads
         max_blocks = max((len(t) for t in decode_tables), default=0)
         tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
-        lens = torch.tensor(decode_lens, dtype=torch.long)
-        valid = torch.arange(max_blocks * bs)[None, :] < lens[:, None]
         return PagedMetadata(
-            write_rows=write_rows.reshape(-1).to(dev),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long).to(dev),
-            decode_gather=self._gather_rows(tables.reshape(len(decode_tables), max_blocks)).to(dev),
-            decode_valid=valid.to(dev),
-            decode_positions=(lens - 1).to(dev),
+            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
+            decode_tables=tables.reshape(len(decode_tables), max_blocks).to(dev),
+            decode_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
             prefills=[
-                PrefillChunk(start, q, s, None if t is None else self._gather_rows(torch.tensor([t])).to(dev))
+                PrefillChunk(start, q, s, None if t is None else self._gather_rows(t))
                 for start, q, s, t in prefills
             ],
-            all_decode=bool(decode_rows) and len(decode_rows) == num_rows,
+            block_size=self.block_size,
+            num_kv_heads=heads,
+            all_decode=bool(decode_tables) and len(decode_tables) == num_rows,
+            kernels=self.kernels,
         )
+
+    def _gather_rows(self, table: list[int]) -> torch.Tensor:
+        """A block table -> its (block, head) rows of [num_blocks * K, B, D] in (head, block) order."""
+        heads = self.num_kv_heads
+        rows = torch.tensor(table)[None, :] * heads + torch.arange(heads)[:, None]
+        return rows.reshape(-1).to(self.device)
 
     # -- KV block payloads (disaggregation) --------------------------------------------------------
 

@@ -16,13 +16,16 @@ sequence in one step:
   * prefill chunks (several query tokens): one SDPA each. A chunk that starts at position 0 attends
     to its own k/v directly; a later chunk, or one after a cached prefix, gathers its blocks and
     uses a causal mask offset by the tokens already in the cache.
-A fused paged-attention kernel (FlashAttention / FlashInfer on CUDA) replaces `forward` behind the
-same metadata; this implementation is the portable reference and is what runs on CPU.
+On CPU with float32 caches the decodes go to Tandem's compiled kernel (shared/kernels:
+`paged_decode_attention` reads each sequence's keys and values straight from its blocks, no gather,
+no padding); a fused GPU kernel (FlashAttention / FlashInfer) would take the same metadata. The
+PyTorch code here is the portable reference and what runs anywhere else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -39,22 +42,52 @@ class PrefillChunk:
 
 @dataclass
 class PagedMetadata:
-    write_rows: torch.Tensor  # [T * K] row of [num_blocks * K * B, D] for each new token's head
-    # decodes: their rows in the flat batch, (block, head) rows to gather, which keys are real
-    decode_rows: torch.Tensor  # [N]
-    decode_gather: torch.Tensor  # [N * K * max_blocks] rows of [num_blocks * K, B, D]
-    decode_valid: torch.Tensor  # [N, max_blocks * B] bool
-    decode_positions: torch.Tensor  # [N] position of each decode query (for sliding windows)
+    """One step's view of the cache. The decodes' index tensors for the PyTorch path (gather rows,
+    validity mask) are derived on first use, so a step run by the CPU kernels never builds them."""
+
+    slots: torch.Tensor  # [T] cache slot (block * B + offset) of each new token
+    decode_rows: torch.Tensor  # [N] rows of the decodes in the flat batch
+    decode_tables: torch.Tensor  # [N, max_blocks] block ids (padded with 0)
+    decode_lens: torch.Tensor  # [N] keys of each decode, its own token included
     prefills: list[PrefillChunk]
+    block_size: int
+    num_kv_heads: int
     all_decode: bool = False  # every row is a decode (the common steady state)
-    _bias: torch.Tensor | None = None
+    kernels: object | None = None  # torch.ops.tandem when the CPU kernels serve this step
+
+    @cached_property
+    def write_rows(self) -> torch.Tensor:
+        """[T * K] row of [num_blocks * K * B, D] for each new token's head."""
+        bs, heads = self.block_size, self.num_kv_heads
+        block, offset = self.slots // bs, self.slots % bs
+        head = torch.arange(heads, device=self.slots.device)[None, :]
+        return ((block[:, None] * heads + head) * bs + offset[:, None]).reshape(-1)
+
+    @cached_property
+    def decode_gather(self) -> torch.Tensor:
+        """[N * K * max_blocks] (block, head) rows of [num_blocks * K, B, D], in (sequence, head,
+        block) order."""
+        heads = torch.arange(self.num_kv_heads, device=self.decode_tables.device)[None, :, None]
+        return (self.decode_tables[:, None, :] * self.num_kv_heads + heads).reshape(-1)
+
+    @cached_property
+    def decode_valid(self) -> torch.Tensor:
+        """[N, max_blocks * B] bool: which gathered keys are real."""
+        keys = self.decode_tables.shape[1] * self.block_size
+        return torch.arange(keys, device=self.decode_lens.device)[None, :] < self.decode_lens[:, None]
+
+    @cached_property
+    def decode_positions(self) -> torch.Tensor:
+        return self.decode_lens - 1
+
+    _bias: dict = field(default_factory=dict)
 
     def decode_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """decode_valid as an additive mask [N, 1, 1, S] (0 or -inf), made once per step."""
-        if self._bias is None or self._bias.dtype != dtype:
+        if dtype not in self._bias:
             bias = torch.zeros(self.decode_valid.shape, dtype=dtype, device=self.decode_valid.device)
-            self._bias = bias.masked_fill_(~self.decode_valid, float("-inf"))[:, None, None, :]
-        return self._bias
+            self._bias[dtype] = bias.masked_fill_(~self.decode_valid, float("-inf"))[:, None, None, :]
+        return self._bias[dtype]
 
 
 class PagedAttention:
@@ -89,6 +122,10 @@ class PagedAttention:
 
     def _decode(self, q, k_cache, v_cache, scale, window):
         meta = self.meta
+        if meta.kernels is not None and q.dtype == torch.float32:
+            return meta.kernels.paged_decode_attention(
+                q, k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale, window or -1
+            )
         n = q.shape[0]
         ks = _gather(k_cache, meta.decode_gather, n).to(q.dtype)  # [N, K, S_max, D]
         vs = _gather(v_cache, meta.decode_gather, n).to(q.dtype)

@@ -18,6 +18,9 @@ from shared.engine.request import Request, TokenLogprob
 
 
 class Sampler:
+    def __init__(self, kernels=None):
+        self.kernels = kernels  # torch.ops.tandem (shared/kernels) for argmax on CPU, or None
+
     def __call__(
         self, logits: torch.Tensor, requests: list[Request]
     ) -> list[tuple[int, TokenLogprob | None]]:
@@ -26,7 +29,7 @@ class Sampler:
         )
         if any(_adjusts_logits(r) for r in requests):
             logits = self._process(logits.contiguous().clone(), requests)
-        tokens = logits.argmax(-1)
+        tokens = self._argmax(logits)
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if sampled_rows:
             rows = torch.tensor(sampled_rows, device=logits.device)
@@ -38,6 +41,11 @@ class Sampler:
                 lp = _logprob(raw_logprobs[i], token, request.params.logprobs)
             out.append((token, lp))
         return out
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            return self.kernels.argmax_rows(logits)  # reads the LM head's transposed layout directly
+        return logits.argmax(-1)
 
     def _process(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         for i, r in enumerate(requests):

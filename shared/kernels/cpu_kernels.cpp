@@ -1,0 +1,385 @@
+// Tandem's CPU kernels for the decode step, registered as torch ops in the `tandem` namespace.
+//
+// The PyTorch decode step on CPU is bound by two things besides the matmuls: the paged-KV gather that
+// copies every sequence's keys and values into a padded batch before SDPA, and the ~50 small ops per
+// layer that each cost a few microseconds of dispatch. These kernels remove both:
+//
+//   paged_decode_attention  one query token per sequence attending straight over its cache blocks
+//                           (no gather, no padding, no mask), GQA heads of a KV head sharing each
+//                           key/value row read;
+//   rope_and_cache          RoPE on the q and k heads of a fused qkv row, in place, and the token's
+//                           k and v written to its cache slot;
+//   decode_layers           a whole dense decoder stack for an all-decode step: per layer RMSNorm,
+//                           qkv GEMM, rope_and_cache, attention, o GEMM, residual + RMSNorm, gate/up
+//                           GEMM, SiLU * up, down GEMM, residual — one call for every layer.
+//
+// GEMMs stay with ATen (MKL), computed as W @ x^T for the few rows of a decode step (see
+// shared/models/linear.py for why). Everything is float32, CPU, with the cache layout of
+// shared/engine/paged_attention.py: [num_blocks, K, B, D]. Parallel loops use at::parallel_for, so they
+// follow torch.set_num_threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "skinny_gemm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// exp, vectorisable (the compiler inlines it into simd loops): 2^n * p(r), |rel err| < 2e-7.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float nf = (t + magic) - magic;
+  const float r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(nf);
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += n << 23;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void check_cache(const Tensor& k_cache, const Tensor& v_cache) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "KV caches must be contiguous [num_blocks, K, B, D]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "K and V caches differ in shape");
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "the CPU kernels take float32 caches");
+  TORCH_CHECK(k_cache.device().is_cpu(), "the CPU kernels take CPU tensors");
+}
+
+// q: [N, H, D] (any strides for N and H, unit stride for D); tables: [N, M] int64 block ids;
+// lens: [N] int64 keys per sequence (the query is the last of them). Returns [N, H, D].
+Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                              const Tensor& tables, const Tensor& lens, double scale, int64_t window) {
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.scalar_type() == at::kFloat, "q must be float32 [N, H, D]");
+  const int64_t n_seq = q.size(0), n_heads = q.size(1), dim = q.size(2);
+  const int64_t n_kv = k_cache.size(1), bs = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == dim, "head dim of q and cache differ");
+  TORCH_CHECK(n_heads % n_kv == 0, "query heads must be a multiple of KV heads");
+  auto tab = tables.to(at::kLong).contiguous();
+  auto len = lens.to(at::kLong).contiguous();
+  TORCH_CHECK(tab.dim() == 2 && tab.size(0) == n_seq && len.numel() == n_seq, "tables/lens do not match q");
+  const int64_t group = n_heads / n_kv, max_blocks = tab.size(1);
+  const int64_t* tp = tab.data_ptr<int64_t>();
+  const int64_t* lp = len.data_ptr<int64_t>();
+  int64_t max_len = 0;
+  for (int64_t i = 0; i < n_seq; ++i) {
+    TORCH_CHECK(lp[i] > 0 && lp[i] <= max_blocks * bs, "sequence length out of range of its block table");
+    max_len = std::max(max_len, lp[i]);
+  }
+  auto out = at::empty({n_seq, n_heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const float sc = static_cast<float>(scale);
+  const int64_t row = bs * dim, blk = n_kv * row;  // a (block, head) row; a block
+
+  at::parallel_for(0, n_seq * n_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * max_len);
+    std::vector<float> acc(group * dim);
+    std::vector<float> denom(group);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / n_kv, g = item % n_kv;
+      const int64_t L = lp[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+      const int64_t n_keys = L - first;
+      const int64_t* table = tp + s * max_blocks;
+      const float* qh = qp + s * qs0 + g * group * qs1;
+      for (int64_t p = first; p < L; ++p) {
+        const float* key = kp + table[p / bs] * blk + g * row + (p % bs) * dim;
+        for (int64_t j = 0; j < group; ++j) scores[j * n_keys + (p - first)] = dot(qh + j * qs1, key, dim) * sc;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < group; ++j) {
+        float* sj = scores.data() + j * n_keys;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t i = 0; i < n_keys; ++i) m = std::max(m, sj[i]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n_keys; ++i) {
+          sj[i] = fast_exp(sj[i] - m);
+          sum += sj[i];
+        }
+        denom[j] = sum;
+      }
+      for (int64_t p = first; p < L; ++p) {
+        const float* value = vp + table[p / bs] * blk + g * row + (p % bs) * dim;
+        for (int64_t j = 0; j < group; ++j) {
+          const float w = scores[j * n_keys + (p - first)];
+          float* a = acc.data() + j * dim;
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) a[d] += w * value[d];
+        }
+      }
+      for (int64_t j = 0; j < group; ++j) {
+        float* o = op + (s * n_heads + g * group + j) * dim;
+        const float inv = 1.f / denom[j];
+        for (int64_t d = 0; d < dim; ++d) o[d] = acc[j * dim + d] * inv;
+      }
+    }
+  });
+  return out;
+}
+
+// qkv: [T, (H + 2K) * D] contiguous, q heads then k heads then v heads. Rotates the first rot_dim
+// channels of every q and k head (rotate-half / NeoX pairing) in place with cos, sin [T, rot_dim/2],
+// then writes each token's k and v heads to cache slot slots[t] (block slot / B, offset slot % B).
+void rope_and_cache(Tensor qkv, const Tensor& cos, const Tensor& sin, Tensor k_cache, Tensor v_cache,
+                    const Tensor& slots, int64_t n_heads, int64_t rot_dim) {
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(qkv.is_contiguous() && qkv.scalar_type() == at::kFloat && qkv.dim() == 2, "qkv must be float32 [T, (H+2K)*D]");
+  const int64_t n_tok = qkv.size(0), n_kv = k_cache.size(1), bs = k_cache.size(2), dim = k_cache.size(3);
+  TORCH_CHECK(qkv.size(1) == (n_heads + 2 * n_kv) * dim, "qkv width does not match the heads");
+  const int64_t half = rot_dim / 2;
+  auto c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
+  auto sl = slots.to(at::kLong).contiguous();
+  TORCH_CHECK(c.numel() == n_tok * half && s.numel() == n_tok * half && sl.numel() == n_tok, "cos/sin/slots do not match qkv");
+  float* xp = qkv.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const int64_t* slp = sl.data_ptr<int64_t>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t width = qkv.size(1), n_blocks = k_cache.size(0);
+  at::parallel_for(0, n_tok, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* x = xp + t * width;
+      const float* ct = cp + t * half;
+      const float* st = sp + t * half;
+      for (int64_t h = 0; h < n_heads + n_kv; ++h) {
+        float* head = x + h * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = head[i], x2 = head[i + half];
+          head[i] = x1 * ct[i] - x2 * st[i];
+          head[i + half] = x2 * ct[i] + x1 * st[i];
+        }
+      }
+      const int64_t slot = slp[t], block = slot / bs, off = slot % bs;
+      TORCH_CHECK(block >= 0 && block < n_blocks, "cache slot out of range");
+      for (int64_t g = 0; g < n_kv; ++g) {
+        const int64_t dst = ((block * n_kv + g) * bs + off) * dim;
+        std::memcpy(kc + dst, x + (n_heads + g) * dim, dim * sizeof(float));
+        std::memcpy(vc + dst, x + (n_heads + n_kv + g) * dim, dim * sizeof(float));
+      }
+    }
+  });
+}
+
+// out = rms_norm(x (+ add, written back into x), weight): x, add [T, C] (add any 2-D strides).
+Tensor add_rms_norm(Tensor x, const c10::optional<Tensor>& add, const Tensor& weight, double eps) {
+  TORCH_CHECK(x.is_contiguous() && x.dim() == 2 && x.scalar_type() == at::kFloat, "x must be contiguous float32 [T, C]");
+  const int64_t n_tok = x.size(0), width = x.size(1);
+  auto out = at::empty_like(x);
+  float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* wp = weight.data_ptr<float>();
+  const float* ap = add ? add->data_ptr<float>() : nullptr;
+  const int64_t as0 = add ? add->stride(0) : 0, as1 = add ? add->stride(1) : 0;
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, n_tok, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* row = xp + t * width;
+      if (ap) {
+        const float* a = ap + t * as0;
+        for (int64_t i = 0; i < width; ++i) row[i] += a[i * as1];
+      }
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < width; ++i) ss += row[i] * row[i];
+      const float r = 1.f / std::sqrt(ss / static_cast<float>(width) + e);
+      float* o = op + t * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) o[i] = wp[i] * (row[i] * r);
+    }
+  });
+  return out;
+}
+
+// silu(gate) * up for gate_up [T, 2I]: [T, I] in the input's orientation. A row-major input gives a
+// contiguous result; a transposed GEMM result ([2I, T]^T, unit stride along T) gives a transposed one,
+// which the next weights-left GEMM reads without a copy.
+Tensor silu_and_mul(const Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == at::kFloat, "gate_up must be float32 [T, 2I]");
+  const int64_t n_tok = gate_up.size(0), inter = gate_up.size(1) / 2;
+  const float* gp = gate_up.data_ptr<float>();
+  const int64_t s0 = gate_up.stride(0), s1 = gate_up.stride(1);
+  if (s1 == 1 || n_tok == 1) {
+    auto out = at::empty({n_tok, inter}, gate_up.options().memory_format(at::MemoryFormat::Contiguous));
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, n_tok * inter, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin / inter; t * inter < end; ++t) {
+        const int64_t lo = std::max(begin, t * inter) - t * inter, hi = std::min(end, (t + 1) * inter) - t * inter;
+        const float* g = gp + t * s0;
+        float* o = op + t * inter;
+        if (s1 == 1) {
+#pragma omp simd
+          for (int64_t i = lo; i < hi; ++i) o[i] = g[i] / (1.f + fast_exp(-g[i])) * g[i + inter];
+        } else {
+          for (int64_t i = lo; i < hi; ++i) {
+            const float gv = g[i * s1];
+            o[i] = gv / (1.f + fast_exp(-gv)) * g[(i + inter) * s1];
+          }
+        }
+      }
+    });
+    return out;
+  }
+  TORCH_CHECK(s0 == 1, "silu_and_mul takes a row-major or a transposed input");
+  auto out_t = at::empty({inter, n_tok}, gate_up.options().memory_format(at::MemoryFormat::Contiguous));
+  float* op = out_t.data_ptr<float>();
+  at::parallel_for(0, inter, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* g = gp + i * s1;
+      const float* u = gp + (i + inter) * s1;
+      float* o = op + i * n_tok;
+#pragma omp simd
+      for (int64_t t = 0; t < n_tok; ++t) o[t] = g[t] / (1.f + fast_exp(-g[t])) * u[t];
+    }
+  });
+  return out_t.t();
+}
+
+// x @ w^T (+ b) for the few rows of a decode step by the skinny GEMM (skinny_gemm.h): [M, N], a
+// transposed view unless `contiguous` (or a bias) asks for rows. More rows than max_rows go to ATen.
+Tensor small_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b, int64_t max_rows,
+                    bool contiguous) {
+  const int64_t rows = x.size(0);
+  if (rows == 0 || rows > max_rows || rows > 64) return at::linear(x, w, b);
+  Tensor out = tandem::skinny_gemm_t(x, w).narrow(1, 0, rows).t();
+  if (contiguous || b) out = out.contiguous();
+  if (b) out.add_(*b);
+  return out;
+}
+
+// argmax over the last dim of x [M, N] (any strides; fast for the transposed [N, M] layout the
+// skinny GEMM writes): the first index of the maximum, as torch.argmax.
+Tensor argmax_rows(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "argmax_rows takes float32 [M, N]");
+  const int64_t m = x.size(0), n = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  const float* xp = x.data_ptr<float>();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 4096));
+  std::vector<float> best(chunks * m, -std::numeric_limits<float>::infinity());
+  std::vector<int64_t> where(chunks * m, 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t lo = n * c / chunks, hi = n * (c + 1) / chunks;
+      float* bv = best.data() + c * m;
+      int64_t* bi = where.data() + c * m;
+      for (int64_t r = 0; r < m; ++r) bi[r] = lo;
+      for (int64_t j = lo; j < hi; ++j) {
+        const float* col = xp + j * s1;
+        for (int64_t r = 0; r < m; ++r) {
+          const float v = col[r * s0];
+          if (v > bv[r]) {
+            bv[r] = v;
+            bi[r] = j;
+          }
+        }
+      }
+    }
+  });
+  auto out = at::empty({m}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < m; ++r) {
+    float bv = best[r];
+    int64_t bi = where[r];
+    for (int64_t c = 1; c < chunks; ++c)
+      if (best[c * m + r] > bv) bv = best[c * m + r], bi = where[c * m + r];
+    op[r] = bi;
+  }
+  return out;
+}
+
+inline c10::optional<Tensor> optional(const Tensor& t) {
+  return t.numel() ? c10::optional<Tensor>(t) : c10::nullopt;
+}
+
+// The whole dense decoder stack for one all-decode step. weights holds, per layer, in order:
+// input norm, qkv weight, qkv bias, o weight, o bias, post-attention norm, gate_up weight, down
+// weight (an empty tensor for an absent bias). Returns the final-normed hidden states [N, C].
+Tensor decode_layers(Tensor x, at::TensorList weights, const Tensor& final_norm, const Tensor& cos,
+                     const Tensor& sin, at::TensorList k_caches, at::TensorList v_caches, const Tensor& slots,
+                     const Tensor& tables, const Tensor& lens, at::IntArrayRef windows, int64_t n_heads,
+                     int64_t rot_dim, double scale, double eps, int64_t max_rows) {
+  const int64_t n_layers = static_cast<int64_t>(k_caches.size());
+  constexpr int64_t per_layer = 8;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per_layer * n_layers, "decode_layers: 8 weights per layer");
+  TORCH_CHECK(static_cast<int64_t>(windows.size()) == n_layers, "decode_layers: one window per layer");
+  const int64_t n_tok = x.size(0), n_kv = k_caches[0].size(1), dim = k_caches[0].size(3);
+  x = x.contiguous().clone();
+  c10::optional<Tensor> pending;  // the last sublayer's output, not yet added to x
+  const auto tab = tables.to(at::kLong).contiguous();
+  const auto len = lens.to(at::kLong).contiguous();
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const Tensor* w = weights.data() + per_layer * l;
+    Tensor h = add_rms_norm(x, pending, w[0], eps);
+    Tensor qkv = small_linear(h, w[1], optional(w[2]), max_rows, true);
+    rope_and_cache(qkv, cos, sin, k_caches[l], v_caches[l], slots, n_heads, rot_dim);
+    Tensor q = qkv.narrow(1, 0, n_heads * dim).view({n_tok, n_heads, dim});
+    Tensor attn = paged_decode_attention(q, k_caches[l], v_caches[l], tab, len, scale, windows[l]);
+    Tensor o = small_linear(attn.view({n_tok, n_heads * dim}), w[3], optional(w[4]), max_rows, false);
+    h = add_rms_norm(x, o, w[5], eps);
+    Tensor act = silu_and_mul(small_linear(h, w[6], c10::nullopt, max_rows, false));
+    pending = small_linear(act, w[7], c10::nullopt, max_rows, false);
+  }
+  return add_rms_norm(x, pending, final_norm, eps);
+}
+
+}  // namespace
+
+// x @ w^T for 1 to 64 rows by the skinny GEMM: [M, N] (a transposed view of the kernel's y^T).
+Tensor skinny_linear(const Tensor& x, const Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 2, "float32 [M, K] x");
+  return tandem::skinny_gemm_t(x, w).narrow(1, 0, x.size(0)).t();
+}
+
+TORCH_LIBRARY(tandem, m) {
+  m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, float scale, int window) -> Tensor");
+  m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots, int n_heads, int rot_dim) -> ()");
+  m.def("add_rms_norm(Tensor(a!) x, Tensor? add, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor tables, Tensor lens, int[] windows, int n_heads, int rot_dim, float scale, float eps, int max_rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tandem, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("rope_and_cache", &rope_and_cache);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("decode_layers", &decode_layers);
+  m.impl("skinny_linear", &skinny_linear);
+  m.impl("argmax_rows", &argmax_rows);
+}

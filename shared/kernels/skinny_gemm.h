@@ -1,0 +1,160 @@
+// Skinny GEMM for decode steps: y = x @ W^T with few rows in x (1 to 64 tokens) and a large,
+// row-major weight W [N, K] that lives in DRAM and is read once per call.
+//
+// MKL packs W into its own layout before computing, an extra pass over the largest operand; with a
+// handful of tokens that pass and the DRAM stream it waits on cost as much as the arithmetic. Here W
+// is read once, straight from its rows, by register-tiled micro-kernels built with GCC vector types
+// (the compiler emits AVX-512 or AVX2 for the machine it is built on):
+//
+//   dot kernel (M <= 4):   R rows of W at a time, the vector running along K, M*R accumulators
+//                          reduced at the end — a GEMV for one token, a few GEMVs sharing W for 2-4;
+//   tile kernel (M > 4):   x^T padded to [K, Mp] (Mp a multiple of the vector width) stays in cache;
+//                          for each k, R broadcast weights times Mp/VW vectors of x^T, R*Mp/VW
+//                          accumulators — the outer-product form, no horizontal sums.
+//
+// Output is written as y^T [N, M] (rows of W are the outer loop), which is what the next kernels and
+// GEMMs of the decode stack read; callers take the [M, N] transposed view.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace tandem {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#else
+constexpr int VW = 8;
+#endif
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4), __may_alias__));
+
+inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline void vstore(float* p, vf v) { *reinterpret_cast<vf*>(p) = v; }
+inline vf vsplat(float a) { return vf{} + a; }
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+
+// y^T[n0:n0+R, 0:M] for M <= 4 tokens: x [M, K] contiguous rows.
+template <int M, int R>
+inline void dot_tile(const float* w, int64_t k_dim, const float* x, float* yt, int64_t ld_y) {
+  vf acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = vf{};
+  int64_t k = 0;
+  for (; k + VW <= k_dim; k += VW) {
+    vf xv[M];
+    for (int m = 0; m < M; ++m) xv[m] = vload(x + m * k_dim + k);
+    for (int r = 0; r < R; ++r) {
+      const vf wv = vload(w + r * k_dim + k);
+      for (int m = 0; m < M; ++m) acc[r][m] += wv * xv[m];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      float s = hsum(acc[r][m]);
+      for (int64_t kk = k; kk < k_dim; ++kk) s += w[r * k_dim + kk] * x[m * k_dim + kk];
+      yt[r * ld_y + m] = s;
+    }
+}
+
+// y^T[n0:n0+R, 0:NV*VW] from x^T [K, NV*VW] (padded columns).
+template <int NV, int R>
+inline void outer_tile(const float* w, int64_t k_dim, const float* xt, float* yt) {
+  constexpr int cols = NV * VW;
+  vf acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = vf{};
+  for (int64_t k = 0; k < k_dim; ++k) {
+    vf b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(xt + k * cols + v * VW);
+    for (int r = 0; r < R; ++r) {
+      const vf a = vsplat(w[r * k_dim + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) vstore(yt + r * cols + v * VW, acc[r][v]);
+}
+
+template <int M>
+void dot_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* x, float* yt) {
+  constexpr int R = M == 1 ? 4 : (M == 2 ? 4 : 3);
+  const int64_t tiles = n_dim / R;
+  at::parallel_for(0, tiles + 1, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (t < tiles) {
+        dot_tile<M, R>(w + t * R * k_dim, k_dim, x, yt + t * R * M, M);
+      } else {
+        for (int64_t n = tiles * R; n < n_dim; ++n) dot_tile<M, 1>(w + n * k_dim, k_dim, x, yt + n * M, M);
+      }
+    }
+  });
+}
+
+template <int NV>
+void outer_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* xt, float* yt) {
+  // registers: R*NV accumulators + NV loads; 32 vector registers with AVX-512, 16 with AVX2
+  constexpr int budget = VW == 16 ? 24 : 12;
+  constexpr int R = std::max(1, budget / NV - 1);
+  constexpr int cols = NV * VW;
+  const int64_t tiles = n_dim / R;
+  at::parallel_for(0, tiles + 1, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (t < tiles) {
+        outer_tile<NV, R>(w + t * R * k_dim, k_dim, xt, yt + t * R * cols);
+      } else {
+        for (int64_t n = tiles * R; n < n_dim; ++n) outer_tile<NV, 1>(w + n * k_dim, k_dim, xt, yt + n * cols);
+      }
+    }
+  });
+}
+
+// x [M, K] (any strides), w [N, K] contiguous float32 -> y^T as a [N, ld] tensor (ld >= M; the
+// first M columns hold y^T). M must be in [1, 64].
+inline at::Tensor skinny_gemm_t(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t m = x.size(0), k_dim = x.size(1), n_dim = w.size(0);
+  TORCH_CHECK(w.is_contiguous() && w.size(1) == k_dim, "skinny_gemm: weight must be contiguous [N, K]");
+  TORCH_CHECK(m >= 1 && m <= 64, "skinny_gemm: 1 to 64 rows");
+  const float* wp = w.data_ptr<float>();
+  if (m <= 4) {
+    auto xc = x.contiguous();
+    auto yt = at::empty({n_dim, m}, w.options());
+    const float* xp = xc.data_ptr<float>();
+    float* yp = yt.data_ptr<float>();
+    switch (m) {
+      case 1: dot_rows<1>(wp, n_dim, k_dim, xp, yp); break;
+      case 2: dot_rows<2>(wp, n_dim, k_dim, xp, yp); break;
+      case 3: dot_rows<3>(wp, n_dim, k_dim, xp, yp); break;
+      default: dot_rows<4>(wp, n_dim, k_dim, xp, yp); break;
+    }
+    return yt;
+  }
+  const int64_t nv = (m + VW - 1) / VW;
+  const int64_t cols = nv * VW;
+  auto xt = at::empty({k_dim, cols}, w.options());
+  xt.narrow(1, 0, m).copy_(x.t());
+  if (cols > m) xt.narrow(1, m, cols - m).zero_();
+  auto yt = at::empty({n_dim, cols}, w.options());
+  const float* xp = xt.data_ptr<float>();
+  float* yp = yt.data_ptr<float>();
+  switch (nv) {
+    case 1: outer_rows<1>(wp, n_dim, k_dim, xp, yp); break;
+    case 2: outer_rows<2>(wp, n_dim, k_dim, xp, yp); break;
+    case 3: outer_rows<3>(wp, n_dim, k_dim, xp, yp); break;
+    case 4: outer_rows<4>(wp, n_dim, k_dim, xp, yp); break;
+    case 5: outer_rows<5>(wp, n_dim, k_dim, xp, yp); break;
+    case 6: outer_rows<6>(wp, n_dim, k_dim, xp, yp); break;
+    case 7: outer_rows<7>(wp, n_dim, k_dim, xp, yp); break;
+    default: outer_rows<8>(wp, n_dim, k_dim, xp, yp); break;
+  }
+  return yt;
+}
+
+}  // namespace tandem

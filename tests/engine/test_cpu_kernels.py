@@ -1,0 +1,199 @@
+"""Tandem's compiled CPU kernels (shared/kernels) against the PyTorch code they replace.
+
+Op by op on random tensors (paged decode attention with GQA, sliding windows and ragged lengths;
+RoPE + KV write; residual + RMSNorm; SiLU * up in both layouts), then whole engines: the same
+greedy tokens and log-probabilities with the kernels as without them, for tiny checkpoints of the
+dense families (biases, partial rotary, yarn, sliding windows, qk-norm) and an MoE one, in batches
+whose requests arrive at different steps so that mixed prefill/decode steps use the attention kernel
+and all-decode steps the fused decoder stack.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shared.cli.main import main as tandem_main
+from shared.engine import EngineConfig, LLMEngine, SamplingParams
+from shared.kernels import cpu_ops, enabled
+from shared.models.rope import apply_rotary
+from tests.tiny_models import BASE, make_tiny
+
+if not enabled():
+    pytest.skip("TANDEM_CPU_KERNELS=0", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = cpu_ops()
+    assert ops is not None, "the CPU kernels failed to build (see the warning in the log)"
+    return ops
+
+
+def reference_decode(q, k_cache, v_cache, table, length, scale, window):
+    """One sequence's decode attention the slow, obvious way: [H, D]."""
+    bs = k_cache.shape[2]
+    pos = torch.arange(length)
+    keys = k_cache[table[pos // bs], :, pos % bs].transpose(0, 1)  # [K, L, D]
+    values = v_cache[table[pos // bs], :, pos % bs].transpose(0, 1)
+    group = q.shape[0] // keys.shape[0]
+    allowed = pos > length - 1 - window if window > 0 else torch.ones(length, dtype=torch.bool)
+    out = F.scaled_dot_product_attention(
+        q[:, None],
+        keys.repeat_interleave(group, 0),
+        values.repeat_interleave(group, 0),
+        attn_mask=allowed[None, None],
+        scale=scale,
+    )
+    return out[:, 0]
+
+
+@pytest.mark.parametrize("window", [-1, 7])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
+def test_paged_decode_attention_matches_sdpa(ops, heads, kv_heads, dim, window):
+    torch.manual_seed(0)
+    blocks, bs = 48, 16
+    k_cache, v_cache = torch.randn(blocks, kv_heads, bs, dim), torch.randn(blocks, kv_heads, bs, dim)
+    lens = torch.tensor([1, 16, 17, 100, 33])
+    tables = torch.stack([torch.randperm(blocks)[:8] for _ in lens])
+    q = torch.randn(len(lens), heads * 2, dim)[:, ::2]  # a strided view, as the fused qkv gives
+    out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, window)
+    for i, n in enumerate(lens.tolist()):
+        want = reference_decode(q[i], k_cache, v_cache, tables[i], n, dim**-0.5, window)
+        torch.testing.assert_close(out[i], want, atol=2e-6, rtol=1e-5)
+
+
+def test_paged_decode_attention_rejects_a_length_beyond_its_table(ops):
+    cache = torch.zeros(4, 1, 16, 8)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.paged_decode_attention(
+            torch.zeros(1, 1, 8), cache, cache, torch.tensor([[0, 1]]), torch.tensor([33]), 1.0, -1
+        )
+
+
+@pytest.mark.parametrize("rot_dim", [32, 16])
+def test_rope_and_cache_rotates_in_place_and_writes_the_slots(ops, rot_dim):
+    torch.manual_seed(1)
+    tokens, heads, kv_heads, dim, bs = 5, 6, 2, 32, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    cos, sin = torch.randn(tokens, rot_dim // 2), torch.randn(tokens, rot_dim // 2)
+    slots = torch.tensor([3, 9, 0, 22, 17])
+    k_cache, v_cache = torch.zeros(6, kv_heads, bs, dim), torch.zeros(6, kv_heads, bs, dim)
+    want = apply_rotary(qkv[:, : (heads + kv_heads) * dim].reshape(tokens, -1, dim), cos, sin, rot_dim)
+    values = qkv[:, (heads + kv_heads) * dim :].reshape(tokens, kv_heads, dim).clone()
+    ops.rope_and_cache(qkv, cos, sin, k_cache, v_cache, slots, heads, rot_dim)
+    torch.testing.assert_close(qkv[:, : (heads + kv_heads) * dim].reshape(tokens, -1, dim), want)
+    for t, slot in enumerate(slots.tolist()):
+        torch.testing.assert_close(k_cache[slot // bs, :, slot % bs], want[t, heads:])
+        assert torch.equal(v_cache[slot // bs, :, slot % bs], values[t])
+    untouched = torch.ones(6 * bs, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache.transpose(1, 2).reshape(6 * bs, -1)[untouched].any()
+
+
+def test_add_rms_norm_adds_into_the_residual(ops):
+    torch.manual_seed(2)
+    x, add, weight = torch.randn(7, 96), torch.randn(96, 7).t(), torch.randn(96)
+    residual = x.clone()
+    out = ops.add_rms_norm(residual, add, weight, 1e-6)
+    torch.testing.assert_close(residual, x + add)
+    torch.testing.assert_close(out, F.rms_norm(x + add, (96,), weight, 1e-6))
+    torch.testing.assert_close(
+        ops.add_rms_norm(x.clone(), None, weight, 1e-6), F.rms_norm(x, (96,), weight, 1e-6)
+    )
+
+
+@pytest.mark.parametrize("layout", ["rows", "transposed", "one-row-strided"])
+def test_silu_and_mul_in_both_layouts(ops, layout):
+    torch.manual_seed(3)
+    inter = 40
+    gate_up = {
+        "rows": torch.randn(6, 2 * inter) * 8,
+        "transposed": (torch.randn(2 * inter, 6) * 8).t(),
+        "one-row-strided": (torch.randn(2 * inter, 2) * 8)[:, :1].t(),
+    }[layout]
+    want = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    got = ops.silu_and_mul(gate_up)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if layout == "transposed":
+        assert got.stride() == (1, 6), "a transposed input gives a transposed result (no copy for the GEMM)"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 17, 32, 33, 64])
+def test_skinny_linear_matches_matmul(ops, rows):
+    torch.manual_seed(rows)
+    for n, k in [(960, 576), (61, 100), (7, 13)]:  # row counts and widths off every tile size
+        x, w = torch.randn(rows, k), torch.randn(n, k) * 0.1
+        got = ops.skinny_linear(x[:, :k], w)
+        assert got.shape == (rows, n)
+        torch.testing.assert_close(got, x @ w.t(), atol=1e-4, rtol=1e-4)
+    x = torch.randn(96, rows).t()  # transposed input, as the decode stack passes between GEMMs
+    w = torch.randn(40, 96)
+    torch.testing.assert_close(ops.skinny_linear(x, w), x @ w.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_argmax_rows_takes_the_first_maximum_in_either_layout(ops):
+    torch.manual_seed(5)
+    logits = torch.randn(9, 50000)
+    logits[3, 7] = logits[3, 40000] = 100.0  # a tie: the first index wins, as torch.argmax
+    logits[5] = 0.0
+    want = logits.argmax(-1)
+    assert torch.equal(ops.argmax_rows(logits), want)
+    assert torch.equal(ops.argmax_rows(logits.t().contiguous().t()), want)
+    assert ops.argmax_rows(logits)[3] == 7 and ops.argmax_rows(logits)[5] == 0
+
+
+# -- whole engines ----------------------------------------------------------------------------------
+
+
+def run(engine: LLMEngine, prompts: list[list[int]]):
+    """Greedy with logprobs; the later prompts arrive while the first ones decode (mixed steps)."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    ids = ["r0"]
+    engine.add_request("r0", prompts[0], params)
+    outputs: dict[str, list] = {}
+    steps = 0
+    while engine.has_unfinished():
+        if steps == 3:
+            for i, prompt in enumerate(prompts[1:], 1):
+                ids.append(f"r{i}")
+                engine.add_request(f"r{i}", prompt, params)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_logprobs)
+        steps += 1
+    assert engine.pool.num_free == engine.pool.num_blocks
+    return [[(lp.token_id, lp.logprob) for lp in outputs[i]] for i in ids]
+
+
+CASES = {  # case -> is the whole decoder stack run by the kernels?
+    "llama": True,
+    "llama-bias": True,
+    "llama-rope-yarn": True,
+    "mistral-sliding": True,
+    "qwen2": True,
+    "qwen3": False,  # per-head q/k RMSNorm: the PyTorch layers, with the attention kernel
+    "mixtral": False,  # MoE layers: likewise
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_engine_gives_the_same_tokens_with_and_without_kernels(case, ops, tmp_path, store_root):
+    make_tiny(case, tmp_path / case)
+    name = f"kernels-{case}"
+    assert (
+        tandem_main(["models", "--store", str(store_root), "import", str(tmp_path / case), "--name", name])
+        == 0
+    )
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=gen).tolist() for n in (21, 5, 40, 16)]
+    results = {}
+    for kernels in (True, False):
+        config = EngineConfig(block_size=4, num_blocks=256, cpu_kernels=kernels)
+        engine = LLMEngine.from_store(store_root / name, config)
+        assert (engine.runner.decode_stack is not None) == (kernels and CASES[case])
+        assert (engine.runner.kernels is not None) == kernels
+        results[kernels] = run(engine, prompts)
+    for fast, slow in zip(results[True], results[False], strict=True):
+        assert [t for t, _ in fast] == [t for t, _ in slow]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(fast, slow, strict=True)) < 1e-4
