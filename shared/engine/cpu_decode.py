@@ -20,7 +20,7 @@ import torch
 
 from shared.engine.paged_attention import PagedMetadata
 from shared.models.layers import Attention, GatedMLP, RMSNorm
-from shared.models.linear import SMALL_BATCH_ROWS, Linear
+from shared.models.linear import SMALL_BATCH_ROWS, Linear, linear
 from shared.models.transformer import CausalLM, DecoderLayer
 
 
@@ -79,6 +79,28 @@ class CpuDecodeStack:
             ]
             windows.append(attn.window or -1)
         return cls(model, ops, [w.detach() for w in weights], windows)
+
+    @staticmethod
+    def install_gemm(model: CausalLM, ops) -> None:
+        """Route the model's float32 CPU `Linear` layers through the kernels' GEMMs (inference only):
+        the skinny GEMM up to 64 rows, the blocked one beyond (prefill chunks)."""
+
+        def gemm(x, weight, bias, contiguous):
+            if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or not x.shape[0]:
+                return linear(x, weight, bias, contiguous)
+            if x.shape[0] <= SMALL_BATCH_ROWS:
+                out = ops.skinny_linear(x, weight)
+                out = out if bias is None else out + bias
+                return out.contiguous() if contiguous else out
+            return ops.gemm_rows(x, weight, bias)
+
+        for module in model.modules():
+            if (
+                type(module) is Linear
+                and module.weight.dtype == torch.float32
+                and module.weight.is_contiguous()
+            ):
+                module.gemm = gemm
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head for a few rows by the skinny GEMM: [N, V], a transposed view."""

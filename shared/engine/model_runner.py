@@ -57,6 +57,8 @@ class ModelRunner:
         if cpu_kernels and self.device.type == "cpu" and kv_dtype == torch.float32:
             self.kernels = cpu_ops()
         self.decode_stack = CpuDecodeStack.build(model, self.kernels)
+        if self.kernels is not None:
+            CpuDecodeStack.install_gemm(model, self.kernels)
 
     @property
     def block_shape(self) -> tuple[int, ...]:

@@ -107,8 +107,17 @@ class PagedAttention:
             out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_cache, v_cache, scale, window).to(
                 q.dtype
             )
+        kernels = meta.kernels if q.dtype == torch.float32 and k_cache.dtype == torch.float32 else None
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_queries)
+            if kernels is not None:  # [Q, H, D] against [S, K, D], causal, no copies of the chunk's own K/V
+                if chunk.gather is None:
+                    ks, vs = k[rows], v[rows]
+                else:
+                    ks = _gather(k_cache, chunk.gather, 1, chunk.num_keys)[0].transpose(0, 1)
+                    vs = _gather(v_cache, chunk.gather, 1, chunk.num_keys)[0].transpose(0, 1)
+                out[rows] = kernels.prefill_attention(q[rows], ks, vs, scale, window or -1)
+                continue
             qs = q[rows].transpose(0, 1)[None]  # [1, H, Q, D]
             if chunk.gather is None:  # no context: the chunk's own keys are all there is
                 ks, vs = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]

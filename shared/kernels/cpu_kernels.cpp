@@ -151,6 +151,110 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
   return out;
 }
 
+// Causal attention of a prefill chunk: q [Q, H, D], k and v [S, K, D] (any row and head strides,
+// unit stride along D), the queries being the last Q of the S positions; window > 0 limits each query
+// to its last `window` keys. Returns [Q, H, D].
+//
+// Blocks of 32 queries of one head: S^T = K Q^T for the keys up to the block's last query (the skinny
+// GEMM's outer-product tile, K's rows read in place), the causal mask and softmax down each column (a
+// query), then O^T = V^T P^T with V^T packed once per KV head. Score blocks stay in L2; only the key
+// blocks a query block can see are computed.
+Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prefill_attention: q [Q, H, D], k/v [S, K, D]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "prefill_attention takes float32");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "unit stride along the head dim");
+  const int64_t n_q = q.size(0), n_heads = q.size(1), dim = q.size(2);
+  const int64_t n_s = k.size(0), n_kv = k.size(1);
+  TORCH_CHECK(k.size(2) == dim && v.sizes() == k.sizes() && n_s >= n_q && n_heads % n_kv == 0,
+              "prefill_attention: shapes do not match");
+  constexpr int64_t BQ = 32;
+  constexpr int NV = BQ / tandem::VW;
+  const int64_t group = n_heads / n_kv, offset = n_s - n_q;
+  auto out = at::empty({n_q, n_heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (n_q == 0) return out;
+  // V^T per KV head: [K][D][S]
+  auto vt = at::empty({n_kv, dim, n_s}, v.options());
+  {
+    const float* vp = v.data_ptr<float>();
+    float* vtp = vt.data_ptr<float>();
+    const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+    at::parallel_for(0, n_kv * ((n_s + 63) / 64), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t g = item % n_kv, s0 = (item / n_kv) * 64, s1 = std::min(n_s, s0 + 64);
+        for (int64_t s = s0; s < s1; ++s)
+          for (int64_t d = 0; d < dim; ++d) vtp[(g * dim + d) * n_s + s] = vp[s * vs0 + g * vs1 + d];
+      }
+    });
+  }
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vtp = vt.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+  const int64_t n_blocks = (n_q + BQ - 1) / BQ, items = n_heads * n_blocks;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qt(dim * BQ), st(n_s * BQ);
+    for (int64_t item = begin; item < end; ++item) {
+      // pair short and long causal blocks so that contiguous ranges of items cost about the same
+      const int64_t h = item % n_heads, r = item / n_heads;
+      const int64_t qb = (r % 2 == 0) ? r / 2 : n_blocks - 1 - r / 2;
+      const int64_t g = h / group, i0 = qb * BQ, valid = std::min(BQ, n_q - i0);
+      const int64_t first_pos = offset + i0, last_pos = offset + i0 + valid - 1;
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, first_pos - window + 1) : 0, hi = last_pos + 1;
+      const int64_t n_keys = hi - lo;
+      std::fill(qt.begin(), qt.end(), 0.f);
+      for (int64_t i = 0; i < valid; ++i)
+        for (int64_t d = 0; d < dim; ++d) qt[d * BQ + i] = qp[(i0 + i) * qs0 + h * qs1 + d] * sc;
+      // S^T [n_keys, BQ]
+      const float* kg = kp + g * ks1 + lo * ks0;
+      int64_t j = 0;
+      for (; j + 8 <= n_keys; j += 8)
+        tandem::outer_tile<NV, 8>(kg + j * ks0, dim, qt.data(), st.data() + j * BQ, BQ, false, BQ, ks0);
+      for (; j < n_keys; ++j)
+        tandem::outer_tile<NV, 1>(kg + j * ks0, dim, qt.data(), st.data() + j * BQ, BQ, false, BQ, ks0);
+      // mask, softmax down each column
+      float mx[BQ], sum[BQ];
+      for (int64_t i = 0; i < BQ; ++i) mx[i] = -std::numeric_limits<float>::infinity(), sum[i] = 0.f;
+      for (int64_t jj = 0; jj < n_keys; ++jj) {
+        float* row = st.data() + jj * BQ;
+        const int64_t pos = lo + jj;
+        for (int64_t i = 0; i < BQ; ++i) {
+          const int64_t qpos = first_pos + i;
+          const bool ok = i < valid && pos <= qpos && (window <= 0 || pos > qpos - window);
+          row[i] = ok ? row[i] : -std::numeric_limits<float>::infinity();
+          mx[i] = std::max(mx[i], row[i]);
+        }
+      }
+      for (int64_t jj = 0; jj < n_keys; ++jj) {
+        float* row = st.data() + jj * BQ;
+#pragma omp simd
+        for (int64_t i = 0; i < BQ; ++i) {
+          const float e = row[i] == -std::numeric_limits<float>::infinity() ? 0.f : fast_exp(row[i] - mx[i]);
+          row[i] = e;
+          sum[i] += e;
+        }
+      }
+      for (int64_t i = 0; i < BQ; ++i) sum[i] = sum[i] > 0.f ? 1.f / sum[i] : 0.f;
+      for (int64_t jj = 0; jj < n_keys; ++jj) {
+        float* row = st.data() + jj * BQ;
+#pragma omp simd
+        for (int64_t i = 0; i < BQ; ++i) row[i] *= sum[i];
+      }
+      // O^T [D, BQ] = V^T [D, keys] P^T [keys, BQ], written as O rows
+      const float* vg = vtp + g * dim * n_s + lo;
+      float* og = op + i0 * n_heads * dim + h * dim;
+      int64_t d = 0;
+      for (; d + 8 <= dim; d += 8)
+        tandem::outer_tile<NV, 8>(vg + d * n_s, n_keys, st.data(), og + d, n_heads * dim, true, valid, n_s);
+      for (; d < dim; ++d)
+        tandem::outer_tile<NV, 1>(vg + d * n_s, n_keys, st.data(), og + d, n_heads * dim, true, valid, n_s);
+    }
+  });
+  return out;
+}
+
 // qkv: [T, (H + 2K) * D] contiguous, q heads then k heads then v heads. Rotates the first rot_dim
 // channels of every q and k head (rotate-half / NeoX pairing) in place with cos, sin [T, rot_dim/2],
 // then writes each token's k and v heads to cache slot slots[t] (block slot / B, offset slot % B).
@@ -364,7 +468,17 @@ Tensor skinny_linear(const Tensor& x, const Tensor& w) {
   return tandem::skinny_gemm_t(x, w).narrow(1, 0, x.size(0)).t();
 }
 
+// x @ w^T (+ b) for any number of rows, row-major [M, N].
+Tensor gemm_rows(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.dim() == 2, "float32 [M, K] x");
+  auto y = tandem::gemm_rows(x, w);
+  if (b) y.add_(*b);
+  return y;
+}
+
 TORCH_LIBRARY(tandem, m) {
+  m.def("gemm_rows(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, float scale, int window) -> Tensor");
@@ -382,4 +496,6 @@ TORCH_LIBRARY_IMPL(tandem, CPU, m) {
   m.impl("decode_layers", &decode_layers);
   m.impl("skinny_linear", &skinny_linear);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("gemm_rows", &gemm_rows);
+  m.impl("prefill_attention", &prefill_attention);
 }

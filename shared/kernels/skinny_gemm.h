@@ -64,9 +64,13 @@ inline void dot_tile(const float* w, int64_t k_dim, const float* x, float* yt, i
     }
 }
 
-// y^T[n0:n0+R, 0:NV*VW] from x^T [K, NV*VW] (padded columns).
+// y^T[n0:n0+R, 0:NV*VW] from a packed x^T chunk [K, NV*VW] and R rows of w (ld_w apart, default K);
+// writes y^T rows (ld_y apart) or, with rows_out, y rows (y[m, n0 + r] at y + m * ld_y + r, for the
+// first `valid` columns).
 template <int NV, int R>
-inline void outer_tile(const float* w, int64_t k_dim, const float* xt, float* yt) {
+inline void outer_tile(const float* w, int64_t k_dim, const float* xt, float* y, int64_t ld_y, bool rows_out,
+                       int64_t valid, int64_t ld_w = -1) {
+  if (ld_w < 0) ld_w = k_dim;
   constexpr int cols = NV * VW;
   vf acc[R][NV];
   for (int r = 0; r < R; ++r)
@@ -75,12 +79,18 @@ inline void outer_tile(const float* w, int64_t k_dim, const float* xt, float* yt
     vf b[NV];
     for (int v = 0; v < NV; ++v) b[v] = vload(xt + k * cols + v * VW);
     for (int r = 0; r < R; ++r) {
-      const vf a = vsplat(w[r * k_dim + k]);
+      const vf a = vsplat(w[r * ld_w + k]);
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) vstore(yt + r * cols + v * VW, acc[r][v]);
+  if (!rows_out) {
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) vstore(y + r * ld_y + v * VW, acc[r][v]);
+    return;
+  }
+  for (int v = 0; v < NV; ++v)
+    for (int i = 0; i < VW && v * VW + i < valid; ++i)
+      for (int r = 0; r < R; ++r) y[(v * VW + i) * ld_y + r] = acc[r][v][i];
 }
 
 template <int M>
@@ -98,19 +108,59 @@ void dot_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* x, floa
   });
 }
 
+// Tiles of R weight rows; rows are grouped in blocks that stay in L2 while every column chunk of
+// the packed x^T ([chunks][K][NV*VW]) passes over them.
 template <int NV>
-void outer_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* xt, float* yt) {
+void outer_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* xpack, int64_t m, float* y,
+                int64_t ld_y, bool rows_out) {
   // registers: R*NV accumulators + NV loads; 32 vector registers with AVX-512, 16 with AVX2
   constexpr int budget = VW == 16 ? 24 : 12;
-  constexpr int R = std::max(1, budget / NV - 1);
+  constexpr int R = std::min(8, std::max(1, budget / NV - 1));
   constexpr int cols = NV * VW;
-  const int64_t tiles = n_dim / R;
-  at::parallel_for(0, tiles + 1, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (t < tiles) {
-        outer_tile<NV, R>(w + t * R * k_dim, k_dim, xt, yt + t * R * cols);
-      } else {
-        for (int64_t n = tiles * R; n < n_dim; ++n) outer_tile<NV, 1>(w + n * k_dim, k_dim, xt, yt + n * cols);
+  const int64_t chunks = (m + cols - 1) / cols;
+  // blocks of ~128 KB of W, as many as a multiple of the threads so that none idles at the end
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = std::max<int64_t>(R, 128 * 1024 / (k_dim * 4));
+  const int64_t rounds = std::max<int64_t>(1, (n_dim + target * threads - 1) / (target * threads));
+  const int64_t per = (n_dim + rounds * threads - 1) / (rounds * threads);
+  const int64_t block = std::max<int64_t>(R, (per + R - 1) / R * R);
+  const int64_t n_blocks = (n_dim + block - 1) / block;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * block, n1 = std::min(n_dim, n0 + block);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* xt = xpack + c * k_dim * cols;
+        const int64_t valid = std::min<int64_t>(cols, m - c * cols);
+        int64_t n = n0;
+        for (; n + R <= n1; n += R) {
+          float* out = rows_out ? y + c * cols * ld_y + n : y + n * ld_y + c * cols;
+          outer_tile<NV, R>(w + n * k_dim, k_dim, xt, out, ld_y, rows_out, valid);
+        }
+        for (; n < n1; ++n) {
+          float* out = rows_out ? y + c * cols * ld_y + n : y + n * ld_y + c * cols;
+          outer_tile<NV, 1>(w + n * k_dim, k_dim, xt, out, ld_y, rows_out, valid);
+        }
+      }
+    }
+  });
+}
+
+// x [M, K] (any strides) -> x^T in chunks of `cols` columns, [chunks][K][cols], zero-padded.
+inline void pack_columns(const at::Tensor& x, int64_t cols, float* out) {
+  const int64_t m = x.size(0), k_dim = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
+  const int64_t chunks = (m + cols - 1) / cols;
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      float* dst = out + c * k_dim * cols;
+      const int64_t valid = std::min<int64_t>(cols, m - c * cols);
+      if (valid < cols) std::fill(dst, dst + k_dim * cols, 0.f);
+      for (int64_t k0 = 0; k0 < k_dim; k0 += 64) {  // 64 x cols tiles: both sides stay in L1
+        const int64_t k1 = std::min(k_dim, k0 + 64);
+        for (int64_t i = 0; i < valid; ++i) {
+          const float* src = xp + (c * cols + i) * s0;
+          for (int64_t k = k0; k < k1; ++k) dst[k * cols + i] = src[k * s1];
+        }
       }
     }
   });
@@ -139,22 +189,35 @@ inline at::Tensor skinny_gemm_t(const at::Tensor& x, const at::Tensor& w) {
   const int64_t nv = (m + VW - 1) / VW;
   const int64_t cols = nv * VW;
   auto xt = at::empty({k_dim, cols}, w.options());
-  xt.narrow(1, 0, m).copy_(x.t());
-  if (cols > m) xt.narrow(1, m, cols - m).zero_();
+  pack_columns(x, cols, xt.data_ptr<float>());
   auto yt = at::empty({n_dim, cols}, w.options());
   const float* xp = xt.data_ptr<float>();
   float* yp = yt.data_ptr<float>();
   switch (nv) {
-    case 1: outer_rows<1>(wp, n_dim, k_dim, xp, yp); break;
-    case 2: outer_rows<2>(wp, n_dim, k_dim, xp, yp); break;
-    case 3: outer_rows<3>(wp, n_dim, k_dim, xp, yp); break;
-    case 4: outer_rows<4>(wp, n_dim, k_dim, xp, yp); break;
-    case 5: outer_rows<5>(wp, n_dim, k_dim, xp, yp); break;
-    case 6: outer_rows<6>(wp, n_dim, k_dim, xp, yp); break;
-    case 7: outer_rows<7>(wp, n_dim, k_dim, xp, yp); break;
-    default: outer_rows<8>(wp, n_dim, k_dim, xp, yp); break;
+    case 1: outer_rows<1>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 2: outer_rows<2>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 3: outer_rows<3>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 4: outer_rows<4>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 5: outer_rows<5>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 6: outer_rows<6>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 7: outer_rows<7>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
+    default: outer_rows<8>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
   }
   return yt;
+}
+
+// x [M, K] (any strides) @ w [N, K]^T -> y [M, N] row-major, for any M: x^T packed in chunks of
+// 32 columns, each chunk passing over L2-sized blocks of W.
+inline at::Tensor gemm_rows(const at::Tensor& x, const at::Tensor& w) {
+  const int64_t m = x.size(0), k_dim = x.size(1), n_dim = w.size(0);
+  TORCH_CHECK(w.is_contiguous() && w.size(1) == k_dim, "gemm: weight must be contiguous [N, K]");
+  constexpr int NV = 32 / VW, cols = 32;
+  const int64_t chunks = (m + cols - 1) / cols;
+  auto pack = at::empty({chunks, k_dim, cols}, w.options());
+  pack_columns(x, cols, pack.data_ptr<float>());
+  auto y = at::empty({m, n_dim}, w.options());
+  outer_rows<NV>(w.data_ptr<float>(), n_dim, k_dim, pack.data_ptr<float>(), m, y.data_ptr<float>(), n_dim, true);
+  return y;
 }
 
 }  // namespace tandem

@@ -37,5 +37,11 @@ def linear(
 
 
 class Linear(nn.Linear):
+    #: A replacement GEMM (x, weight, bias, contiguous) -> output that a serving engine may set on an
+    #: inference-only model (e.g. Tandem's compiled CPU kernels); used only under inference_mode.
+    gemm = None
+
     def forward(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
+        if self.gemm is not None and torch.is_inference_mode_enabled():
+            return self.gemm(x, self.weight, self.bias, contiguous)
         return linear(x, self.weight, self.bias, contiguous)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from shared.cli.main import main as tandem_main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.kernels import cpu_ops, enabled
+from shared.models.attention import causal_mask
 from shared.models.rope import apply_rotary
 from tests.tiny_models import BASE, make_tiny
 
@@ -144,11 +145,50 @@ def test_argmax_rows_takes_the_first_maximum_in_either_layout(ops):
     assert ops.argmax_rows(logits)[3] == 7 and ops.argmax_rows(logits)[5] == 0
 
 
+@pytest.mark.parametrize(
+    "queries,keys,heads,kv_heads,dim,window",
+    [
+        (100, 100, 9, 3, 64, -1),
+        (37, 37, 4, 2, 32, -1),
+        (20, 100, 8, 1, 16, -1),
+        (70, 70, 4, 4, 64, 9),
+        (5, 40, 4, 2, 64, 8),
+    ],
+)
+def test_prefill_attention_matches_causal_sdpa(ops, queries, keys, heads, kv_heads, dim, window):
+    """A chunk's queries are the last `queries` of `keys` positions (earlier ones: cached context)."""
+    torch.manual_seed(6)
+    qkv = torch.randn(keys, heads + 2 * kv_heads, dim)  # strided views, as the fused projection gives
+    q, k, v = qkv[keys - queries :, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
+    got = ops.prefill_attention(q, k, v, dim**-0.5, window)
+    mask = causal_mask(queries, keys, window if window > 0 else None, q.device)
+    want = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=mask,
+        scale=dim**-0.5,
+        enable_gqa=True,
+    )[0].transpose(0, 1)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [65, 100, 512])
+def test_gemm_rows_matches_matmul(ops, rows):
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(rows, 200), torch.randn(75, 200) * 0.1, torch.randn(75)
+    torch.testing.assert_close(ops.gemm_rows(x, w, b), x @ w.t() + b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        ops.gemm_rows(x.t().contiguous().t(), w, None), x @ w.t(), atol=1e-4, rtol=1e-4
+    )
+
+
 # -- whole engines ----------------------------------------------------------------------------------
 
 
 def run(engine: LLMEngine, prompts: list[list[int]]):
-    """Greedy with logprobs; the later prompts arrive while the first ones decode (mixed steps)."""
+    """Greedy with logprobs; the later prompts arrive while the first ones decode, and prefill in
+    chunks of 16 tokens with a budget of 24 a step (mixed steps, chunks with cached context)."""
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
     ids = ["r0"]
     engine.add_request("r0", prompts[0], params)
@@ -189,7 +229,13 @@ def test_engine_gives_the_same_tokens_with_and_without_kernels(case, ops, tmp_pa
     prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=gen).tolist() for n in (21, 5, 40, 16)]
     results = {}
     for kernels in (True, False):
-        config = EngineConfig(block_size=4, num_blocks=256, cpu_kernels=kernels)
+        config = EngineConfig(
+            block_size=4,
+            num_blocks=256,
+            long_prefill_chunk=16,
+            max_num_batched_tokens=24,
+            cpu_kernels=kernels,
+        )
         engine = LLMEngine.from_store(store_root / name, config)
         assert (engine.runner.decode_stack is not None) == (kernels and CASES[case])
         assert (engine.runner.kernels is not None) == kernels
