@@ -3,6 +3,8 @@
 TANDEM_HOME     root of Tandem's state (default: $XDG_CACHE_HOME/tandem or ~/.cache/tandem)
 TANDEM_MODELS   the model store (default: $TANDEM_HOME/models)
 TANDEM_THREADS  torch intra-op threads for this process (default: all cores, at most 2 per worker role)
+TANDEM_CPU_KERNELS  0 turns Tandem's compiled CPU kernels off (default: on where they apply)
+TANDEM_KERNEL_DIR   where the CPU kernels are built (default: $TANDEM_HOME/kernels)
 """
 
 from __future__ import annotations
@@ -27,3 +29,13 @@ def models_dir() -> Path:
 def torch_threads(default: int) -> int:
     value = os.environ.get("TANDEM_THREADS")
     return int(value) if value else default
+
+
+def cpu_kernels_enabled() -> bool:
+    return os.environ.get("TANDEM_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def kernels_dir() -> Path:
+    if os.environ.get("TANDEM_KERNEL_DIR"):
+        return Path(os.environ["TANDEM_KERNEL_DIR"]).expanduser()
+    return tandem_home() / "kernels"

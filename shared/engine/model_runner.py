@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.engine.cpu_decode import CpuDecodeStack
+from shared.engine.cpu_stack import CpuStack
 from shared.engine.paged_attention import PagedAttention, PagedMetadata, PrefillChunk
 from shared.engine.request import Request
 from shared.kernels import cpu_ops
@@ -51,14 +51,14 @@ class ModelRunner:
         self.v_caches = [
             torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(cfg.num_layers)
         ]
-        # Tandem's compiled CPU kernels (shared/kernels), where they apply: paged decode attention
-        # for any step, and the whole decoder stack for all-decode steps of dense models.
+        # Tandem's compiled CPU kernels (shared/kernels), where they apply: the whole decoder stack
+        # of dense models (cpu_stack.py); for other models their attention and GEMMs.
         self.kernels = None
         if cpu_kernels and self.device.type == "cpu" and kv_dtype == torch.float32:
             self.kernels = cpu_ops()
-        self.decode_stack = CpuDecodeStack.build(model, self.kernels)
+        self.cpu_stack = CpuStack.build(model, self.kernels)
         if self.kernels is not None:
-            CpuDecodeStack.install_gemm(model, self.kernels)
+            CpuStack.install_gemm(model, self.kernels)
 
     @property
     def block_shape(self) -> tuple[int, ...]:
@@ -74,7 +74,7 @@ class ModelRunner:
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[tuple[int, int, int, list[int] | None]] = []
+        prefills: list[tuple[int, int, int, list[int], int]] = []
         sample_rows: list[int] = []
         samplers: list[Request] = []
         row = 0
@@ -96,7 +96,7 @@ class ModelRunner:
                 decode_tables.append(table[: (end + bs - 1) // bs])
                 decode_lens.append(end)
             else:
-                prefills.append((row, n, end, table[: (end + bs - 1) // bs] if start > 0 else None))
+                prefills.append((row, n, end, table[: (end + bs - 1) // bs], start))
             row += n
             if end == request.num_tokens:
                 sample_rows.append(row - 1)
@@ -105,16 +105,16 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         input_positions = torch.tensor(positions, dtype=torch.long, device=dev)
-        if meta.all_decode and self.decode_stack is not None:
-            hidden = self.decode_stack.forward(input_ids, input_positions, meta, self.k_caches, self.v_caches)
+        if self.cpu_stack is not None:
+            hidden = self.cpu_stack.forward(input_ids, input_positions, meta, self.k_caches, self.v_caches)
         else:
             hidden = self.model(
                 input_ids, input_positions, PagedAttention(self.k_caches, self.v_caches, meta)
             )
         if len(sample_rows) != row:
             hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)]
-        if self.decode_stack is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
-            return samplers, self.decode_stack.compute_logits(hidden)
+        if self.cpu_stack is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
+            return samplers, self.cpu_stack.compute_logits(hidden)
         return samplers, self.model.compute_logits(hidden).float()
 
     def _metadata(self, slots, decode_rows, decode_tables, decode_lens, prefills, num_rows) -> PagedMetadata:
@@ -127,8 +127,8 @@ class ModelRunner:
             decode_tables=tables.reshape(len(decode_tables), max_blocks).to(dev),
             decode_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
             prefills=[
-                PrefillChunk(start, q, s, None if t is None else self._gather_rows(t))
-                for start, q, s, t in prefills
+                PrefillChunk(start, q, s, None if start_pos == 0 else self._gather_rows(t), t)
+                for start, q, s, t, start_pos in prefills
             ],
             block_size=self.block_size,
             num_kv_heads=heads,

@@ -38,6 +38,7 @@ class PrefillChunk:
     num_queries: int
     num_keys: int  # tokens of the sequence up to the chunk's end (context + chunk)
     gather: torch.Tensor | None  # [K * blocks] rows to gather when the chunk has context, else None
+    table: list[int]  # the sequence's blocks up to the chunk's end
 
 
 @dataclass
@@ -110,13 +111,11 @@ class PagedAttention:
         kernels = meta.kernels if q.dtype == torch.float32 and k_cache.dtype == torch.float32 else None
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_queries)
-            if kernels is not None:  # [Q, H, D] against [S, K, D], causal, no copies of the chunk's own K/V
-                if chunk.gather is None:
-                    ks, vs = k[rows], v[rows]
-                else:
-                    ks = _gather(k_cache, chunk.gather, 1, chunk.num_keys)[0].transpose(0, 1)
-                    vs = _gather(v_cache, chunk.gather, 1, chunk.num_keys)[0].transpose(0, 1)
-                out[rows] = kernels.prefill_attention(q[rows], ks, vs, scale, window or -1)
+            if kernels is not None:  # causal, straight from the blocks (the chunk's K/V written above)
+                table = torch.tensor(chunk.table, dtype=torch.long)
+                out[rows] = kernels.paged_prefill_attention(
+                    q[rows], k_cache, v_cache, table, chunk.num_keys, scale, window or -1
+                )
                 continue
             qs = q[rows].transpose(0, 1)[None]  # [1, H, Q, D]
             if chunk.gather is None:  # no context: the chunk's own keys are all there is

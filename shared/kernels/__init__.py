@@ -5,7 +5,7 @@
 
 The kernels are compiled once per machine with the system C++ compiler through
 torch.utils.cpp_extension (`make install` builds them ahead of time; `python -m shared.kernels`
-does the same) into $TANDEM_KERNEL_DIR (default ~/.cache/tandem/kernels/<cpu and source hash>).
+does the same) into $TANDEM_KERNEL_DIR (default $TANDEM_HOME/kernels)/<hash of CPU and sources>.
 They are an optimisation only: when no compiler is there, the build fails, or TANDEM_CPU_KERNELS=0,
 `cpu_ops()` returns None after one warning and callers run the PyTorch path, which gives the same
 results (up to float summation order). They take float32 CPU tensors; GPU paths never call them.
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import platform
 import threading
 from pathlib import Path
 
 import torch
+
+from shared import envs
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,11 @@ def build_dir() -> Path:
         + _cpu_signature().encode()
         + torch.__version__.encode()
     ).hexdigest()[:16]
-    root = Path(os.environ.get("TANDEM_KERNEL_DIR") or Path.home() / ".cache" / "tandem" / "kernels")
-    return root / digest
+    return envs.kernels_dir() / digest
 
 
 def enabled() -> bool:
-    return os.environ.get("TANDEM_CPU_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+    return envs.cpu_kernels_enabled()
 
 
 def cpu_ops(build: bool = True):

@@ -9,9 +9,10 @@
 //                           key/value row read;
 //   rope_and_cache          RoPE on the q and k heads of a fused qkv row, in place, and the token's
 //                           k and v written to its cache slot;
-//   decode_layers           a whole dense decoder stack for an all-decode step: per layer RMSNorm,
-//                           qkv GEMM, rope_and_cache, attention, o GEMM, residual + RMSNorm, gate/up
-//                           GEMM, SiLU * up, down GEMM, residual — one call for every layer.
+//   forward_layers          a whole dense decoder stack for a step of decodes and prefill chunks: per
+//                           layer RMSNorm, qkv GEMM, rope_and_cache, attention (paged decode, or
+//                           causal chunk attention over the blocks), o GEMM, residual + RMSNorm,
+//                           gate/up GEMM, SiLU * up, down GEMM, residual — one call for every layer.
 //
 // GEMMs stay with ATen (MKL), computed as W @ x^T for the few rows of a decode step (see
 // shared/models/linear.py for why). Everything is float32, CPU, with the cache layout of
@@ -151,47 +152,52 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
   return out;
 }
 
-// Causal attention of a prefill chunk: q [Q, H, D], k and v [S, K, D] (any row and head strides,
-// unit stride along D), the queries being the last Q of the S positions; window > 0 limits each query
-// to its last `window` keys. Returns [Q, H, D].
+// Causal attention of a prefill chunk: queries q [Q, H, D] (any row and head strides, unit stride
+// along D) are the last Q of the S positions whose keys and values a KeySource gives; window > 0
+// limits each query to its last `window` keys. Writes out rows (ld_out floats apart) [Q, H, D].
 //
 // Blocks of 32 queries of one head: S^T = K Q^T for the keys up to the block's last query (the skinny
-// GEMM's outer-product tile, K's rows read in place), the causal mask and softmax down each column (a
-// query), then O^T = V^T P^T with V^T packed once per KV head. Score blocks stay in L2; only the key
-// blocks a query block can see are computed.
-Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t window) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "prefill_attention: q [Q, H, D], k/v [S, K, D]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "prefill_attention takes float32");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "unit stride along the head dim");
-  const int64_t n_q = q.size(0), n_heads = q.size(1), dim = q.size(2);
-  const int64_t n_s = k.size(0), n_kv = k.size(1);
-  TORCH_CHECK(k.size(2) == dim && v.sizes() == k.sizes() && n_s >= n_q && n_heads % n_kv == 0,
-              "prefill_attention: shapes do not match");
+// GEMM's outer-product tile over runs of key rows read in place), the causal mask and softmax down
+// each column (a query), then O^T = V^T P^T with V^T packed once per KV head. Score blocks stay in
+// L2; only the key blocks a query block can see are computed.
+struct DenseKeys {  // k, v [S, K, D]
+  const float *k, *v;
+  int64_t s0, s1, v0, v1;
+  const float* key(int64_t g, int64_t p) const { return k + p * s0 + g * s1; }
+  const float* value(int64_t g, int64_t p) const { return v + p * v0 + g * v1; }
+  int64_t stride() const { return s0; }
+  int64_t run(int64_t p, int64_t hi) const { return hi - p; }
+};
+
+struct PagedKeys {  // caches [blocks, K, B, D] and one sequence's block table
+  const float *k, *v;
+  const int64_t* table;
+  int64_t n_kv, bs, dim;
+  int64_t offset(int64_t g, int64_t p) const { return ((table[p / bs] * n_kv + g) * bs + p % bs) * dim; }
+  const float* key(int64_t g, int64_t p) const { return k + offset(g, p); }
+  const float* value(int64_t g, int64_t p) const { return v + offset(g, p); }
+  int64_t stride() const { return dim; }
+  int64_t run(int64_t p, int64_t hi) const { return std::min(hi - p, bs - p % bs); }
+};
+
+template <typename Keys>
+void chunk_attention(const float* qp, int64_t qs0, int64_t qs1, int64_t n_q, int64_t n_heads, int64_t n_kv,
+                     int64_t dim, int64_t n_s, const Keys& keys, double scale, int64_t window, float* op,
+                     int64_t ld_out) {
   constexpr int64_t BQ = 32;
   constexpr int NV = BQ / tandem::VW;
   const int64_t group = n_heads / n_kv, offset = n_s - n_q;
-  auto out = at::empty({n_q, n_heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (n_q == 0) return out;
-  // V^T per KV head: [K][D][S]
-  auto vt = at::empty({n_kv, dim, n_s}, v.options());
-  {
-    const float* vp = v.data_ptr<float>();
-    float* vtp = vt.data_ptr<float>();
-    const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
-    at::parallel_for(0, n_kv * ((n_s + 63) / 64), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t g = item % n_kv, s0 = (item / n_kv) * 64, s1 = std::min(n_s, s0 + 64);
-        for (int64_t s = s0; s < s1; ++s)
-          for (int64_t d = 0; d < dim; ++d) vtp[(g * dim + d) * n_s + s] = vp[s * vs0 + g * vs1 + d];
+  if (n_q == 0) return;
+  std::vector<float> vt(n_kv * dim * n_s);  // V^T per KV head: [K][D][S]
+  at::parallel_for(0, n_kv * ((n_s + 63) / 64), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item % n_kv, s0 = (item / n_kv) * 64, s1 = std::min(n_s, s0 + 64);
+      for (int64_t p = s0; p < s1; ++p) {
+        const float* row = keys.value(g, p);
+        for (int64_t d = 0; d < dim; ++d) vt[(g * dim + d) * n_s + p] = row[d];
       }
-    });
-  }
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vtp = vt.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), ks0 = k.stride(0), ks1 = k.stride(1);
+    }
+  });
   const int64_t n_blocks = (n_q + BQ - 1) / BQ, items = n_heads * n_blocks;
   const float sc = static_cast<float>(scale);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -207,19 +213,29 @@ Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, doub
       std::fill(qt.begin(), qt.end(), 0.f);
       for (int64_t i = 0; i < valid; ++i)
         for (int64_t d = 0; d < dim; ++d) qt[d * BQ + i] = qp[(i0 + i) * qs0 + h * qs1 + d] * sc;
-      // S^T [n_keys, BQ]
-      const float* kg = kp + g * ks1 + lo * ks0;
-      int64_t j = 0;
-      for (; j + 8 <= n_keys; j += 8)
-        tandem::outer_tile<NV, 8>(kg + j * ks0, dim, qt.data(), st.data() + j * BQ, BQ, false, BQ, ks0);
-      for (; j < n_keys; ++j)
-        tandem::outer_tile<NV, 1>(kg + j * ks0, dim, qt.data(), st.data() + j * BQ, BQ, false, BQ, ks0);
+      // S^T [n_keys, BQ], over runs of key rows at a fixed stride
+      for (int64_t p = lo; p < hi;) {
+        const int64_t run = keys.run(p, hi), ld = keys.stride();
+        const float* kr = keys.key(g, p);
+        float* out = st.data() + (p - lo) * BQ;
+        int64_t j = 0;
+        for (; j + 8 <= run; j += 8)
+          tandem::outer_tile<NV, 8>(kr + j * ld, dim, qt.data(), out + j * BQ, BQ, false, BQ, ld);
+        for (; j < run; ++j) tandem::outer_tile<NV, 1>(kr + j * ld, dim, qt.data(), out + j * BQ, BQ, false, BQ, ld);
+        p += run;
+      }
       // mask, softmax down each column
       float mx[BQ], sum[BQ];
       for (int64_t i = 0; i < BQ; ++i) mx[i] = -std::numeric_limits<float>::infinity(), sum[i] = 0.f;
       for (int64_t jj = 0; jj < n_keys; ++jj) {
         float* row = st.data() + jj * BQ;
         const int64_t pos = lo + jj;
+        // every query of the block sees this key: no mask (all keys before the block, bar a window's edge)
+        if (valid == BQ && pos < first_pos && (window <= 0 || pos > last_pos - window)) {
+#pragma omp simd
+          for (int64_t i = 0; i < BQ; ++i) mx[i] = std::max(mx[i], row[i]);
+          continue;
+        }
         for (int64_t i = 0; i < BQ; ++i) {
           const int64_t qpos = first_pos + i;
           const bool ok = i < valid && pos <= qpos && (window <= 0 || pos > qpos - window);
@@ -243,15 +259,56 @@ Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, doub
         for (int64_t i = 0; i < BQ; ++i) row[i] *= sum[i];
       }
       // O^T [D, BQ] = V^T [D, keys] P^T [keys, BQ], written as O rows
-      const float* vg = vtp + g * dim * n_s + lo;
-      float* og = op + i0 * n_heads * dim + h * dim;
+      const float* vg = vt.data() + g * dim * n_s + lo;
+      float* og = op + i0 * ld_out + h * dim;
       int64_t d = 0;
       for (; d + 8 <= dim; d += 8)
-        tandem::outer_tile<NV, 8>(vg + d * n_s, n_keys, st.data(), og + d, n_heads * dim, true, valid, n_s);
+        tandem::outer_tile<NV, 8>(vg + d * n_s, n_keys, st.data(), og + d, ld_out, true, valid, n_s);
       for (; d < dim; ++d)
-        tandem::outer_tile<NV, 1>(vg + d * n_s, n_keys, st.data(), og + d, n_heads * dim, true, valid, n_s);
+        tandem::outer_tile<NV, 1>(vg + d * n_s, n_keys, st.data(), og + d, ld_out, true, valid, n_s);
     }
   });
+}
+
+void check_queries(const Tensor& q) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1,
+              "q must be float32 [Q, H, D] with unit stride along D");
+}
+
+// q [Q, H, D], k and v [S, K, D]: the chunk's queries are the last Q of the S positions.
+Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t window) {
+  check_queries(q);
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+                  k.stride(2) == 1 && v.stride(2) == 1,
+              "prefill_attention: k/v must be float32 [S, K, D] with unit stride along D");
+  const int64_t n_q = q.size(0), n_heads = q.size(1), dim = q.size(2), n_s = k.size(0), n_kv = k.size(1);
+  TORCH_CHECK(k.size(2) == dim && v.sizes() == k.sizes() && n_s >= n_q && n_heads % n_kv == 0,
+              "prefill_attention: shapes do not match");
+  auto out = at::empty({n_q, n_heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const DenseKeys keys{k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), k.stride(1), v.stride(0), v.stride(1)};
+  chunk_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), n_q, n_heads, n_kv, dim, n_s, keys, scale, window,
+                  out.data_ptr<float>(), n_heads * dim);
+  return out;
+}
+
+// The same over the paged cache: the sequence's first num_keys positions (the chunk's own K/V
+// already written) through its block table [M].
+Tensor paged_prefill_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& table,
+                               int64_t num_keys, double scale, int64_t window) {
+  check_queries(q);
+  check_cache(k_cache, v_cache);
+  const int64_t n_q = q.size(0), n_heads = q.size(1), dim = q.size(2);
+  const int64_t n_kv = k_cache.size(1), bs = k_cache.size(2);
+  auto tab = table.to(at::kLong).contiguous();
+  TORCH_CHECK(k_cache.size(3) == dim && n_heads % n_kv == 0, "paged_prefill_attention: shapes do not match");
+  TORCH_CHECK(num_keys >= n_q && num_keys <= tab.numel() * bs, "paged_prefill_attention: num_keys out of range of the table");
+  const int64_t* tp = tab.data_ptr<int64_t>();
+  for (int64_t i = 0; i < (num_keys + bs - 1) / bs; ++i)
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < k_cache.size(0), "block id out of range");
+  auto out = at::empty({n_q, n_heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const PagedKeys keys{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tp, n_kv, bs, dim};
+  chunk_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), n_q, n_heads, n_kv, dim, num_keys, keys, scale,
+                  window, out.data_ptr<float>(), n_heads * dim);
   return out;
 }
 
@@ -375,11 +432,17 @@ Tensor silu_and_mul(const Tensor& gate_up) {
 }
 
 // x @ w^T (+ b) for the few rows of a decode step by the skinny GEMM (skinny_gemm.h): [M, N], a
-// transposed view unless `contiguous` (or a bias) asks for rows. More rows than max_rows go to ATen.
+// transposed view unless `contiguous` (or a bias) asks for rows. More rows than max_rows go to the
+// blocked GEMM (row-major result).
 Tensor small_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b, int64_t max_rows,
                     bool contiguous) {
   const int64_t rows = x.size(0);
-  if (rows == 0 || rows > max_rows || rows > 64) return at::linear(x, w, b);
+  if (rows == 0) return at::linear(x, w, b);
+  if (rows > max_rows || rows > 64) {  // prefill-sized: the blocked GEMM, row-major
+    Tensor out = tandem::gemm_rows(x, w);
+    if (b) out.add_(*b);
+    return out;
+  }
   Tensor out = tandem::skinny_gemm_t(x, w).narrow(1, 0, rows).t();
   if (contiguous || b) out = out.contiguous();
   if (b) out.add_(*b);
@@ -429,29 +492,68 @@ inline c10::optional<Tensor> optional(const Tensor& t) {
   return t.numel() ? c10::optional<Tensor>(t) : c10::nullopt;
 }
 
-// The whole dense decoder stack for one all-decode step. weights holds, per layer, in order:
-// input norm, qkv weight, qkv bias, o weight, o bias, post-attention norm, gate_up weight, down
-// weight (an empty tensor for an absent bias). Returns the final-normed hidden states [N, C].
-Tensor decode_layers(Tensor x, at::TensorList weights, const Tensor& final_norm, const Tensor& cos,
-                     const Tensor& sin, at::TensorList k_caches, at::TensorList v_caches, const Tensor& slots,
-                     const Tensor& tables, const Tensor& lens, at::IntArrayRef windows, int64_t n_heads,
-                     int64_t rot_dim, double scale, double eps, int64_t max_rows) {
+// The whole dense decoder stack for one step: every sequence's new tokens side by side in x [T, C].
+// weights holds, per layer, in order: input norm, qkv weight, qkv bias, o weight, o bias,
+// post-attention norm, gate_up weight, down weight (an empty tensor for an absent bias).
+// Decodes (one new token each): rows dec_rows [Nd] of x, block tables dec_tables [Nd, M], keys
+// dec_lens [Nd]. Prefill chunks: first row pre_starts [Np], pre_queries tokens, block tables
+// pre_tables [Np, M'], keys pre_keys [Np] (context + chunk). Returns the final-normed hidden [T, C].
+Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm, const Tensor& cos,
+                      const Tensor& sin, at::TensorList k_caches, at::TensorList v_caches, const Tensor& slots,
+                      const Tensor& dec_rows, const Tensor& dec_tables, const Tensor& dec_lens,
+                      const Tensor& pre_starts, const Tensor& pre_queries, const Tensor& pre_tables,
+                      const Tensor& pre_keys, at::IntArrayRef windows, int64_t n_heads, int64_t rot_dim, double scale,
+                      double eps, int64_t max_rows) {
   const int64_t n_layers = static_cast<int64_t>(k_caches.size());
   constexpr int64_t per_layer = 8;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per_layer * n_layers, "decode_layers: 8 weights per layer");
-  TORCH_CHECK(static_cast<int64_t>(windows.size()) == n_layers, "decode_layers: one window per layer");
-  const int64_t n_tok = x.size(0), n_kv = k_caches[0].size(1), dim = k_caches[0].size(3);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per_layer * n_layers, "forward_layers: 8 weights per layer");
+  TORCH_CHECK(static_cast<int64_t>(windows.size()) == n_layers, "forward_layers: one window per layer");
+  const int64_t n_tok = x.size(0), n_kv = k_caches[0].size(1), bs = k_caches[0].size(2), dim = k_caches[0].size(3);
+  const auto d_rows = dec_rows.to(at::kLong).contiguous();
+  const auto d_tab = dec_tables.to(at::kLong).contiguous();
+  const auto d_len = dec_lens.to(at::kLong).contiguous();
+  const auto p_start = pre_starts.to(at::kLong).contiguous();
+  const auto p_q = pre_queries.to(at::kLong).contiguous();
+  const auto p_tab = pre_tables.to(at::kLong).contiguous();
+  const auto p_keys = pre_keys.to(at::kLong).contiguous();
+  const int64_t n_dec = d_rows.numel(), n_pre = p_start.numel();
+  const bool all_decode = n_pre == 0 && n_dec == n_tok;
+  int64_t covered = n_dec;
+  for (int64_t i = 0; i < n_pre; ++i) {
+    const int64_t st = p_start.data_ptr<int64_t>()[i], nq = p_q.data_ptr<int64_t>()[i];
+    const int64_t nk = p_keys.data_ptr<int64_t>()[i];
+    TORCH_CHECK(st >= 0 && st + nq <= n_tok && nq <= nk && nk <= p_tab.size(1) * bs, "forward_layers: bad prefill chunk");
+    covered += nq;
+  }
+  TORCH_CHECK(covered == n_tok, "forward_layers: every token must belong to one decode or prefill chunk");
   x = x.contiguous().clone();
   c10::optional<Tensor> pending;  // the last sublayer's output, not yet added to x
-  const auto tab = tables.to(at::kLong).contiguous();
-  const auto len = lens.to(at::kLong).contiguous();
   for (int64_t l = 0; l < n_layers; ++l) {
     const Tensor* w = weights.data() + per_layer * l;
     Tensor h = add_rms_norm(x, pending, w[0], eps);
     Tensor qkv = small_linear(h, w[1], optional(w[2]), max_rows, true);
     rope_and_cache(qkv, cos, sin, k_caches[l], v_caches[l], slots, n_heads, rot_dim);
     Tensor q = qkv.narrow(1, 0, n_heads * dim).view({n_tok, n_heads, dim});
-    Tensor attn = paged_decode_attention(q, k_caches[l], v_caches[l], tab, len, scale, windows[l]);
+    Tensor attn;
+    if (all_decode) {
+      attn = paged_decode_attention(q, k_caches[l], v_caches[l], d_tab, d_len, scale, windows[l]);
+    } else {
+      attn = at::empty({n_tok, n_heads, dim}, x.options());
+      if (n_dec) {
+        Tensor part = paged_decode_attention(q.index_select(0, d_rows), k_caches[l], v_caches[l], d_tab, d_len, scale,
+                                             windows[l]);
+        attn.index_copy_(0, d_rows, part);
+      }
+      const float* kc = k_caches[l].data_ptr<float>();
+      const float* vc = v_caches[l].data_ptr<float>();
+      for (int64_t i = 0; i < n_pre; ++i) {
+        const int64_t st = p_start.data_ptr<int64_t>()[i], nq = p_q.data_ptr<int64_t>()[i];
+        const PagedKeys keys{kc, vc, p_tab.data_ptr<int64_t>() + i * p_tab.size(1), n_kv, bs, dim};
+        chunk_attention(q.data_ptr<float>() + st * q.stride(0), q.stride(0), q.stride(1), nq, n_heads, n_kv, dim,
+                        p_keys.data_ptr<int64_t>()[i], keys, scale, windows[l],
+                        attn.data_ptr<float>() + st * n_heads * dim, n_heads * dim);
+      }
+    }
     Tensor o = small_linear(attn.view({n_tok, n_heads * dim}), w[3], optional(w[4]), max_rows, false);
     h = add_rms_norm(x, o, w[5], eps);
     Tensor act = silu_and_mul(small_linear(h, w[6], c10::nullopt, max_rows, false));
@@ -479,13 +581,14 @@ Tensor gemm_rows(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& 
 TORCH_LIBRARY(tandem, m) {
   m.def("gemm_rows(Tensor x, Tensor w, Tensor? b) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor");
+  m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor table, int num_keys, float scale, int window) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, float scale, int window) -> Tensor");
   m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots, int n_heads, int rot_dim) -> ()");
   m.def("add_rms_norm(Tensor(a!) x, Tensor? add, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
-  m.def("decode_layers(Tensor x, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor tables, Tensor lens, int[] windows, int n_heads, int rot_dim, float scale, float eps, int max_rows) -> Tensor");
+  m.def("forward_layers(Tensor x, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor dec_rows, Tensor dec_tables, Tensor dec_lens, Tensor pre_starts, Tensor pre_queries, Tensor pre_tables, Tensor pre_keys, int[] windows, int n_heads, int rot_dim, float scale, float eps, int max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) {
@@ -493,9 +596,10 @@ TORCH_LIBRARY_IMPL(tandem, CPU, m) {
   m.impl("rope_and_cache", &rope_and_cache);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_and_mul", &silu_and_mul);
-  m.impl("decode_layers", &decode_layers);
+  m.impl("forward_layers", &forward_layers);
   m.impl("skinny_linear", &skinny_linear);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("gemm_rows", &gemm_rows);
   m.impl("prefill_attention", &prefill_attention);
+  m.impl("paged_prefill_attention", &paged_prefill_attention);
 }

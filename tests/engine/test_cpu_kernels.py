@@ -237,7 +237,7 @@ def test_engine_gives_the_same_tokens_with_and_without_kernels(case, ops, tmp_pa
             cpu_kernels=kernels,
         )
         engine = LLMEngine.from_store(store_root / name, config)
-        assert (engine.runner.decode_stack is not None) == (kernels and CASES[case])
+        assert (engine.runner.cpu_stack is not None) == (kernels and CASES[case])
         assert (engine.runner.kernels is not None) == kernels
         results[kernels] = run(engine, prompts)
     for fast, slow in zip(results[True], results[False], strict=True):

@@ -1,11 +1,12 @@
-"""CpuDecodeStack: an all-decode step of a dense model in one call to the compiled CPU kernels.
+"""CpuStack: a whole engine step of a dense model in one call to the compiled CPU kernels.
 
-In the steady state of serving, every row of a step is a decode: one token per sequence. On CPU the
-PyTorch forward of such a step spends, besides the GEMMs, ~50 op dispatches per layer and a gather of
-every sequence's KV into a padded batch. `tandem::decode_layers` (shared/kernels) runs the same
-layer sequence — RMSNorm, fused qkv GEMM, RoPE + KV write, paged attention, o GEMM, residual +
-RMSNorm, fused gate/up GEMM, SiLU * up, down GEMM, residual — for every layer in one call, reading
-the model's own (fused) weights. The model files are untouched; this module only reads them.
+On CPU the PyTorch forward of a step spends, besides the GEMMs, ~50 op dispatches per layer, a
+gather of every decode's KV into a padded batch, and several memory passes per elementwise op of a
+prefill chunk. `tandem::forward_layers` (shared/kernels) runs the same layer sequence — RMSNorm,
+fused qkv GEMM, RoPE + KV write, attention (paged decode attention for one-token rows, causal chunk
+attention over the blocks for prefill chunks), o GEMM, residual + RMSNorm, fused gate/up GEMM,
+SiLU * up, down GEMM, residual — for every layer in one call, reading the model's own (fused)
+weights. The model files are untouched; this module only reads them.
 
 Used only where it computes exactly what the model's forward does: float32 on CPU, the stock
 `CausalLM` / `DecoderLayer` / `Attention` / `GatedMLP` forwards with fused projections, no per-head
@@ -24,7 +25,7 @@ from shared.models.linear import SMALL_BATCH_ROWS, Linear, linear
 from shared.models.transformer import CausalLM, DecoderLayer
 
 
-class CpuDecodeStack:
+class CpuStack:
     def __init__(self, model: CausalLM, ops, weights: list[torch.Tensor], windows: list[int]):
         self.model, self.ops, self.weights, self.windows = model, ops, weights, windows
         attn = model.model.layers[0].self_attn
@@ -32,7 +33,7 @@ class CpuDecodeStack:
         self.eps = model.model.norm.eps
 
     @classmethod
-    def build(cls, model: CausalLM, ops) -> CpuDecodeStack | None:
+    def build(cls, model: CausalLM, ops) -> CpuStack | None:
         """The stack for `model`, or None where the kernels would not compute its forward exactly."""
         if ops is None or type(model).forward is not CausalLM.forward:
             return None
@@ -116,10 +117,12 @@ class CpuDecodeStack:
         k_caches: list[torch.Tensor],
         v_caches: list[torch.Tensor],
     ) -> torch.Tensor:
-        """Final-normed hidden states [N, C] of an all-decode step (the caches get the new K/V)."""
+        """Final-normed hidden states [T, C] of a step (the caches get the new K/V)."""
         model = self.model
         cos, sin = model.rotary.cos_sin(positions)
-        return self.ops.decode_layers(
+        chunks = meta.prefills
+        width = max((len(c.table) for c in chunks), default=0)
+        return self.ops.forward_layers(
             model.model.embed_tokens(input_ids),
             self.weights,
             model.model.norm.weight,
@@ -128,8 +131,15 @@ class CpuDecodeStack:
             k_caches,
             v_caches,
             meta.slots,
+            meta.decode_rows,
             meta.decode_tables,
             meta.decode_lens,
+            torch.tensor([c.start for c in chunks], dtype=torch.long),
+            torch.tensor([c.num_queries for c in chunks], dtype=torch.long),
+            torch.tensor([c.table + [0] * (width - len(c.table)) for c in chunks], dtype=torch.long).view(
+                len(chunks), width
+            ),
+            torch.tensor([c.num_keys for c in chunks], dtype=torch.long),
             self.windows,
             self.num_heads,
             model.rotary.dim,
