@@ -1,23 +1,28 @@
-// Tandem's CPU kernels for the decode step, registered as torch ops in the `tandem` namespace.
+// Tandem's CPU kernels for the engine's steps, registered as torch ops in the `tandem` namespace.
 //
-// The PyTorch decode step on CPU is bound by two things besides the matmuls: the paged-KV gather that
-// copies every sequence's keys and values into a padded batch before SDPA, and the ~50 small ops per
-// layer that each cost a few microseconds of dispatch. These kernels remove both:
+// The PyTorch forward of a step on CPU pays, besides the matmuls, for the paged-KV gather that copies
+// every decode's keys and values into a padded batch before SDPA, ~50 small ops per layer that each
+// cost a few microseconds of dispatch or a memory pass, and MKL's packing of the weights on every
+// call. These kernels remove all three:
 //
-//   paged_decode_attention  one query token per sequence attending straight over its cache blocks
-//                           (no gather, no padding, no mask), GQA heads of a KV head sharing each
-//                           key/value row read;
-//   rope_and_cache          RoPE on the q and k heads of a fused qkv row, in place, and the token's
-//                           k and v written to its cache slot;
-//   forward_layers          a whole dense decoder stack for a step of decodes and prefill chunks: per
-//                           layer RMSNorm, qkv GEMM, rope_and_cache, attention (paged decode, or
-//                           causal chunk attention over the blocks), o GEMM, residual + RMSNorm,
-//                           gate/up GEMM, SiLU * up, down GEMM, residual — one call for every layer.
+//   skinny_linear / gemm_rows   x @ W^T by register-tiled micro-kernels that read W once, in place
+//                               (skinny_gemm.h): 1-64 rows give y^T, more give row-major y;
+//   paged_decode_attention      one query token per sequence attending straight over its cache
+//                               blocks (no gather, no padding, no mask), the GQA heads of a KV head
+//                               sharing each key/value row read;
+//   paged_prefill_attention     causal attention of a prefill chunk over its blocks, blocks of 32
+//   / prefill_attention         queries against only the key blocks they can see;
+//   rope_and_cache              RoPE on the q and k heads of a fused qkv row, in place, and the
+//                               token's k and v written to its cache slot;
+//   add_rms_norm, silu_and_mul  the elementwise steps in one pass each;
+//   argmax_rows                 greedy tokens from the LM head's transposed output;
+//   forward_layers              a whole dense decoder stack for a step of decodes and prefill chunks:
+//                               per layer RMSNorm, qkv GEMM, rope_and_cache, attention, o GEMM,
+//                               residual + RMSNorm, gate/up GEMM, SiLU * up, down GEMM, residual —
+//                               one call for every layer.
 //
-// GEMMs stay with ATen (MKL), computed as W @ x^T for the few rows of a decode step (see
-// shared/models/linear.py for why). Everything is float32, CPU, with the cache layout of
-// shared/engine/paged_attention.py: [num_blocks, K, B, D]. Parallel loops use at::parallel_for, so they
-// follow torch.set_num_threads.
+// Everything is float32, CPU, with the cache layout of shared/engine/paged_attention.py:
+// [num_blocks, K, B, D]. Parallel loops use at::parallel_for, so they follow torch.set_num_threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
