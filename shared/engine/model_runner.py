@@ -74,7 +74,7 @@ class ModelRunner:
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefills: list[tuple[int, int, int, list[int], int]] = []
+        prefills: list[tuple[int, int, int, list[int]]] = []
         sample_rows: list[int] = []
         samplers: list[Request] = []
         row = 0
@@ -96,7 +96,7 @@ class ModelRunner:
                 decode_tables.append(table[: (end + bs - 1) // bs])
                 decode_lens.append(end)
             else:
-                prefills.append((row, n, end, table[: (end + bs - 1) // bs], start))
+                prefills.append((row, n, end, table[: (end + bs - 1) // bs]))
             row += n
             if end == request.num_tokens:
                 sample_rows.append(row - 1)
@@ -118,7 +118,7 @@ class ModelRunner:
         return samplers, self.model.compute_logits(hidden).float()
 
     def _metadata(self, slots, decode_rows, decode_tables, decode_lens, prefills, num_rows) -> PagedMetadata:
-        dev, heads = self.device, self.num_kv_heads
+        dev = self.device
         max_blocks = max((len(t) for t in decode_tables), default=0)
         tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
         return PagedMetadata(
@@ -126,21 +126,12 @@ class ModelRunner:
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
             decode_tables=tables.reshape(len(decode_tables), max_blocks).to(dev),
             decode_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
-            prefills=[
-                PrefillChunk(start, q, s, None if start_pos == 0 else self._gather_rows(t), t)
-                for start, q, s, t, start_pos in prefills
-            ],
+            prefills=[PrefillChunk(start, q, s, t) for start, q, s, t in prefills],
             block_size=self.block_size,
-            num_kv_heads=heads,
+            num_kv_heads=self.num_kv_heads,
             all_decode=bool(decode_tables) and len(decode_tables) == num_rows,
             kernels=self.kernels,
         )
-
-    def _gather_rows(self, table: list[int]) -> torch.Tensor:
-        """A block table -> its (block, head) rows of [num_blocks * K, B, D] in (head, block) order."""
-        heads = self.num_kv_heads
-        rows = torch.tensor(table)[None, :] * heads + torch.arange(heads)[:, None]
-        return rows.reshape(-1).to(self.device)
 
     # -- KV block payloads (disaggregation) --------------------------------------------------------
 

@@ -16,10 +16,10 @@ sequence in one step:
   * prefill chunks (several query tokens): one SDPA each. A chunk that starts at position 0 attends
     to its own k/v directly; a later chunk, or one after a cached prefix, gathers its blocks and
     uses a causal mask offset by the tokens already in the cache.
-On CPU with float32 caches the decodes go to Tandem's compiled kernel (shared/kernels:
-`paged_decode_attention` reads each sequence's keys and values straight from its blocks, no gather,
-no padding); a fused GPU kernel (FlashAttention / FlashInfer) would take the same metadata. The
-PyTorch code here is the portable reference and what runs anywhere else.
+On CPU with float32 caches both kinds go to Tandem's compiled kernels (shared/kernels:
+`paged_decode_attention` and `paged_prefill_attention` read the keys and values straight from the
+blocks, no gather, no padding); a fused GPU kernel (FlashAttention / FlashInfer) would take the same
+metadata. The PyTorch code here is the portable reference and what runs anywhere else.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ class PrefillChunk:
     start: int  # first row in the flat batch
     num_queries: int
     num_keys: int  # tokens of the sequence up to the chunk's end (context + chunk)
-    gather: torch.Tensor | None  # [K * blocks] rows to gather when the chunk has context, else None
     table: list[int]  # the sequence's blocks up to the chunk's end
 
 
@@ -64,12 +63,15 @@ class PagedMetadata:
         head = torch.arange(heads, device=self.slots.device)[None, :]
         return ((block[:, None] * heads + head) * bs + offset[:, None]).reshape(-1)
 
+    def gather_rows(self, tables: torch.Tensor) -> torch.Tensor:
+        """[N, blocks] block tables -> their (block, head) rows of [num_blocks * K, B, D], in
+        (sequence, head, block) order: gathered, each sequence's keys as one [K, S, D]."""
+        heads = torch.arange(self.num_kv_heads, device=tables.device)[None, :, None]
+        return (tables[:, None, :] * self.num_kv_heads + heads).reshape(-1)
+
     @cached_property
     def decode_gather(self) -> torch.Tensor:
-        """[N * K * max_blocks] (block, head) rows of [num_blocks * K, B, D], in (sequence, head,
-        block) order."""
-        heads = torch.arange(self.num_kv_heads, device=self.decode_tables.device)[None, :, None]
-        return (self.decode_tables[:, None, :] * self.num_kv_heads + heads).reshape(-1)
+        return self.gather_rows(self.decode_tables)
 
     @cached_property
     def decode_valid(self) -> torch.Tensor:
@@ -118,11 +120,12 @@ class PagedAttention:
                 )
                 continue
             qs = q[rows].transpose(0, 1)[None]  # [1, H, Q, D]
-            if chunk.gather is None:  # no context: the chunk's own keys are all there is
+            if chunk.num_keys == chunk.num_queries:  # no context: the chunk's own keys are all there is
                 ks, vs = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
             else:
-                ks = _gather(k_cache, chunk.gather, 1, chunk.num_keys).to(q.dtype)
-                vs = _gather(v_cache, chunk.gather, 1, chunk.num_keys).to(q.dtype)
+                gather = meta.gather_rows(torch.tensor([chunk.table], device=q.device))
+                ks = _gather(k_cache, gather, 1, chunk.num_keys).to(q.dtype)
+                vs = _gather(v_cache, gather, 1, chunk.num_keys).to(q.dtype)
             q_len, s = chunk.num_queries, chunk.num_keys
             mask = None if (q_len == s and window is None) else causal_mask(q_len, s, window, q.device)
             out[rows] = sdpa(qs, ks, vs, scale, mask)[0].transpose(0, 1)

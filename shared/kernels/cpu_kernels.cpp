@@ -11,7 +11,7 @@
 //                               blocks (no gather, no padding, no mask), the GQA heads of a KV head
 //                               sharing each key/value row read;
 //   paged_prefill_attention     causal attention of a prefill chunk over its blocks, blocks of 32
-//   / prefill_attention         queries against only the key blocks they can see;
+//                               queries against only the key blocks they can see;
 //   rope_and_cache              RoPE on the q and k heads of a fused qkv row, in place, and the
 //                               token's k and v written to its cache slot;
 //   add_rms_norm, silu_and_mul  the elementwise steps in one pass each;
@@ -158,22 +158,13 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
 }
 
 // Causal attention of a prefill chunk: queries q [Q, H, D] (any row and head strides, unit stride
-// along D) are the last Q of the S positions whose keys and values a KeySource gives; window > 0
+// along D) are the last Q of the S positions whose keys and values `keys` gives; window > 0
 // limits each query to its last `window` keys. Writes out rows (ld_out floats apart) [Q, H, D].
 //
 // Blocks of 32 queries of one head: S^T = K Q^T for the keys up to the block's last query (the skinny
 // GEMM's outer-product tile over runs of key rows read in place), the causal mask and softmax down
 // each column (a query), then O^T = V^T P^T with V^T packed once per KV head. Score blocks stay in
 // L2; only the key blocks a query block can see are computed.
-struct DenseKeys {  // k, v [S, K, D]
-  const float *k, *v;
-  int64_t s0, s1, v0, v1;
-  const float* key(int64_t g, int64_t p) const { return k + p * s0 + g * s1; }
-  const float* value(int64_t g, int64_t p) const { return v + p * v0 + g * v1; }
-  int64_t stride() const { return s0; }
-  int64_t run(int64_t p, int64_t hi) const { return hi - p; }
-};
-
 struct PagedKeys {  // caches [blocks, K, B, D] and one sequence's block table
   const float *k, *v;
   const int64_t* table;
@@ -280,24 +271,9 @@ void check_queries(const Tensor& q) {
               "q must be float32 [Q, H, D] with unit stride along D");
 }
 
-// q [Q, H, D], k and v [S, K, D]: the chunk's queries are the last Q of the S positions.
-Tensor prefill_attention(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t window) {
-  check_queries(q);
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
-                  k.stride(2) == 1 && v.stride(2) == 1,
-              "prefill_attention: k/v must be float32 [S, K, D] with unit stride along D");
-  const int64_t n_q = q.size(0), n_heads = q.size(1), dim = q.size(2), n_s = k.size(0), n_kv = k.size(1);
-  TORCH_CHECK(k.size(2) == dim && v.sizes() == k.sizes() && n_s >= n_q && n_heads % n_kv == 0,
-              "prefill_attention: shapes do not match");
-  auto out = at::empty({n_q, n_heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const DenseKeys keys{k.data_ptr<float>(), v.data_ptr<float>(), k.stride(0), k.stride(1), v.stride(0), v.stride(1)};
-  chunk_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), n_q, n_heads, n_kv, dim, n_s, keys, scale, window,
-                  out.data_ptr<float>(), n_heads * dim);
-  return out;
-}
-
-// The same over the paged cache: the sequence's first num_keys positions (the chunk's own K/V
-// already written) through its block table [M].
+// A prefill chunk's causal attention over the paged cache: queries q [Q, H, D] are the last Q of the
+// sequence's first num_keys positions (the chunk's own K/V already written), reached through its
+// block table [M]. Returns [Q, H, D].
 Tensor paged_prefill_attention(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& table,
                                int64_t num_keys, double scale, int64_t window) {
   check_queries(q);
@@ -585,7 +561,6 @@ Tensor gemm_rows(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& 
 
 TORCH_LIBRARY(tandem, m) {
   m.def("gemm_rows(Tensor x, Tensor w, Tensor? b) -> Tensor");
-  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor");
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor table, int num_keys, float scale, int window) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
@@ -605,6 +580,5 @@ TORCH_LIBRARY_IMPL(tandem, CPU, m) {
   m.impl("skinny_linear", &skinny_linear);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("gemm_rows", &gemm_rows);
-  m.impl("prefill_attention", &prefill_attention);
   m.impl("paged_prefill_attention", &paged_prefill_attention);
 }

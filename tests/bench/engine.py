@@ -11,9 +11,9 @@ full length):
             of summing a large tensor, a stricter bound
   prefill   a 512-token prompt to its first token: prompt tok/s
   ttft      a 1,024-token prompt cold, then another sharing its first 1,008 tokens (prefix cached)
---quick runs 32 new tokens instead of 128 and one repetition (three of the prefill). Prompts are random token ids, the
-same for both sides; each repetition of a prefill uses fresh ids so the prefix cache cannot help
-where it should not.
+--quick runs 32 new tokens instead of 128 and one repetition (three of the prefill). Prompts are
+random token ids, the same for both sides; each repetition of a prefill uses fresh ids so the prefix
+cache cannot help where it should not.
 """
 
 from __future__ import annotations

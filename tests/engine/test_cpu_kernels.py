@@ -155,12 +155,20 @@ def test_argmax_rows_takes_the_first_maximum_in_either_layout(ops):
         (5, 40, 4, 2, 64, 8),
     ],
 )
-def test_prefill_attention_matches_causal_sdpa(ops, queries, keys, heads, kv_heads, dim, window):
-    """A chunk's queries are the last `queries` of `keys` positions (earlier ones: cached context)."""
+def test_paged_prefill_attention_matches_causal_sdpa(ops, queries, keys, heads, kv_heads, dim, window):
+    """A chunk's queries are the last `queries` of `keys` positions (earlier ones: cached context),
+    its keys and values read from scattered cache blocks."""
     torch.manual_seed(6)
     qkv = torch.randn(keys, heads + 2 * kv_heads, dim)  # strided views, as the fused projection gives
     q, k, v = qkv[keys - queries :, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
-    got = ops.prefill_attention(q, k, v, dim**-0.5, window)
+    bs = 16
+    blocks = (keys + bs - 1) // bs
+    table = torch.randperm(blocks + 5)[:blocks]
+    k_cache, v_cache = torch.zeros(blocks + 5, kv_heads, bs, dim), torch.zeros(blocks + 5, kv_heads, bs, dim)
+    pos = torch.arange(keys)
+    k_cache[table[pos // bs], :, pos % bs] = k
+    v_cache[table[pos // bs], :, pos % bs] = v
+    got = ops.paged_prefill_attention(q, k_cache, v_cache, table, keys, dim**-0.5, window)
     mask = causal_mask(queries, keys, window if window > 0 else None, q.device)
     want = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None],
