@@ -51,35 +51,29 @@ def build_dir() -> Path:
     return envs.kernels_dir() / digest
 
 
-def enabled() -> bool:
-    return envs.cpu_kernels_enabled()
-
-
-def cpu_ops(build: bool = True):
+def cpu_ops():
     """torch.ops.tandem with the CPU kernels loaded, or None (disabled, or they failed to build)."""
-    if not enabled():
+    if not envs.cpu_kernels_enabled():
         return None
     with _lock:
         if "ops" in _state:
             return _state["ops"]
         ops = None
         try:
-            ops = _load(build)
+            ops = _load()
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the PyTorch path
             log.warning("Tandem CPU kernels unavailable (%s); using the PyTorch path", exc)
         _state["ops"] = ops
         return ops
 
 
-def _load(build: bool):
+def _load():
     from torch.utils import cpp_extension
 
     directory = build_dir()
     name = "tandem_cpu_kernels"
     library, done = directory / f"{name}.so", directory / "built"
     if not done.exists():  # (the marker, not the .so: a concurrent build may be mid-link)
-        if not build:
-            return None
         directory.mkdir(parents=True, exist_ok=True)
         flags = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
         cpp_extension.load(

@@ -14,14 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from shared import envs
 from shared.cli.main import main as tandem_main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
-from shared.kernels import cpu_ops, enabled
+from shared.kernels import cpu_ops
 from shared.models.attention import causal_mask
 from shared.models.rope import apply_rotary
 from tests.tiny_models import BASE, make_tiny
 
-if not enabled():
+if not envs.cpu_kernels_enabled():
     pytest.skip("TANDEM_CPU_KERNELS=0", allow_module_level=True)
 
 
