@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from services.gateway import dashboard
 from services.gateway.clients import Backends
 from services.gateway.dashboard import router_status
+from services.gateway.fine_tuning import ControllerClient, fine_tuning_router
 from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -98,17 +99,20 @@ class Gateway:
         self._info: dict[str, object] = {}
 
     async def info(self, model: str):
-        if model not in self.models:
-            raise OpenAIError(
-                404,
-                f"The model '{model}' does not exist (served: {', '.join(self.models)})",
-                "model",
-                "model_not_found",
-            )
+        """The model's tokenizer info: a served model, or a LoRA fine-tune of one (found in the store
+        by the tokenizer service the first time it is named, so a new fine-tune is served at once)."""
         if model not in self._info:
             try:
                 self._info[model] = await self.backends.info(model)
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    raise OpenAIError(
+                        404,
+                        f"The model '{model}' does not exist (served: {', '.join(self.models)}, and "
+                        "their fine-tunes)",
+                        "model",
+                        "model_not_found",
+                    ) from e
                 raise error_from_grpc(e) from e
         return self._info[model]
 
@@ -277,18 +281,25 @@ def create_app(
     models: list[str],
     api_keys: list[str] = (),
     platform_status: Callable[[], Awaitable[dict]] | None = None,
+    controller: str | None = None,
 ) -> FastAPI:
     """The gateway app for the tokenizer and router services at the given HOST:PORT addresses.
     Its gRPC channels are opened on the serving event loop (they are bound to it).
     `platform_status` (under `tandem up`: the controller's status) feeds /dashboard and /metrics;
-    without it they show what the router reports."""
+    without it they show what the router reports. `controller` (HOST:PORT) enables the files and
+    fine-tuning endpoints."""
     gw = Gateway(None, models, api_keys)
+    clients: dict[str, ControllerClient] = {}
 
     @asynccontextmanager
     async def lifespan(app):
         gw.backends = Backends(tokenizer, router)
+        if controller:
+            clients["controller"] = ControllerClient(controller)
         yield
         await gw.backends.close()
+        if controller:
+            await clients["controller"].close()
 
     app = FastAPI(
         title="Tandem", description="OpenAI-compatible API of the Tandem platform", lifespan=lifespan
@@ -312,6 +323,7 @@ def create_app(
         return JSONResponse(OpenAIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
     app.add_middleware(RequestIdAndAuth, gateway=gw)
+    app.include_router(fine_tuning_router(lambda: clients.get("controller")))
 
     @app.get("/health")
     async def health():
@@ -353,11 +365,17 @@ def create_app(
 
     @app.get("/v1/models")
     async def list_models():
+        try:
+            entries = [(m.name, m.base_model, m.created_at) for m in (await gw.backends.list_models()).models]
+        except grpc.aio.AioRpcError:
+            entries = [(m, "", 0) for m in gw.models]
         data = []
-        for m in gw.models:
-            entry = {"id": m, "object": "model", "created": gw.created, "owned_by": "tandem"}
+        for name, base, created in entries:
+            entry = {"id": name, "object": "model", "created": created or gw.created, "owned_by": "tandem"}
+            if base:
+                entry["parent"] = entry["root"] = base
             try:
-                entry["max_model_len"] = (await gw.info(m)).max_model_len
+                entry["max_model_len"] = (await gw.info(name)).max_model_len
             except OpenAIError:
                 pass
             data.append(entry)

@@ -32,6 +32,9 @@ class Backends:
             tokenizer_pb2.TokenizerInfoRequest(model=model), timeout=self.call_timeout
         )
 
+    async def list_models(self) -> tokenizer_pb2.ListModelsResponse:
+        return await self.tokenizer.ListModels(tokenizer_pb2.ListModelsRequest(), timeout=self.call_timeout)
+
     async def tokenize_text(self, model: str, text: str, add_special_tokens: bool = True) -> list[int]:
         req = tokenizer_pb2.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
         return list((await self.tokenizer.Tokenize(req, timeout=self.call_timeout)).token_ids)

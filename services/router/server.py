@@ -217,12 +217,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     # -- placement ---------------------------------------------------------------------------------
 
-    def block_keys(self, prompt: list[int], cache_salt: str) -> list[bytes]:
-        """The prompt's block keys as the workers name them (from any worker's reported layout)."""
+    def block_keys(self, prompt: list[int], cache_salt: str, model: str = "") -> list[bytes]:
+        """The prompt's block keys as the workers name them (from any worker's reported layout); a
+        request for a LoRA fine-tune of the workers' model has the adapter in its keys."""
         for w in self.workers:
             if w.load is not None and w.load.kv_layout and w.load.block_size:
+                lora = model if model and model != w.load.model else None
                 return prompt_block_keys(
-                    prompt, w.load.block_size, w.load.model, w.load.kv_layout, cache_salt or None
+                    prompt, w.load.block_size, w.load.model, w.load.kv_layout, cache_salt or None, lora
                 )
         return []
 
@@ -247,7 +249,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             ("prefill",), exclude
         )
         prefillers = self.candidates(("prefill",), exclude)
-        keys = self.block_keys(list(request.prompt_token_ids), request.params.cache_salt)
+        keys = self.block_keys(list(request.prompt_token_ids), request.params.cache_salt, request.model)
         decode = self.pick(decoders, keys)
         if decode is None:
             return None

@@ -2,7 +2,9 @@
 
     tandem serve tokenizer --model smollm2-135m-instruct [--model other] [--port P]
 
-An empty `model` field in a request means the only (or first) model served. Errors are gRPC status
+An empty `model` field in a request means the only (or first) model served. A LoRA fine-tune in the
+store whose base is served (`ft:...` names included) is served too, with its own tokenizer files,
+from the first request that names it: a model trained after start-up needs no restart. Errors are gRPC status
 codes: an unknown model NOT_FOUND, a bad chat (template error, no template) or a token id outside the
 vocabulary INVALID_ARGUMENT.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from shared.engine.sampling_params import SamplingParams
-from shared.store import ModelStore
+from shared.store import ModelStore, StoreError
 from shared.tokenizer import ChatTemplateError, Tokenizer
 from shared.tokenizer.detokenizer import IncrementalDetokenizer
 from tandem.v1 import tokenizer_pb2 as pb
@@ -25,10 +27,10 @@ SERVICE_NAME = "tandem.v1.Tokenizer"
 
 
 class ServedTokenizer:
-    def __init__(self, name: str, path: Path):
+    def __init__(self, name: str, path: Path, config_dir: Path | None = None):
         self.name = name
         self.tokenizer = Tokenizer.from_dir(path)
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads(((config_dir or path) / "config.json").read_text())
         self.max_model_len = int(config.get("max_position_embeddings") or 0)
 
 
@@ -36,11 +38,25 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
     def __init__(self, store: ModelStore, models: list[str]):
         if not models:
             raise ValueError("the tokenizer service needs at least one --model")
+        self.store = store
         self.models = {name: ServedTokenizer(name, store.path(store.get(name).name)) for name in models}
+        self.bases = list(models)
         self.default = models[0]
 
+    def _adapter(self, name: str) -> ServedTokenizer | None:
+        """A LoRA fine-tune of a served base, from the store (None if there is no such model)."""
+        try:
+            info = self.store.get(name)
+        except (StoreError, OSError):
+            return None
+        if info.base_model not in self.bases:
+            return None
+        served = ServedTokenizer(name, self.store.path(name), self.store.path(info.base_model))
+        self.models[name] = served
+        return served
+
     async def _model(self, name: str, context) -> ServedTokenizer:
-        served = self.models.get(name or self.default)
+        served = self.models.get(name or self.default) or self._adapter(name)
         if served is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -112,6 +128,14 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
             await self._check_ids(served, request.token_ids, context)
             detok.update(list(request.token_ids))
             yield pb.DetokenizeStreamResponse(text=detok.next_text(finished=False))
+
+    async def ListModels(self, request, context):
+        entries = [pb.ModelEntry(name=name) for name in self.bases]
+        for info in self.store.list():
+            if info.base_model in self.bases:
+                created = int(self.store.path(info.name).stat().st_mtime)
+                entries.append(pb.ModelEntry(name=info.name, base_model=info.base_model, created_at=created))
+        return pb.ListModelsResponse(models=entries)
 
     async def Info(self, request, context):
         served = await self._model(request.model, context)

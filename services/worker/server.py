@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 import torch
@@ -35,6 +36,7 @@ from shared.engine import AsyncLLMEngine, EngineDeadError, RequestOutput
 from shared.engine.kv_transfer import KVHandoff, from_wire, to_wire
 from shared.kvstore.client import KVStoreClient
 from shared.rpc.convert import FINISH_REASONS, logprob_from_proto, logprob_to_proto, params_from_proto
+from shared.store import ModelStore, StoreError
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
@@ -75,6 +77,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         max_waiting: int = 256,
         kvstore: str | None = None,
         lease_ttl: float = 60.0,
+        models: ModelStore | None = None,
     ):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
@@ -85,6 +88,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.max_waiting = max_waiting
         self.store = KVStoreClient(kvstore) if kvstore else None
         self.lease_ttl = lease_ttl
+        self.models = models  # where LoRA fine-tunes of this model are found (multi-LoRA serving)
         self.counters = {"store_fetched_blocks": 0, "store_published_blocks": 0}
         self.timers = {"kv_publish_seconds": 0.0, "kv_import_seconds": 0.0, "kv_fetch_seconds": 0.0}
         self.closing = asyncio.Event()
@@ -97,9 +101,27 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     # -- generation -------------------------------------------------------------------------------
 
+    async def _adapter(self, name: str, context) -> str:
+        """A LoRA fine-tune of this worker's model, loaded into the engine (requests for it share
+        batches with the base's); NOT_FOUND for any other model."""
+        try:
+            info = self.models.get(name) if self.models is not None else None
+        except StoreError:
+            info = None
+        if info is None or info.base_model != self.model:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"model '{name}' is not served here")
+        try:
+            await self.engine.add_lora(name, self.models.path(name))
+        except ValueError as e:
+            busy = "slots are in use" in str(e)
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if busy else grpc.StatusCode.FAILED_PRECONDITION
+            await context.abort(code, f"model '{name}': {e}")
+        return name
+
     async def Generate(self, request, context):
+        lora = None
         if request.model and request.model != self.model:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"model '{request.model}' is not served here")
+            lora = await self._adapter(request.model, context)
         request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.engine.streams:
             await context.abort(
@@ -122,13 +144,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     self.timers["kv_import_seconds"] += time.perf_counter() - t0
                 finally:
                     await self._release(handle.lease_id)  # the blocks are copied (or lost): unpin
-                stream = await self.engine.add_request(request_id, prompt, params, kv_handoff=handoff)
+                stream = await self.engine.add_request(
+                    request_id, prompt, params, kv_handoff=handoff, lora=lora
+                )
             else:
                 t0 = time.perf_counter()
-                prefix = await self._fetch_prefix(prompt, params.cache_salt)
+                prefix = await self._fetch_prefix(prompt, params.cache_salt, lora)
                 self.timers["kv_fetch_seconds"] += time.perf_counter() - t0
                 stream = await self.engine.add_request(
-                    request_id, prompt, params, prefill_only=request.prefill_only, prefix_kv=prefix
+                    request_id, prompt, params, prefill_only=request.prefill_only, prefix_kv=prefix, lora=lora
                 )
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -157,13 +181,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             await stream.aclose()  # the caller left early: abort and free the blocks
 
-    async def _fetch_prefix(self, prompt: list[int], cache_salt: str | None) -> torch.Tensor | None:
+    async def _fetch_prefix(
+        self, prompt: list[int], cache_salt: str | None, lora: str | None = None
+    ) -> torch.Tensor | None:
         """The KV of the prompt's longest prefix the store has beyond what this engine caches (with
         the cached part copied in front), or None when the local cache does as well."""
         eng = self.engine.engine
         if self.store is None or not eng.config.enable_prefix_caching:
             return None
-        keys = eng.prompt_keys(prompt, cache_salt)[: (len(prompt) - 1) // eng.config.block_size]
+        keys = eng.prompt_keys(prompt, cache_salt, lora)[: (len(prompt) - 1) // eng.config.block_size]
         local = eng.cached_prefix_len(keys)
         try:
             _, anywhere = await self.store.lookup(keys)
@@ -327,6 +353,8 @@ async def start_server(
         engine or LLMEngine.from_store(model_dir, config or EngineConfig(), model_id=model)
     )
     server = GrpcServer("worker", host, port)
+    if model_dir is not None:
+        kwargs.setdefault("models", ModelStore(Path(model_dir).parent))
     service = register(server, engine, model, **kwargs)
     await server.start()
     return server, service

@@ -82,6 +82,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--redis", help="redis:// URL of the Redis tier (optional)")
     q.set_defaults(func=cmd_serve, run=run_kvstore, parser=q)
 
+    q = roles.add_parser("controller", help="training jobs: files, fine-tuning jobs, executors")
+    common(q)
+    q.add_argument("--store", type=Path, help="the model store (default $TANDEM_MODELS)")
+    q.add_argument("--home", type=Path, help="files and job dirs (default $TANDEM_HOME/controller)")
+    q.add_argument("--job-store", help="sqlite:///PATH (default: <home>/controller.db) or redis://HOST:PORT")
+    q.add_argument(
+        "--executor", default="ray", choices=["ray", "kubernetes"], help="where jobs run by default"
+    )
+    q.add_argument("--ray-address", help="a Ray cluster for the ray executor (default: a local Ray per job)")
+    q.add_argument("--cpus", type=int, help="trainer workers that may run at once (default: the CPU count)")
+    q.add_argument(
+        "--gpus", type=int, default=None, help="GPUs jobs may hold at once (default: those visible)"
+    )
+    q.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each trainer worker")
+    q.add_argument("--k8s-namespace", help="enables the kubernetes executor: RayJobs go to this namespace")
+    q.add_argument("--k8s-image", default="tandem:latest", help="the image of the RayJob pods")
+    q.add_argument("--k8s-claim", help="the PersistentVolumeClaim holding TANDEM_HOME, mounted by the pods")
+    q.add_argument("--poll-interval", type=float, default=0.5)
+    q.set_defaults(func=cmd_serve, run=run_controller, parser=q)
+
     q = roles.add_parser("gateway", help="the OpenAI-compatible REST API")
     common(q, default_port=8000)
     q.add_argument("--tokenizer", help="tokenizer service HOST:PORT")
@@ -89,6 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument(
         "--model", action="append", help=f"served model name (repeatable; default {DEFAULT_MODEL})"
     )
+    q.add_argument("--controller", help="controller service HOST:PORT (files and fine-tuning endpoints)")
     q.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable)")
     q.set_defaults(func=cmd_serve, run=run_gateway, parser=q)
 
@@ -183,6 +204,38 @@ async def run_kvstore(args) -> None:
     await server.serve_until_signal()
 
 
+async def run_controller(args) -> None:
+    from services.controller.controller import Capacity
+    from services.controller.server import build_controller, start_server
+
+    gpus = (
+        args.gpus
+        if args.gpus is not None
+        else (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    )
+    kubernetes = None
+    if args.k8s_namespace:
+        from kubernetes import config as k8s_config
+
+        try:
+            k8s_config.load_incluster_config()
+        except k8s_config.ConfigException:
+            k8s_config.load_kube_config()
+        kubernetes = {"namespace": args.k8s_namespace, "image": args.k8s_image, "claim": args.k8s_claim,
+                      "mount_path": str(envs.tandem_home())}  # fmt: skip
+    elif args.executor == "kubernetes":
+        raise ValueError("--executor kubernetes needs --k8s-namespace")
+    controller = build_controller(
+        args.home or envs.tandem_home() / "controller", args.store or envs.models_dir(), args.job_store,
+        args.executor, args.ray_address, Capacity(args.cpus or os.cpu_count() or 1, gpus),
+        args.threads_per_worker, kubernetes,
+    )  # fmt: skip
+    server = await start_server(controller, args.host, args.port, args.poll_interval)
+    _announce("controller", args.host, server.port, args.port_file)
+    await server.serve_until_signal()
+    controller.store.close()
+
+
 async def run_gateway(args) -> None:
     import uvicorn
 
@@ -190,7 +243,9 @@ async def run_gateway(args) -> None:
 
     if not args.tokenizer or not args.router:
         raise ValueError("the gateway needs --tokenizer HOST:PORT and --router HOST:PORT")
-    app = create_app(args.tokenizer, args.router, args.model or [DEFAULT_MODEL], args.api_key)
+    app = create_app(
+        args.tokenizer, args.router, args.model or [DEFAULT_MODEL], args.api_key, controller=args.controller
+    )
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
     task = asyncio.create_task(server.serve())  # uvicorn drains and stops on SIGTERM / Ctrl-C itself
     while not server.started and not task.done():

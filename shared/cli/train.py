@@ -25,6 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--config", type=Path, required=True, help="the job spec (YAML)")
     run.add_argument("--until-step", type=int, default=None, help="stop after this step with a checkpoint")
     run.add_argument("--address", default=None, help="a Ray cluster to run on (default: a local Ray)")
+    run.add_argument(
+        "--result", type=Path, default=None,
+        help="also write the outcome here as JSON, errors included (for the controller's executors)",
+    )  # fmt: skip
     run.set_defaults(func=cmd_run)
     val = tsub.add_parser("validate", help="check a job spec and its dataset without training")
     val.add_argument("--config", type=Path, required=True)
@@ -56,8 +60,13 @@ def cmd_run(args) -> int:
 
     if args.until_step is not None and args.until_step < 1:
         raise ValueError("--until-step must be at least 1")
-    job = load_job(args.config)
-    result = run_job(job, until_step=args.until_step, address=args.address)
+    try:
+        job = load_job(args.config)
+        result = run_job(job, until_step=args.until_step, address=args.address)
+    except Exception as e:
+        _write_result(args.result, {"status": "failed", "error": str(e) or type(e).__name__})
+        raise
+    _write_result(args.result, result.summary())
     if result.status == "succeeded":
         log.info("trained '%s' in %d steps; serve it by that name", result.model, result.step)
     else:
@@ -66,3 +75,10 @@ def cmd_run(args) -> int:
         )
     print(json.dumps(result.summary()))
     return 0
+
+
+def _write_result(path: Path | None, outcome: dict) -> None:
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(outcome))
+        tmp.replace(path)  # whoever polls never sees half a file

@@ -97,6 +97,7 @@ class AsyncLLMEngine:
         prefill_only: bool = False,
         kv_handoff: KVHandoff | None = None,
         prefix_kv: torch.Tensor | None = None,
+        lora: str | None = None,
     ) -> RequestStream:
         self._ensure_running()
         if request_id in self.streams:
@@ -112,6 +113,7 @@ class AsyncLLMEngine:
                 prefill_only=prefill_only,
                 kv_handoff=kv_handoff,
                 prefix_kv=prefix_kv,
+                lora=lora,
             )
         except BaseException:
             self.streams.pop(request_id, None)
@@ -128,6 +130,11 @@ class AsyncLLMEngine:
                 yield out
         finally:
             await stream.aclose()
+
+    async def add_lora(self, name: str, path) -> None:
+        """Load a LoRA adapter on the engine thread (see LLMEngine.add_lora); ValueError if it cannot."""
+        self._ensure_running()
+        await self._call(self.engine.add_lora, name, path)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a running request; its stream ends with a finish_reason "abort" output."""

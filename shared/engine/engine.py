@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from shared.engine.sampler import Sampler
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler, SchedulerConfig
 from shared.models.loader import load_model
+from shared.models.lora import AdapterError, LoraBank
 from shared.models.transformer import CausalLM
 from shared.tokenizer import Tokenizer
 from shared.tokenizer.detokenizer import IncrementalDetokenizer
@@ -62,6 +64,7 @@ class EngineConfig:
     dtype: str = "float32"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cpu_kernels: bool = True  # Tandem's compiled CPU kernels where they apply (shared/kernels)
+    max_loras: int = 8  # LoRA adapters held at once (the least recently used idle one makes room)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPES:
@@ -118,6 +121,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.cpu_kernels)
         self.sampler = Sampler(self.runner.kernels)
+        self.loras: OrderedDict[str, Path] = OrderedDict()  # loaded adapters, least recently used first
         self.requests: dict[str, Request] = {}
         self.model_id = model_id
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (not from any cache)
@@ -153,8 +157,12 @@ class LLMEngine:
         prefill_only: bool = False,
         kv_handoff: KVHandoff | None = None,
         prefix_kv: torch.Tensor | None = None,
+        lora: str | None = None,
     ) -> Request:
-        """Queue a request. Raises ValueError, naming the problem, for a request the engine cannot run."""
+        """Queue a request. Raises ValueError, naming the problem, for a request the engine cannot run.
+        `lora` names an adapter loaded with add_lora: the request runs base + that adapter."""
+        if lora is not None and lora not in self.loras:
+            raise ValueError(f"LoRA adapter '{lora}' is not loaded")
         if request_id in self.requests:
             raise ValueError(f"request_id '{request_id}' is already in use")
         if not prompt_token_ids:
@@ -177,6 +185,9 @@ class LLMEngine:
             raise ValueError("a request is either prefill-only or continues from imported KV, not both")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
         request.prefill_only = prefill_only
+        request.lora = lora
+        if lora is not None:
+            self.loras.move_to_end(lora)
         if kv_handoff is not None:
             self._check_handoff(request, kv_handoff)
             request.pending_kv = kv_handoff.payload
@@ -228,11 +239,42 @@ class LLMEngine:
                 f"prefix KV has block shape {tuple(prefix_kv.shape[1:])}, expected {self.runner.block_shape}"
             )
 
-    def prompt_keys(self, prompt_token_ids: list[int], cache_salt: str | None = None) -> list[bytes]:
+    def prompt_keys(
+        self, prompt_token_ids: list[int], cache_salt: str | None = None, lora: str | None = None
+    ) -> list[bytes]:
         """Chain keys of the prompt's full blocks, as this engine's prefix cache names them."""
         return prompt_block_keys(
-            prompt_token_ids, self.config.block_size, self.model_id, self.layout, cache_salt
+            prompt_token_ids, self.config.block_size, self.model_id, self.layout, cache_salt, lora
         )
+
+    # -- LoRA adapters ---------------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: Path) -> None:
+        """Load a PEFT LoRA adapter of this engine's model under `name` (a no-op if it is loaded).
+        With max_loras loaded, the least recently used one that no live request uses makes room."""
+        if name in self.loras:
+            self.loras.move_to_end(name)
+            return
+        if self.runner.loras is None:
+            self.runner.loras = LoraBank(self.model)
+        if len(self.loras) >= self.config.max_loras:
+            busy = {r.lora for r in self.requests.values()}
+            idle = next((n for n in self.loras if n not in busy), None)
+            if idle is None:
+                raise ValueError(f"all {self.config.max_loras} LoRA adapter slots are in use; retry later")
+            self.remove_lora(idle)
+        try:
+            self.runner.loras.load(name, Path(path))
+        except AdapterError as e:
+            raise ValueError(str(e)) from e
+        self.loras[name] = Path(path)
+        log.info("loaded LoRA adapter '%s'", name)
+
+    def remove_lora(self, name: str) -> None:
+        if any(r.lora == name for r in self.requests.values()):
+            raise ValueError(f"LoRA adapter '{name}' is in use")
+        self.loras.pop(name, None)
+        self.runner.loras.unload(name)
 
     def cached_prefix_len(self, keys: list[bytes]) -> int:
         """How many leading keys this engine's prefix cache holds (a snapshot)."""

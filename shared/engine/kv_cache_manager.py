@@ -35,7 +35,7 @@ class KVCacheManager:
         return self._keys(request)
 
     def _keys(self, request: Request) -> list[bytes]:
-        extras = kv_extras(self.model_id, self.layout, None, request.params.cache_salt)
+        extras = kv_extras(self.model_id, self.layout, request.lora, request.params.cache_salt)
         request.block_hashes = chain_hashes(
             request.all_token_ids, self.block_size, extras, request.block_hashes
         )

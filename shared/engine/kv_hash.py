@@ -41,7 +41,12 @@ def chain_hashes(
 
 
 def prompt_block_keys(
-    tokens: Sequence[int], block_size: int, model_id: str, layout: str, cache_salt: str | None = None
+    tokens: Sequence[int],
+    block_size: int,
+    model_id: str,
+    layout: str,
+    cache_salt: str | None = None,
+    lora_id: str | None = None,
 ) -> list[bytes]:
     """Keys of a prompt's full blocks as an engine serving `model_id` with `layout` names them."""
-    return chain_hashes(tokens, block_size, kv_extras(model_id, layout, None, cache_salt))
+    return chain_hashes(tokens, block_size, kv_extras(model_id, layout, lora_id, cache_salt))

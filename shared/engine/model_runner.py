@@ -13,6 +13,8 @@ payload of ARCHITECTURE.md ([blocks, layers, 2 (K, V), K heads, B, D], one conti
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from shared.engine.cpu_stack import CpuStack
@@ -20,6 +22,7 @@ from shared.engine.paged_attention import PagedAttention, PagedMetadata, Prefill
 from shared.engine.request import Request
 from shared.kernels import cpu_ops
 from shared.models.linear import SMALL_BATCH_ROWS
+from shared.models.lora import LoraBank
 from shared.models.transformer import CausalLM
 
 
@@ -57,6 +60,7 @@ class ModelRunner:
         if cpu_kernels and self.device.type == "cpu" and kv_dtype == torch.float32:
             self.kernels = cpu_ops()
         self.cpu_stack = CpuStack.build(model, self.kernels)
+        self.loras: LoraBank | None = None  # set by the engine when it loads its first adapter
         if self.kernels is not None:
             CpuStack.install_gemm(model, self.kernels)
 
@@ -105,12 +109,16 @@ class ModelRunner:
         dev = self.device
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         input_positions = torch.tensor(positions, dtype=torch.long, device=dev)
-        if self.cpu_stack is not None:
+        adapters = None
+        if self.loras is not None and any(r.lora for r, _ in scheduled):
+            adapters = [r.lora for r, n in scheduled for _ in range(n)]  # the adapter of every row
+        if self.cpu_stack is not None and adapters is None:
             hidden = self.cpu_stack.forward(input_ids, input_positions, meta, self.k_caches, self.v_caches)
-        else:
-            hidden = self.model(
-                input_ids, input_positions, PagedAttention(self.k_caches, self.v_caches, meta)
-            )
+        else:  # the model's own layers (they carry the LoRA hooks)
+            with self.loras.active(adapters, dev) if adapters else nullcontext():
+                hidden = self.model(
+                    input_ids, input_positions, PagedAttention(self.k_caches, self.v_caches, meta)
+                )
         if len(sample_rows) != row:
             hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)]
         if self.cpu_stack is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:

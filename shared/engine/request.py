@@ -58,6 +58,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     block_ids: list[int] = field(default_factory=list)
+    lora: str | None = None  # the LoRA adapter its tokens run with (multi-LoRA serving); None: the base
     block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of all_token_ids
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None

@@ -40,8 +40,12 @@ class Linear(nn.Linear):
     #: A replacement GEMM (x, weight, bias, contiguous) -> output that a serving engine may set on an
     #: inference-only model (e.g. Tandem's compiled CPU kernels); used only under inference_mode.
     gemm = None
+    #: (x, output) -> output with per-token LoRA deltas added (shared/models/lora.py LoraBank), or None
+    lora = None
 
     def forward(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
         if self.gemm is not None and torch.is_inference_mode_enabled():
-            return self.gemm(x, self.weight, self.bias, contiguous)
-        return linear(x, self.weight, self.bias, contiguous)
+            out = self.gemm(x, self.weight, self.bias, contiguous)
+        else:
+            out = linear(x, self.weight, self.bias, contiguous)
+        return out if self.lora is None else self.lora(x, out)

@@ -42,7 +42,7 @@ from shared.store.builtin import BUILTIN
 from shared.store.errors import StoreError
 from shared.store.gguf_import import import_gguf
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,159}$")  # ":" for fine-tunes (ft:base:suffix:job)
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -160,7 +160,7 @@ class ModelStore:
 
     def _import(self, name: str, source: str, build: Callable[[Path], None], describe=None) -> ModelInfo:
         if not _NAME.match(name):
-            raise StoreError(f"invalid model name '{name}': use letters, digits, '.', '_' and '-'")
+            raise StoreError(f"invalid model name '{name}': use letters, digits, '.', '_', '-' and ':'")
         if self.path(name).exists():
             raise StoreError(f"model '{name}' already exists in the store at {self.root}")
         with self._staging(name) as staging:

@@ -123,6 +123,47 @@ def _check_output(value, where: str, field: str) -> dict:
     return m
 
 
+FORMATS = {"sft": "messages", "dpo": "preferred_output", "pretrain": "text"}
+
+
+def sniff_format(path: Path, name: str | None = None) -> tuple[str, int]:
+    """(format, number of examples) of a training file, checking every line's schema without a
+    tokenizer (what an upload can check before any model is named). Errors read `name:line: ...`."""
+    rows = read_jsonl(path)
+    shown = name or str(path)
+    first = rows[0][1]
+    fmt = next((f for f, key in FORMATS.items() if key in first), None)
+    if fmt is None:
+        raise DatasetError(
+            f"{shown}:{rows[0][0]}: a line needs 'messages' (SFT), 'input' + 'preferred_output' + "
+            "'non_preferred_output' (DPO) or 'text' (pretraining)"
+        )
+    for lineno, obj in rows:
+        where = f"{shown}:{lineno}"
+        if FORMATS[fmt] not in obj:
+            raise DatasetError(
+                f"{where}: every line must have the first line's format ({fmt}: '{FORMATS[fmt]}')"
+            )
+        if fmt == "sft":
+            messages = _check_messages(obj["messages"], where)
+            if not any(m["role"] == "assistant" and m["weight"] for m in messages):
+                raise DatasetError(f"{where}: the conversation has no assistant turn to learn from")
+        elif fmt == "dpo":
+            for key in ("input", "non_preferred_output"):
+                if key not in obj:
+                    raise DatasetError(
+                        f"{where}: a DPO line needs '{key}' (OpenAI preference fine-tuning format)"
+                    )
+            if not isinstance(obj["input"], dict):
+                raise DatasetError(f"{where}: 'input' must be an object with 'messages'")
+            _check_messages(obj["input"].get("messages"), where, "input.messages")
+            _check_output(obj["preferred_output"], where, "preferred_output")
+            _check_output(obj["non_preferred_output"], where, "non_preferred_output")
+        elif not isinstance(obj["text"], str) or not obj["text"]:
+            raise DatasetError(f"{where}: a pretraining line needs a non-empty string 'text'")
+    return fmt, len(rows)
+
+
 # -- tokenizing -------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,1 @@
+"""The training-job controller service (files, fine-tuning jobs, executors, durable job store)."""
