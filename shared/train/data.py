@@ -67,15 +67,17 @@ class Example:
 # -- reading and validating ------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; malformed lines and empty files are errors."""
+def read_jsonl(path: Path, name: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; malformed lines and empty files are errors,
+    reported against `name` (default: the path)."""
     path = Path(path)
+    shown = name or str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DatasetError(f"{path}: training file not found") from None
+        raise DatasetError(f"{shown}: training file not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read ({e})") from e
+        raise DatasetError(f"{shown}: cannot read ({e})") from e
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -83,12 +85,12 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DatasetError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DatasetError(f"{shown}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise DatasetError(f"{path}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
+            raise DatasetError(f"{shown}:{lineno}: each line must be a JSON object, got {type(obj).__name__}")
         rows.append((lineno, obj))
     if not rows:
-        raise DatasetError(f"{path}: the training file is empty")
+        raise DatasetError(f"{shown}: the training file is empty")
     return rows
 
 
@@ -129,7 +131,7 @@ FORMATS = {"sft": "messages", "dpo": "preferred_output", "pretrain": "text"}
 def sniff_format(path: Path, name: str | None = None) -> tuple[str, int]:
     """(format, number of examples) of a training file, checking every line's schema without a
     tokenizer (what an upload can check before any model is named). Errors read `name:line: ...`."""
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, name)
     shown = name or str(path)
     first = rows[0][1]
     fmt = next((f for f, key in FORMATS.items() if key in first), None)
