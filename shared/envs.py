@@ -5,6 +5,7 @@ TANDEM_MODELS   the model store (default: $TANDEM_HOME/models)
 TANDEM_THREADS  torch intra-op threads for this process (default: all cores, at most 2 per worker role)
 TANDEM_CPU_KERNELS  0 turns Tandem's compiled CPU kernels off (default: on where they apply)
 TANDEM_KERNEL_DIR   where the CPU kernels are built (default: $TANDEM_HOME/kernels)
+TANDEM_CONTROLLER   the controller's HOST:PORT for `tandem train submit|list|get|logs|cancel`
 """
 
 from __future__ import annotations
@@ -39,3 +40,7 @@ def kernels_dir() -> Path:
     if os.environ.get("TANDEM_KERNEL_DIR"):
         return Path(os.environ["TANDEM_KERNEL_DIR"]).expanduser()
     return tandem_home() / "kernels"
+
+
+def controller_address() -> str | None:
+    return os.environ.get("TANDEM_CONTROLLER") or None

@@ -185,24 +185,48 @@ def test_a_lora_job_survives_a_controller_restart_and_its_model_is_served_beside
     assert client.fine_tuning.jobs.list().data[0].id == queued.id  # newest first
 
 
-def test_cancelling_a_running_job_stops_its_trainer(client, stack):
-    f = upload(client, fact_rows())
-    job = client.fine_tuning.jobs.create(
-        model=DEFAULT_MODEL, training_file=f.id, extra_body={"tandem": {"max_steps": 200}}
+def tandem(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shared.cli.main", "train", *args], capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def test_the_cli_submits_follows_and_cancels_and_cancelling_stops_the_trainer(client, stack, tmp_path):
+    """`tandem train submit|list|get|logs|cancel` against the same controller; cancelling a running
+    job stops its trainer process and frees its place for the next job."""
+    ctl = ("--controller", f"127.0.0.1:{stack['controller'].port}")
+    data = tmp_path / "fact.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in fact_rows()))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "hi"}\n')
+    failed = tandem("submit", *ctl, "--model", DEFAULT_MODEL, "--file", str(bad))
+    assert (
+        failed.returncode == 1
+        and "tandem: error: bad.jsonl:1: 'messages' must be a non-empty list" in failed.stderr
     )
-    wait_for(client, job.id, ("running",))
-    assert trainer_processes(job.id)
-    cancelled = client.fine_tuning.jobs.cancel(job.id)
-    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+
+    submitted = tandem("submit", *ctl, "--model", DEFAULT_MODEL, "--file", str(data), "--max-steps", "200")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    wait_for(client, job_id, ("running",))
+    assert trainer_processes(job_id)
+    follower = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "train", "logs", *ctl, job_id, "--follow"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    cancelled = tandem("cancel", *ctl, job_id)
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"{job_id} cancelled"
+    _, err = follower.communicate(timeout=60)
+    assert follower.returncode == 1 and f"job {job_id} cancelled" in err and "The job was cancelled" in err
     deadline = time.monotonic() + 30
-    while trainer_processes(job.id) and time.monotonic() < deadline:
+    while trainer_processes(job_id) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not trainer_processes(job.id)
-    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    assert not trainer_processes(job_id)
+    assert json.loads(tandem("get", *ctl, job_id).stdout)["status"] == "cancelled"
+    assert f"{job_id}  cancelled" in tandem("list", *ctl).stdout
+    assert "[info] Files validated" in tandem("logs", *ctl, job_id).stdout
+    again = tandem("cancel", *ctl, job_id)
+    assert again.returncode == 1 and "has already cancelled" in again.stderr
     # what it held is free: the next job starts
-    nxt = client.fine_tuning.jobs.create(
-        model=DEFAULT_MODEL, training_file=f.id, extra_body={"tandem": {"max_steps": 200}}
-    )
+    nxt = client.fine_tuning.jobs.create(model=DEFAULT_MODEL, training_file=upload(client, fact_rows()).id,
+                                         extra_body={"tandem": {"max_steps": 200}})  # fmt: skip
     wait_for(client, nxt.id, ("running",))
     client.fine_tuning.jobs.cancel(nxt.id)
-    assert os.path.isdir(stack["home"] / "jobs" / job.id)
+    assert os.path.isdir(stack["home"] / "jobs" / job_id)
