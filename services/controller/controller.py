@@ -133,12 +133,7 @@ class Controller:
         from shared.train.job import prepare
 
         try:
-            await asyncio.to_thread(prepare, train_job)
-            if spec.validation_file:
-                val = train_job.model_copy(
-                    update={"training_file": Path(self.get_file(spec.validation_file).path)}
-                )
-                await asyncio.to_thread(prepare, val)
+            await asyncio.to_thread(prepare, train_job)  # the validation file too
         except (JobError, DatasetError) as e:
             raise ControllerError(str(e).replace(str(self.home / "files") + "/", "")) from e
         Path(job.job_dir).mkdir(parents=True, exist_ok=True)
@@ -216,6 +211,7 @@ class Controller:
             "objective": spec.objective,
             "method": method,
             "training_file": self.get_file(spec.training_file).path,
+            "validation_file": self.get_file(spec.validation_file).path if spec.validation_file else None,
             "output_name": job.output_name,
             "model_store": str(self.models.root.resolve()),
             "output_dir": job.job_dir,
@@ -332,12 +328,11 @@ class Controller:
                 k: m[k] for k in ("step", "total_steps", "learning_rate", "grad_norm", "tokens") if k in m
             }
             data["train_loss"] = m["loss"]
-            await self._event(
-                job,
-                f"Step {job.step}/{job.total_steps}: training loss={job.loss:.4f}",
-                type="metrics",
-                data=data,
-            )
+            message = f"Step {job.step}/{job.total_steps}: training loss={job.loss:.4f}"
+            if "valid_loss" in m:  # after the last step, over the whole validation file
+                data["full_valid_loss"] = job.valid_loss = m["valid_loss"]
+                message += f", full validation loss={job.valid_loss:.4f}"
+            await self._event(job, message, type="metrics", data=data)
         job.metrics_read = len(lines)
 
     def _record_checkpoints(self, job: Job) -> None:
@@ -350,7 +345,11 @@ class Controller:
             except (OSError, ValueError, KeyError):
                 continue  # still being written
             if step not in known:
-                metrics = {"step": step, "train_loss": job.loss} if step == job.step else {"step": step}
+                metrics = {"step": step}
+                if step == job.step:
+                    metrics["train_loss"] = job.loss
+                    if job.valid_loss is not None:
+                        metrics["full_valid_loss"] = job.valid_loss
                 self.store.add_checkpoint(Checkpoint(new_id("ftckpt"), job.id, step, now(), str(d), metrics))
 
     async def _finish(self, job: Job, status: str, message: str, level: str = "info") -> None:

@@ -82,9 +82,17 @@ class RayExecutor:
 
     def launch(self, job: Job) -> str:
         cmd = [sys.executable, "-m", "shared.cli.main", *trainer_command(job, self.address)[1:]]
+        env = dict(os.environ)
+        if not self.address:  # its own local Ray, even when launched from inside a Ray actor
+            env.pop("RAY_ADDRESS", None)
         with open(Path(job.job_dir) / LOG_FILE, "ab") as out:
             proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
             )
         self.procs[job.id] = proc
         return str(proc.pid)

@@ -98,6 +98,7 @@ class Job(_Record):
     step: int = 0
     total_steps: int = 0
     loss: float = 0.0
+    valid_loss: float | None = None  # over the validation file, after the last step
     executor: str = ""
     handle: str = ""  # the executor's name for the run
     eta_seconds: float = 0.0

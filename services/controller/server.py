@@ -40,7 +40,11 @@ def spec_to_proto(s: JobSpec) -> pb.JobSpec:
 
 
 def job_to_proto(j: Job) -> pb.Job:
-    fields = {k: v for k, v in j.to_dict().items() if k in pb.Job.DESCRIPTOR.fields_by_name and k != "spec"}
+    fields = {
+        k: v
+        for k, v in j.to_dict().items()
+        if k in pb.Job.DESCRIPTOR.fields_by_name and k != "spec" and v is not None
+    }
     return pb.Job(spec=spec_to_proto(j.spec), **fields)
 
 

@@ -150,7 +150,8 @@ def job_json(j: pb.Job) -> dict:
         "method": {"type": mtype, mtype: {"hyperparameters": method_hp}},
         "tandem": {"objective": s.objective, "method": "full" if s.full else "lora", "num_workers": s.num_workers,
                    "gpus_per_worker": s.gpus_per_worker, "priority": s.priority, "executor": j.executor,
-                   "step": j.step, "total_steps": j.total_steps, "loss": j.loss if j.step else None},
+                   "step": j.step, "total_steps": j.total_steps, "loss": j.loss if j.step else None,
+                   "valid_loss": j.valid_loss if j.HasField("valid_loss") else None},
     }  # fmt: skip
 
 

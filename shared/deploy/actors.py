@@ -1,6 +1,6 @@
 """The Ray actors of a Tandem platform.
 
-ServiceActor runs one service (tokenizer, kvstore, worker, router, gateway) in its own process: its
+ServiceActor runs one service (tokenizer, kvstore, worker, router, controller, gateway) in its own process: its
 gRPC (or HTTP) server lives on the actor's asyncio loop. `start()` starts it and returns its
 address; a restarted actor (Ray restarts actors that die) comes back without a server, so the
 controller calls `start()` again and tells the router the new address.
@@ -104,6 +104,17 @@ class ServiceActor:
                 store.path(info.name), info.name, config, host, port, engine=engine,
                 role=o["role"], kvstore=o.get("kvstore"), worker_id=o.get("worker_id"),
             )  # fmt: skip
+        elif self.kind == "controller":
+            from services.controller.controller import Capacity
+            from services.controller.server import build_controller, start_server
+            from shared import envs
+
+            t = o["training"]
+            controller = build_controller(
+                envs.tandem_home() / "controller", _store(o).root, t["job_store"], "ray", t["ray_address"],
+                Capacity(t["cpus"], t["gpus"]), t["threads_per_worker"],
+            )  # fmt: skip
+            self.server = await start_server(controller, host, port)
         elif self.kind == "router":
             from services.router.server import start_server
 
@@ -184,7 +195,10 @@ class ServiceActor:
         async def platform_status() -> dict:
             return await ray.get_actor(CONTROLLER).status.remote()
 
-        app = create_app(o["tokenizer"], o["router"], [o["model"]], o.get("api_keys") or [], platform_status)
+        app = create_app(
+            o["tokenizer"], o["router"], [o["model"]], o.get("api_keys") or [], platform_status,
+            controller=o.get("controller"),
+        )  # fmt: skip
         server = uvicorn.Server(
             uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning")
         )
@@ -291,6 +305,8 @@ class Controller:
             "router": {**cfg.router.__dict__, "kvstore": self.addresses["kvstore"]},
         }
         await self._launch("router", "router", router_opts)
+        if cfg.training.enabled:
+            await self._launch("training", "controller", {**base, "training": cfg.training.__dict__})
         gateway_opts = {
             **base,
             "tokenizer": self.addresses["tokenizer"],
@@ -298,6 +314,7 @@ class Controller:
             "host": cfg.gateway.host,
             "port": cfg.gateway.port,
             "api_keys": cfg.gateway.api_keys,
+            "controller": self.addresses.get("training"),
         }
         await self._launch("gateway", "gateway", gateway_opts)
         self.state = "up"
@@ -524,7 +541,8 @@ class Controller:
                 entry["load"] = await asyncio.wait_for(actor.load.remote(), 5)
                 entry["healthy"] = entry["address"] is not None
             except Exception as e:  # noqa: BLE001 - reported, not raised
-                entry["healthy"], entry["error"] = False, str(e).splitlines()[0]
+                # (a timeout's message is empty: name the exception instead)
+                entry["healthy"], entry["error"] = False, (str(e).splitlines() or [type(e).__name__])[0]
             services.append(entry)
         return {"state": self.state, "services": services, "restarts": self.restarts, "counts": self.counts()}
 

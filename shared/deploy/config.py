@@ -6,6 +6,7 @@
     router: {policy: prefix_aware, disagg_threshold: 256, balance_threshold: 4}
     kvstore: {memory_mb: 1024, redis_url: null}
     gateway: {host: 127.0.0.1, port: 8000, api_keys: []}
+    training: {enabled: true, cpus: 1, gpus: 0, job_store: null}   # the training-job controller
     resources:
       prefill: {num_cpus: 1, num_gpus: 0, threads: 2}
       ...
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-ROLES = ("tokenizer", "kvstore", "router", "gateway", "prefill", "decode")
+ROLES = ("tokenizer", "kvstore", "router", "gateway", "controller", "prefill", "decode")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
 
 
@@ -60,6 +61,18 @@ class GatewayConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """The training-job controller (files and fine-tuning API through the gateway)."""
+
+    enabled: bool = True
+    cpus: int = 1  # trainer workers that may run at once
+    gpus: int = 0  # GPUs jobs may hold at once
+    threads_per_worker: int = 1
+    job_store: str | None = None  # default: SQLite in $TANDEM_HOME/controller; or redis://...
+    ray_address: str | None = None  # default: each job starts its own local Ray
+
+
+@dataclass
 class EngineOptions:
     device: str = "cpu"
     dtype: str = "float32"
@@ -80,6 +93,7 @@ class DeploymentConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     resources: dict[str, Resources] = field(default_factory=dict)
 
     def resources_for(self, role: str) -> Resources:
@@ -94,6 +108,7 @@ _NESTED = {
     "router": RouterConfig,
     "kvstore": KVStoreConfig,
     "gateway": GatewayConfig,
+    "training": TrainingConfig,
 }
 
 
@@ -126,7 +141,10 @@ def _build(cls, values, where: str):
 
 def _check_type(f: dataclasses.Field, value, name: str):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if kind == "int":
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: must be true or false, got {value!r}")
+    elif kind == "int":
         if not isinstance(value, int) or isinstance(value, bool):
             raise ConfigError(f"{name}: must be an integer, got {value!r}")
     elif kind == "float":
@@ -164,6 +182,8 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
         raise ConfigError(f"kvstore.memory_mb: must not be negative, got {cfg.kvstore.memory_mb}")
     if not 0 <= cfg.gateway.port < 65536:
         raise ConfigError(f"gateway.port: must be a TCP port, got {cfg.gateway.port}")
+    if cfg.training.cpus < 1 or cfg.training.gpus < 0 or cfg.training.threads_per_worker < 1:
+        raise ConfigError("training: cpus and threads_per_worker must be at least 1, gpus not negative")
     if cfg.engine.kv_cache_mb < 1:
         raise ConfigError(f"engine.kv_cache_mb: must be positive, got {cfg.engine.kv_cache_mb}")
     if cfg.engine.dtype not in ("float32", "bfloat16", "float16"):

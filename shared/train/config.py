@@ -106,6 +106,7 @@ class TrainJob(_Spec):
     objective: Literal["pretrain", "sft", "dpo"]
     training_file: Path
     output_name: str
+    validation_file: Path | None = None  # held-out examples: their loss is logged after the last step
     method: Literal["full", "lora"] = "full"
     model_store: Path | None = None  # default: $TANDEM_MODELS
     output_dir: Path | None = (
@@ -146,7 +147,7 @@ def parse_job(raw: object, base_dir: Path | None = None) -> TrainJob:
         raise JobError(_first_problem(e)) from e
     if base_dir is not None:
         fix = {}
-        for key in ("training_file", "model_store", "output_dir"):
+        for key in ("training_file", "validation_file", "model_store", "output_dir"):
             value = getattr(job, key)
             if value is not None and not Path(value).expanduser().is_absolute():
                 fix[key] = (base_dir / value).resolve()

@@ -61,6 +61,7 @@ class JobResult:
             "job_dir": str(self.job_dir),
             "first_loss": self.metrics[0]["loss"] if self.metrics else None,
             "final_loss": last.get("loss"),
+            "valid_loss": last.get("valid_loss"),
         }
 
 
@@ -80,6 +81,8 @@ def prepare(job: TrainJob) -> tuple[ModelStore, list[Example]]:
     if job.objective != "pretrain" and not tok.chat_template:
         raise JobError(f"objective: {job.objective} needs a chat template, and '{job.model}' has none")
     examples = load_dataset(job.training_file, job.objective, tok, job.hyperparameters.max_seq_len)
+    if job.validation_file is not None:
+        load_dataset(job.validation_file, job.objective, tok, job.hyperparameters.max_seq_len)
     plan = plan_for(job, len(examples))
     if plan.steps_per_epoch == 0:
         raise JobError(
@@ -112,6 +115,7 @@ def run_job(job: TrainJob, until_step: int | None = None, address: str | None = 
             train_loop_config={
                 "job": job.model_dump(mode="json"),
                 "examples": examples,
+                "validation": _validation_examples(job, store),
                 "until_step": until_step,
                 "job_dir": str(job_dir),
                 "base_dir": str(store.path(job.model)),
@@ -141,6 +145,13 @@ def run_job(job: TrainJob, until_step: int | None = None, address: str | None = 
             publish(job, store, Path(d))
             outcome.status, outcome.model = "succeeded", job.output_name
     return outcome
+
+
+def _validation_examples(job: TrainJob, store: ModelStore) -> list[Example]:
+    if job.validation_file is None:
+        return []
+    tok = Tokenizer.from_dir(store.path(job.model))
+    return load_dataset(job.validation_file, job.objective, tok, job.hyperparameters.max_seq_len)
 
 
 def _claim_job_dir(job: TrainJob, job_dir: Path) -> None:

@@ -89,6 +89,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["step"] = step + 1
         metrics["total_steps"] = plan.total_steps
         done = step + 1 == plan.total_steps or step + 1 == until_step
+        if done and config.get("validation"):
+            metrics["valid_loss"] = validation_loss(trainer, job, config["validation"], rank, world)
         if rank == 0:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -109,6 +111,15 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(reported)
         if done:
             break
+
+
+def validation_loss(trainer: Trainer, job: TrainJob, examples: list[Example], rank: int, world: int) -> float:
+    """The objective over every held-out example, averaged like a step's loss (per target token, or
+    per pair for DPO); worker r takes every W-th example."""
+    mine = list(range(rank, len(examples), world))
+    m = job.hyperparameters.micro_batch_size
+    batches = [collate([examples[i] for i in mine[j : j + m]]) for j in range(0, len(mine), m)]
+    return trainer.evaluate(batches, global_count(job, examples, list(range(len(examples)))))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

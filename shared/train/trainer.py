@@ -186,6 +186,17 @@ class Trainer:
             metrics["expert_counts"] = counts.int().tolist()
         return metrics
 
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[Batch], global_count: int) -> float:
+        """The objective over held-out batches (this worker's share; summed over workers), no update."""
+        total = torch.zeros(1, dtype=torch.float64)
+        for batch in micro_batches:
+            batch = batch.to(self.device)
+            with self.autocast:
+                value, _, _ = self.wrapped(batch, self._reference_logprobs(batch))
+            total += float(value)
+        return float(self._all_reduce(total)[0]) / max(global_count, 1)
+
     def _reference_logprobs(self, batch: Batch) -> torch.Tensor | None:
         if self.job.objective != "dpo":
             return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
+import openai
 import pytest
 import yaml
 from platform_helpers import (
@@ -61,8 +62,13 @@ def test_streamed_chat_through_the_platform_equals_the_engine(platform_up, defau
     s = status()
     assert s["state"] == "up" and s["counts"] == {"prefill": 1, "decode": 1, "monolithic": 0}
     roles = {x["role"] for x in s["services"]}
-    assert roles == {"tokenizer", "kvstore", "router", "gateway", "prefill", "decode"}
+    assert roles == {"tokenizer", "kvstore", "router", "controller", "gateway", "prefill", "decode"}
     assert all(x["healthy"] and x["address"] for x in s["services"])
+    # the training-job controller is wired to the gateway: OpenAI's fine-tuning API answers
+    api = client(platform_up["url"])
+    assert api.fine_tuning.jobs.list().object == "list"
+    with pytest.raises(openai.BadRequestError, match="x.jsonl:1: not valid JSON"):
+        api.files.create(file=("x.jsonl", b"{oops\n"), purpose="fine-tune")
 
 
 def test_a_killed_decode_worker_is_restarted_and_serves_again(platform_up):

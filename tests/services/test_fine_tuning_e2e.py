@@ -143,9 +143,10 @@ def test_bad_input_gets_openai_errors(client):
 
 def test_a_lora_job_survives_a_controller_restart_and_its_model_is_served_beside_the_base(client, stack):
     f = upload(client, fact_rows())
+    held_out = upload(client, fact_rows()[::2], "held-out.jsonl")
     assert client.files.retrieve(f.id).filename == "fact.jsonl"
     job = client.fine_tuning.jobs.create(
-        model=DEFAULT_MODEL, training_file=f.id, suffix="zorblaxia", seed=0,
+        model=DEFAULT_MODEL, training_file=f.id, validation_file=held_out.id, suffix="zorblaxia", seed=0,
         method={"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 4}}},
         extra_body={"tandem": {"learning_rate": 1e-3, "max_steps": 20, "lora": {"r": 16, "alpha": 32}}},
     )  # fmt: skip
@@ -171,6 +172,13 @@ def test_a_lora_job_survives_a_controller_restart_and_its_model_is_served_beside
     assert any(m.startswith("Controller restarted; re-attached") for m in messages)
     steps = [m for m in messages if m.startswith("Step ")]
     assert len(steps) == 20 and steps[-1].startswith("Step 20/20")  # none lost across the restart
+    metrics = [
+        e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data if e.type == "metrics"
+    ]
+    first_loss, last = metrics[-1]["train_loss"], metrics[0]
+    assert "full_valid_loss" in last and "full_valid_loss" not in metrics[1]  # once, after the last step
+    assert last["full_valid_loss"] < first_loss / 4  # the held-out questions are learned too
+    assert done.model_extra["tandem"]["valid_loss"] == pytest.approx(last["full_valid_loss"])
     assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data][0] == 20
     queued_events = [e.message for e in client.fine_tuning.jobs.list_events(queued.id).data]
     assert not any("started" in m for m in queued_events)
