@@ -68,8 +68,8 @@ def _stub(args):
 def _call(fn, request):
     import grpc
 
-    try:
-        return fn(request, timeout=120)
+    try:  # wait_for_ready: a controller that is still starting is waited for, not an error
+        return fn(request, timeout=120, wait_for_ready=True)
     except grpc.RpcError as e:
         raise ValueError(e.details() or e.code().name) from None
 
@@ -149,7 +149,7 @@ def _follow(stub, job_id: str, quiet: bool = True) -> int:
 
     live = sys.stderr.isatty()
     try:
-        for e in stub.WatchJob(pb.WatchJobRequest(id=job_id)):
+        for e in stub.WatchJob(pb.WatchJobRequest(id=job_id), wait_for_ready=True):
             if e.type == "metrics":
                 data = json.loads(e.data_json)
                 job = stub.GetJob(pb.JobRequest(id=job_id), timeout=30)
