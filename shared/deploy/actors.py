@@ -289,6 +289,10 @@ class Controller:
     async def up(self) -> dict:
         cfg = self.cfg
         base = {"model": cfg.model, "model_store": cfg.model_store}
+        training = None  # the training controller needs nothing else: it starts beside the rest
+        if cfg.training.enabled:
+            options = {**base, "training": cfg.training.__dict__}
+            training = asyncio.ensure_future(self._launch("training", "controller", options))
         await asyncio.gather(
             self._launch("tokenizer", "tokenizer", base),
             self._launch(
@@ -305,8 +309,8 @@ class Controller:
             "router": {**cfg.router.__dict__, "kvstore": self.addresses["kvstore"]},
         }
         await self._launch("router", "router", router_opts)
-        if cfg.training.enabled:
-            await self._launch("training", "controller", {**base, "training": cfg.training.__dict__})
+        if training is not None:
+            await training
         gateway_opts = {
             **base,
             "tokenizer": self.addresses["tokenizer"],
