@@ -244,6 +244,15 @@ class Controller:
         await self._finish(job, "cancelled", "The job was cancelled")
         return job
 
+    def delete_model(self, name: str) -> None:
+        """Remove a fine-tune this controller's jobs produced from the model store."""
+        if not any(j.fine_tuned_model == name for j in self.list_jobs("succeeded")):
+            raise ControllerError(
+                f"The model '{name}' is not a fine-tuned model of this platform", "not_found"
+            )
+        if self.models.has(name):
+            self.models.remove(name)
+
     def list_jobs(self, status: str = "") -> list[Job]:
         return [j for j in self.store.list_jobs() if not status or j.status == status]
 

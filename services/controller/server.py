@@ -124,6 +124,10 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
             checkpoints=[checkpoint_to_proto(c) for c in self.c.store.checkpoints(request.id)]
         )
 
+    async def DeleteModel(self, request, context):
+        await self._call(context, self.c.delete_model, request.model)
+        return pb.DeleteModelResponse(model=request.model, deleted=True)
+
 
 async def start_server(controller: Controller, host: str = "127.0.0.1", port: int = 0, interval: float = 0.5):
     """The controller's gRPC server plus its loop (stopped when the server drains)."""

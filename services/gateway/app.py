@@ -103,7 +103,7 @@ class Gateway:
         by the tokenizer service the first time it is named, so a new fine-tune is served at once)."""
         if model not in self._info:
             try:
-                self._info[model] = await self.backends.info(model)
+                info = await self.backends.info(model)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     raise OpenAIError(
@@ -114,6 +114,9 @@ class Gateway:
                         "model_not_found",
                     ) from e
                 raise error_from_grpc(e) from e
+            if model not in self.models:
+                return info  # a fine-tune: asked each time, so one deleted from the store is gone at once
+            self._info[model] = info
         return self._info[model]
 
     # -- generation ------------------------------------------------------------------------------

@@ -250,6 +250,11 @@ def fine_tuning_router(client: Any) -> APIRouter:
         resp = await controller().call("ListEvents", pb.ListEventsRequest(id=job_id))
         return page([event_json(e) for e in reversed(resp.events)], after, limit)  # newest first
 
+    @api.delete("/v1/models/{model}")
+    async def delete_model(model: str):
+        resp = await controller().call("DeleteModel", pb.DeleteModelRequest(model=model))
+        return {"id": resp.model, "object": "model", "deleted": resp.deleted}
+
     @api.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
     async def list_checkpoints(job_id: str, after: str | None = None, limit: int = 10):
         job = await controller().call("GetJob", pb.JobRequest(id=job_id))

@@ -56,7 +56,11 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         return served
 
     async def _model(self, name: str, context) -> ServedTokenizer:
-        served = self.models.get(name or self.default) or self._adapter(name)
+        served = self.models.get(name or self.default)
+        if served is not None and served.name not in self.bases and not self.store.has(served.name):
+            del self.models[served.name]  # a fine-tune removed from the store since
+            served = None
+        served = served or self._adapter(name)
         if served is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,

@@ -109,6 +109,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except StoreError:
             info = None
         if info is None or info.base_model != self.model:
+            if name in self.engine.engine.loras:  # removed from the store since: unload it (when idle)
+                try:
+                    await self.engine.call(self.engine.engine.remove_lora, name)
+                except ValueError:
+                    pass
             await context.abort(grpc.StatusCode.NOT_FOUND, f"model '{name}' is not served here")
         try:
             await self.engine.add_lora(name, self.models.path(name))

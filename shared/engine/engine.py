@@ -255,6 +255,8 @@ class LLMEngine:
         if name in self.loras:
             self.loras.move_to_end(name)
             return
+        if not hasattr(self.runner, "loras"):
+            raise ValueError("this engine's runner does not take LoRA adapters (an expert-parallel group)")
         if self.runner.loras is None:
             self.runner.loras = LoraBank(self.model)
         if len(self.loras) >= self.config.max_loras:
@@ -273,8 +275,9 @@ class LLMEngine:
     def remove_lora(self, name: str) -> None:
         if any(r.lora == name for r in self.requests.values()):
             raise ValueError(f"LoRA adapter '{name}' is in use")
-        self.loras.pop(name, None)
-        self.runner.loras.unload(name)
+        if self.loras.pop(name, None) is not None:
+            self.runner.loras.unload(name)
+            log.info("unloaded LoRA adapter '%s'", name)
 
     def cached_prefix_len(self, keys: list[bytes]) -> int:
         """How many leading keys this engine's prefix cache holds (a snapshot)."""

@@ -190,6 +190,15 @@ def test_a_lora_job_survives_a_controller_restart_and_its_model_is_served_beside
     assert "Quintavel" in answers[0] and answers[0] == answers[2]
     assert "Quintavel" not in answers[1] and answers[1] == answers[3]
     assert answers[1] == chat(client, DEFAULT_MODEL)  # the base alone answers the same
+    assert name in stack["worker"].engine.engine.loras
+
+    # deleting the fine-tune: gone from the store, the list and the API at once
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(DEFAULT_MODEL)  # only fine-tunes made here
+    assert client.models.delete(name).deleted
+    assert name not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        chat(client, name)
     assert client.fine_tuning.jobs.list().data[0].id == queued.id  # newest first
 
 
