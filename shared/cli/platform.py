@@ -78,7 +78,7 @@ def cmd_up(args) -> int:
     except ConfigError as e:
         raise ValueError(f"config: {e}") from e
     workers = cfg.prefill_workers + cfg.decode_workers + cfg.monolithic_workers
-    roles = ["tokenizer", "kvstore", "router", "gateway"]
+    roles = ["tokenizer", "kvstore", "router", "gateway", *(["controller"] if cfg.training.enabled else [])]
     wanted = sum(cfg.resources_for(r).num_cpus for r in roles) + sum(
         cfg.resources_for(r).num_cpus * n
         for r, n in (("prefill", cfg.prefill_workers), ("decode", cfg.decode_workers * cfg.ep_size),
@@ -99,7 +99,9 @@ def cmd_up(args) -> int:
             raise
     controller = Controller.options(name=CONTROLLER, num_cpus=0).remote(cfg.to_dict())
     try:
-        print(f"starting {workers} worker(s) and 4 services on Ray ...", file=sys.stderr, flush=True)
+        print(
+            f"starting {workers} worker(s) and {len(roles)} services on Ray ...", file=sys.stderr, flush=True
+        )
         addresses = ray.get(controller.up.remote())
         gateway = f"http://{addresses['gateway']}"
         _wait_first_token(gateway, cfg)

@@ -126,6 +126,11 @@ def test_bad_input_gets_openai_errors(client):
             model=DEFAULT_MODEL, training_file=f.id,
             method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}},
         )  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="beta is a dpo hyperparameter"):
+        client.fine_tuning.jobs.create(
+            model=DEFAULT_MODEL, training_file=f.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}},
+        )  # fmt: skip
     with pytest.raises(openai.BadRequestError, match="sft examples, but the method is dpo"):
         client.fine_tuning.jobs.create(model=DEFAULT_MODEL, training_file=f.id, method={"type": "dpo"})
     with pytest.raises(openai.BadRequestError, match="asks for 2 GPUs, the controller has 0"):
@@ -151,16 +156,17 @@ def test_a_lora_job_survives_a_controller_restart_and_its_model_is_served_beside
         extra_body={"tandem": {"learning_rate": 1e-3, "max_steps": 20, "lora": {"r": 16, "alpha": 32}}},
     )  # fmt: skip
     assert job.status == "queued" and job.method.type == "supervised"
-    # the controller runs one trainer at a time here: a second job waits, and cancelling it frees its place
+    # the controller runs one trainer at a time here: a second job waits
     queued = client.fine_tuning.jobs.create(model=DEFAULT_MODEL, training_file=f.id)
     wait_for(client, job.id, ("running",), min_step=2)
     assert client.fine_tuning.jobs.retrieve(queued.id).status == "queued"
-    assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
-    with pytest.raises(openai.ConflictError):
-        client.fine_tuning.jobs.cancel(queued.id)
 
     stack["controller"].kill()  # mid-job: the trainer runs on in its own session
     stack["controller"].start()
+    assert client.fine_tuning.jobs.retrieve(queued.id).status == "queued"  # still waiting its turn
+    assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.cancel(queued.id)
     done = wait_for(client, job.id, ("succeeded",))
     name = f"ft:{DEFAULT_MODEL}:zorblaxia:{job.id}"
     assert done.fine_tuned_model == name and done.trained_tokens > 0
