@@ -6,6 +6,9 @@ TANDEM_THREADS  torch intra-op threads for this process (default: all cores, at 
 TANDEM_CPU_KERNELS  0 turns Tandem's compiled CPU kernels off (default: on where they apply)
 TANDEM_KERNEL_DIR   where the CPU kernels are built (default: $TANDEM_HOME/kernels)
 TANDEM_CONTROLLER   the controller's HOST:PORT for `tandem train submit|list|get|logs|cancel`
+TANDEM_API_KEYS     comma-separated bearer keys the gateway accepts, besides the config's (a Kubernetes
+                    Secret mounted as an environment variable)
+TANDEM_REDIS_PASSWORD  the password of the KV store's Redis tier (kept out of the config's URL)
 """
 
 from __future__ import annotations
@@ -44,3 +47,11 @@ def kernels_dir() -> Path:
 
 def controller_address() -> str | None:
     return os.environ.get("TANDEM_CONTROLLER") or None
+
+
+def api_keys() -> list[str]:
+    return [k.strip() for k in os.environ.get("TANDEM_API_KEYS", "").split(",") if k.strip()]
+
+
+def redis_password() -> str | None:
+    return os.environ.get("TANDEM_REDIS_PASSWORD") or None

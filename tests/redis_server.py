@@ -27,19 +27,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, str]:
-    """(process, redis:// URL) of a started redis-server; terminate the process when done."""
+def start_redis(workdir: Path, password: str | None = None) -> tuple[subprocess.Popen, str]:
+    """(process, redis:// URL) of a started redis-server (requiring `password` if given; the URL
+    does not carry it); terminate the process when done."""
     import redis
 
     port = free_port()
+    auth = ["--requirepass", password] if password else []
     proc = subprocess.Popen(
         [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
+         "--appendonly", "no", "--dir", str(workdir), *auth],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(url, password=password)
     for _ in range(200):
         try:
             client.ping()

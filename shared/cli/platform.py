@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from shared import envs
 from shared.deploy.config import ConfigError, load_config
 
 
@@ -135,7 +136,8 @@ def cmd_up(args) -> int:
 def _wait_first_token(gateway: str, cfg, timeout: float = 300) -> None:
     import httpx
 
-    headers = {"Authorization": f"Bearer {cfg.gateway.api_keys[0]}"} if cfg.gateway.api_keys else {}
+    keys = [*cfg.gateway.api_keys, *envs.api_keys()]  # the gateway takes both (a Secret's, on Kubernetes)
+    headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
     body = {"model": cfg.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     deadline = time.monotonic() + timeout
     last = ""

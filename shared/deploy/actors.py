@@ -22,6 +22,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from shared import envs
 from shared.deploy.config import DeploymentConfig, Resources
 
 log = logging.getLogger("tandem.deploy")
@@ -72,7 +73,8 @@ class ServiceActor:
             from services.kvstore.server import start_server
             from shared.kvstore import KVStore
 
-            self.server = await start_server(KVStore(o["memory_mb"] * 2**20, o.get("redis_url")), host, port)
+            store = KVStore(o["memory_mb"] * 2**20, o.get("redis_url"), redis_password=envs.redis_password())
+            self.server = await start_server(store, host, port)
         elif self.kind == "worker":
             from services.worker.server import start_server
             from shared.engine import EngineConfig
@@ -107,12 +109,11 @@ class ServiceActor:
         elif self.kind == "controller":
             from services.controller.controller import Capacity
             from services.controller.server import build_controller, start_server
-            from shared import envs
 
             t = o["training"]
             controller = build_controller(
-                envs.tandem_home() / "controller", _store(o).root, t["job_store"], "ray", t["ray_address"],
-                Capacity(t["cpus"], t["gpus"]), t["threads_per_worker"],
+                envs.tandem_home() / "controller", _store(o).root, t["job_store"], t["executor"],
+                t["ray_address"], Capacity(t["cpus"], t["gpus"]), t["threads_per_worker"], _kubernetes(t),
             )  # fmt: skip
             self.server = await start_server(controller, host, port)
         elif self.kind == "router":
@@ -196,7 +197,8 @@ class ServiceActor:
             return await ray.get_actor(CONTROLLER).status.remote()
 
         app = create_app(
-            o["tokenizer"], o["router"], [o["model"]], o.get("api_keys") or [], platform_status,
+            o["tokenizer"], o["router"], [o["model"]], [*(o.get("api_keys") or []), *envs.api_keys()],
+            platform_status,
             controller=o.get("controller"),
         )  # fmt: skip
         server = uvicorn.Server(
@@ -257,14 +259,31 @@ class ServiceActor:
 def _store(options: dict):
     from pathlib import Path
 
-    from shared import envs
     from shared.store import ModelStore
 
     return ModelStore(Path(options["model_store"]) if options.get("model_store") else envs.models_dir())
 
 
+def _kubernetes(training: dict) -> dict | None:
+    """The Kubernetes executor's options (in-cluster credentials), when the config asks for it."""
+    if training["executor"] != "kubernetes":
+        return None
+    from pathlib import Path
+
+    from kubernetes import config as k8s_config
+
+    k8s_config.load_incluster_config()
+    own = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    namespace = training["k8s_namespace"] or (own.read_text().strip() if own.is_file() else "default")
+    return {"namespace": namespace, "image": training["k8s_image"], "claim": training["k8s_claim"],
+            "mount_path": str(envs.tandem_home())}  # fmt: skip
+
+
 def actor_options(res: Resources) -> dict:
-    return {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.custom:  # e.g. {"tandem-gateway": 1}: only the node that offers it (a Kubernetes head pod)
+        options["resources"] = dict(res.custom)
+    return options
 
 
 @ray.remote

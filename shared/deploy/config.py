@@ -37,6 +37,7 @@ class Resources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     threads: int = 1  # torch intra-op threads in the actor
+    custom: dict[str, float] = field(default_factory=dict)  # Ray custom resources, e.g. {tandem-gateway: 1}
 
 
 @dataclass
@@ -70,6 +71,10 @@ class TrainingConfig:
     threads_per_worker: int = 1
     job_store: str | None = None  # default: SQLite in $TANDEM_HOME/controller; or redis://...
     ray_address: str | None = None  # default: each job starts its own local Ray
+    executor: str = "ray"  # ray | kubernetes (one KubeRay RayJob per job)
+    k8s_namespace: str | None = None  # kubernetes: where the RayJobs go (default: the pod's own)
+    k8s_image: str = "tandem:latest"  # kubernetes: the RayJob pods' image
+    k8s_claim: str | None = None  # kubernetes: the PersistentVolumeClaim holding TANDEM_HOME
 
 
 @dataclass
@@ -157,6 +162,13 @@ def _check_type(f: dataclasses.Field, value, name: str):
     elif kind == "str | None":
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{name}: must be a string or null, got {value!r}")
+    elif kind == "dict[str, float]":
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+            for k, v in value.items()
+        ):
+            raise ConfigError(f"{name}: must be a mapping of resource name: amount, got {value!r}")
+        value = {k: float(v) for k, v in value.items()}
     elif kind == "list[str]":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{name}: must be a list of strings, got {value!r}")
@@ -184,6 +196,8 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
         raise ConfigError(f"gateway.port: must be a TCP port, got {cfg.gateway.port}")
     if cfg.training.cpus < 1 or cfg.training.gpus < 0 or cfg.training.threads_per_worker < 1:
         raise ConfigError("training: cpus and threads_per_worker must be at least 1, gpus not negative")
+    if cfg.training.executor not in ("ray", "kubernetes"):
+        raise ConfigError(f"training.executor: must be ray or kubernetes, got '{cfg.training.executor}'")
     if cfg.engine.kv_cache_mb < 1:
         raise ConfigError(f"engine.kv_cache_mb: must be positive, got {cfg.engine.kv_cache_mb}")
     if cfg.engine.dtype not in ("float32", "bfloat16", "float16"):
@@ -194,8 +208,12 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
     if check_redis and cfg.kvstore.redis_url:
         import redis
 
+        from shared import envs
+
         try:
-            redis.Redis.from_url(cfg.kvstore.redis_url, socket_connect_timeout=2).ping()
+            password = envs.redis_password()
+            extra = {"password": password} if password else {}
+            redis.Redis.from_url(cfg.kvstore.redis_url, socket_connect_timeout=2, **extra).ping()
         except (redis.RedisError, ValueError) as e:
             raise ConfigError(f"kvstore.redis_url: cannot reach Redis at {cfg.kvstore.redis_url}: {e}") from e
     if check_model:

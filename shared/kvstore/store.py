@@ -52,7 +52,13 @@ class BlockMeta:
 
 
 class KVStore:
-    def __init__(self, memory_bytes: int, redis_url: str | None = None, clock=time.monotonic):
+    def __init__(
+        self,
+        memory_bytes: int,
+        redis_url: str | None = None,
+        clock=time.monotonic,
+        redis_password: str | None = None,
+    ):
         if memory_bytes < 0:
             raise ValueError(f"memory budget must be non-negative, got {memory_bytes}")
         self.memory_bytes = memory_bytes
@@ -67,7 +73,8 @@ class KVStore:
         if redis_url:
             import redis
 
-            self.redis = redis.Redis.from_url(redis_url)
+            extra = {"password": redis_password} if redis_password else {}
+            self.redis = redis.Redis.from_url(redis_url, **extra)
             try:
                 self.redis.ping()
             except redis.RedisError as e:

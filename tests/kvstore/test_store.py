@@ -97,3 +97,20 @@ def test_redis_tier_serves_evicted_blocks_and_survives_a_restart(redis_url):
 def test_unreachable_redis_is_a_clear_error():
     with pytest.raises(StoreError, match="cannot reach Redis at redis://127.0.0.1:1"):
         KVStore(SIZE, "redis://127.0.0.1:1/0")
+
+
+def test_a_password_protected_redis_tier_takes_the_password_apart_from_the_url(tmp_path):
+    """The Helm chart's Redis requires a password; it reaches the store as TANDEM_REDIS_PASSWORD."""
+    from tests.redis_server import start_redis
+
+    proc, url = start_redis(tmp_path, password="s3cret-pw")
+    try:
+        with pytest.raises(StoreError, match="cannot reach Redis"):
+            KVStore(SIZE, url)  # no password: refused at start, not at the first block
+        store = KVStore(0, url, redis_password="s3cret-pw")  # no memory tier: every block goes to Redis
+        store.put(key(1), META, block(1))
+        assert store.get(key(1)) == (META, block(1))
+        assert redis.Redis.from_url(url, password="s3cret-pw").dbsize() == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
