@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from shared.deploy.config import load_config
+from tests.k8s_schemas import crd_schema, prune_nulls
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tandem"
 PRODUCTION = ROOT / "deploy" / "values-gpu-production.yaml"
-CRDS = ROOT.parent / "shared" / "k8s" / "crds"
 CRD_FILES = {
     ("ray.io/v1", "RayCluster"): "ray.io_rayclusters.yaml",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
@@ -42,20 +42,6 @@ def render(values: dict) -> list[dict]:
 
 def production() -> dict:
     return yaml.safe_load(PRODUCTION.read_text())
-
-
-def crd_schema(file: str) -> dict:
-    crd = yaml.safe_load((CRDS / file).read_text())
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return v1["schema"]["openAPIV3Schema"]
-
-
-def prune_nulls(value):
-    if isinstance(value, dict):
-        return {k: prune_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [prune_nulls(v) for v in value]
-    return value
 
 
 def kinds(objects: list[dict]) -> list[str]:

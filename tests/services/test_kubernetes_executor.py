@@ -11,32 +11,17 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
 
 from services.controller.controller import Capacity, Controller
 from services.controller.executors import KubernetesExecutor
 from services.controller.job_store import SqliteJobStore
 from services.controller.records import Job, JobSpec
 from shared.store import DEFAULT_MODEL
+from tests.k8s_schemas import crd_schema, prune_nulls
 from tests.services.conftest import Loop
 from tests.train.train_helpers import fact_rows
 
-CRDS = Path(__file__).resolve().parents[2].parent / "shared" / "k8s" / "crds"
 NAMESPACE = "training"
-
-
-def crd_schema(name: str) -> dict:
-    crd = yaml.safe_load((CRDS / name).read_text())
-    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return v1["schema"]["openAPIV3Schema"]
-
-
-def prune_nulls(value):
-    if isinstance(value, dict):
-        return {k: prune_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [prune_nulls(v) for v in value]
-    return value
 
 
 @pytest.fixture(scope="module")
