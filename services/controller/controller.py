@@ -282,10 +282,13 @@ class Controller:
         await self._admit()
 
     async def _admit(self) -> None:
-        running = self.list_jobs("running")
+        jobs = self.store.list_jobs()  # one read of the store for both states
+        running = [j for j in jobs if j.status == "running"]
         cpus = sum(j.spec.cpus for j in running)
         gpus = sum(j.spec.gpus for j in running)
-        queued = sorted(self.list_jobs("queued"), key=lambda j: (j.spec.priority, j.created_at, j.id))
+        queued = sorted(
+            (j for j in jobs if j.status == "queued"), key=lambda j: (j.spec.priority, j.created_at, j.id)
+        )
         for job in queued:  # strictly in order: a big job at the head is not starved by small ones
             if cpus + job.spec.cpus > self.capacity.cpus or gpus + job.spec.gpus > self.capacity.gpus:
                 return
@@ -332,7 +335,7 @@ class Controller:
             job.step, job.total_steps, job.loss = m["step"], m["total_steps"], m["loss"]
             job.trained_tokens += int(m.get("tokens", 0))
             elapsed = max(0, now() - job.started_at)
-            job.eta_seconds = elapsed / max(job.step, 1) * (job.total_steps - job.step)
+            job.estimated_finish = now() + int(elapsed / max(job.step, 1) * (job.total_steps - job.step))
             data = {
                 k: m[k] for k in ("step", "total_steps", "learning_rate", "grad_norm", "tokens") if k in m
             }

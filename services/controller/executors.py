@@ -51,7 +51,7 @@ def log_tail(job: Job, lines: int = 5) -> str:
         text = (Path(job.job_dir) / LOG_FILE).read_text(errors="replace")
     except OSError:
         return ""
-    return "\n".join(ln for ln in text.strip().splitlines()[-lines:])
+    return "\n".join(text.strip().splitlines()[-lines:])
 
 
 def trainer_command(job: Job, address: str | None) -> list[str]:

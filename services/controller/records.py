@@ -101,7 +101,7 @@ class Job(_Record):
     valid_loss: float | None = None  # over the validation file, after the last step
     executor: str = ""
     handle: str = ""  # the executor's name for the run
-    eta_seconds: float = 0.0
+    estimated_finish: int = 0  # unix seconds, estimated at the last step (0: unknown)
     output_name: str = ""  # the model store name the run publishes (ft:<base>:<suffix>:<id>)
     job_dir: str = ""  # spec, logs, metrics and checkpoints of the run
     metrics_read: int = 0  # metrics lines already turned into events

@@ -137,7 +137,7 @@ def job_json(j: pb.Job) -> dict:
     }
     mtype = TYPE_OF[s.objective]
     method_hp = {**hp, **({"beta": s.beta if s.HasField("beta") else "auto"} if mtype == "dpo" else {})}
-    eta = j.started_at + int(j.eta_seconds) if j.status == "running" and j.step else None
+    eta = j.estimated_finish if j.status == "running" and j.estimated_finish else None
     return {
         "object": "fine_tuning.job", "id": j.id, "model": s.model, "created_at": j.created_at,
         "finished_at": j.finished_at or None, "fine_tuned_model": j.fine_tuned_model or None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from shared import envs
@@ -153,7 +154,7 @@ def _follow(stub, job_id: str, quiet: bool = True) -> int:
             if e.type == "metrics":
                 data = json.loads(e.data_json)
                 job = stub.GetJob(pb.JobRequest(id=job_id), timeout=30)
-                line = _progress(data, job.eta_seconds)
+                line = _progress(data, max(0.0, job.estimated_finish - time.time()))
                 print(("\r" + line) if live else line, end="" if live else "\n", file=sys.stderr, flush=True)
             elif (
                 not quiet

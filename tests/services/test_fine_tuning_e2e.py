@@ -158,7 +158,8 @@ def test_a_lora_job_survives_a_controller_restart_and_its_model_is_served_beside
     assert job.status == "queued" and job.method.type == "supervised"
     # the controller runs one trainer at a time here: a second job waits
     queued = client.fine_tuning.jobs.create(model=DEFAULT_MODEL, training_file=f.id)
-    wait_for(client, job.id, ("running",), min_step=2)
+    running = wait_for(client, job.id, ("running",), min_step=2)
+    assert time.time() - 5 <= running.estimated_finish <= time.time() + 600  # an instant ahead, not behind
     assert client.fine_tuning.jobs.retrieve(queued.id).status == "queued"
 
     stack["controller"].kill()  # mid-job: the trainer runs on in its own session
