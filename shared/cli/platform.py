@@ -121,6 +121,10 @@ def cmd_up(args) -> int:
         )
         while ray.get(controller.get_state.remote()) == "up":
             time.sleep(1.0)
+        # `tandem down` is stopping it: wait until that is done (the controller dies with this
+        # process, its owner, so leaving early would cut the shutdown short)
+        while ray.get(controller.get_state.remote()) == "stopping":
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("stopping ...", file=sys.stderr, flush=True)
     finally:
@@ -191,6 +195,12 @@ def cmd_scale(args) -> int:
 
 def cmd_down(args) -> int:
     ray, controller = _controller(args.address)
-    ray.get(controller.down.remote(), timeout=180)
+    try:
+        ray.get(controller.down.remote(), timeout=180)
+    except ray.exceptions.RayActorError:
+        # the controller belongs to the `tandem up` process, which exits once the platform is down
+        # and takes the controller with it, sometimes before this call's reply is sent; its services
+        # are its children and go with it
+        pass
     print("Tandem is down.")
     return 0

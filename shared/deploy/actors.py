@@ -302,6 +302,7 @@ class Controller:
         self.groups: dict[str, list] = {}  # expert-parallel worker name -> its shard actors (rank order)
         self.worker_options: dict[str, dict] = {}  # worker name -> the options it was launched with
         self.placement: dict[str, object] = {}  # group name -> its placement group
+        self.stopping: asyncio.Task | None = None  # the one shutdown every `down` caller waits for
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -345,8 +346,13 @@ class Controller:
         return dict(self.addresses)
 
     async def down(self) -> None:
-        if self.state == "down":
-            return
+        """Stops every service, front to back. Concurrent callers (`tandem down` and the `up` process
+        that sees the platform stopping) share one shutdown, so none returns before it is finished."""
+        if self.stopping is None:
+            self.stopping = asyncio.ensure_future(self._stop_all())
+        await asyncio.shield(self.stopping)
+
+    async def _stop_all(self) -> None:
         self.state = "stopping"
         if self.monitor is not None:
             self.monitor.cancel()
