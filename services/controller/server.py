@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 
 import grpc
 
 from services.controller.controller import Capacity, Controller, ControllerError
-from services.controller.records import Checkpoint, Job, JobEvent, JobSpec, TrainingFile
+from services.controller.records import STATES, Checkpoint, Job, JobEvent, JobSpec, TrainingFile
 from shared.rpc.server import GrpcServer
+from shared.telemetry.metrics import Snapshot, family
 from tandem.v1 import controller_pb2 as pb
 from tandem.v1 import controller_pb2_grpc
 
@@ -129,9 +131,46 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
         return pb.DeleteModelResponse(model=request.model, deleted=True)
 
 
-async def start_server(controller: Controller, host: str = "127.0.0.1", port: int = 0, interval: float = 0.5):
+def training_metrics(controller: Controller, recent: int = 10):
+    """Jobs by state, and per job (the running ones and the `recent` newest others) its step, loss and
+    throughput, at scrape time."""
+    jobs = controller.list_jobs()  # newest first
+    by_state = family("gauge", "training_jobs", "Training jobs, by state.", ["state"])
+    for state in STATES:
+        by_state.add_metric([state], sum(j.status == state for j in jobs))
+    shown = [j for j in jobs if j.status == "running"] + [j for j in jobs if j.status != "running"][:recent]
+    labels = ["job_id", "model"]
+    per_job = {
+        "training_loss": ("gauge", "Training loss at the job's last step."),
+        "training_step": ("gauge", "The job's last finished step."),
+        "training_total_steps": ("gauge", "Steps the job runs in all."),
+        "training_trained_tokens": ("counter", "Tokens the job trained on so far."),
+        "training_tokens_per_second": ("gauge", "Trained tokens per second of the job's run time."),
+    }
+    families = {k: family(kind, k, doc, labels) for k, (kind, doc) in per_job.items()}
+    clock = time.time()
+    for j in shown:
+        if not j.started_at:
+            continue
+        key = [j.id, j.spec.model]
+        elapsed = max(1e-9, (j.finished_at or clock) - j.started_at)
+        for k, value in (("training_loss", j.loss), ("training_step", j.step), ("training_total_steps", j.total_steps),
+                         ("training_trained_tokens", j.trained_tokens),
+                         ("training_tokens_per_second", j.trained_tokens / elapsed)):  # fmt: skip
+            families[k].add_metric(key, value)
+    return [by_state, *families.values()]
+
+
+async def start_server(
+    controller: Controller,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    interval: float = 0.5,
+    metrics_port: int | None = 0,
+):
     """The controller's gRPC server plus its loop (stopped when the server drains)."""
-    server = GrpcServer("controller", host, port)
+    server = GrpcServer("controller", host, port, metrics_port=metrics_port)
+    server.registry.register(Snapshot(lambda: training_metrics(controller)))
     server.add(
         controller_pb2_grpc.add_ControllerServicer_to_server, ControllerService(controller), SERVICE_NAME
     )

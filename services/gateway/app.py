@@ -26,11 +26,12 @@ import grpc
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import dashboard
 from services.gateway.clients import Backends
-from services.gateway.dashboard import router_status
+from services.gateway.dashboard import GatewayMetrics, router_status, sd_targets, training_summary
 from services.gateway.fine_tuning import ControllerClient, fine_tuning_router
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -49,7 +50,9 @@ from services.gateway.render import (
     usage_json,
 )
 from shared.rpc.convert import FINISH_REASON_NAMES, params_to_proto
+from shared.telemetry.logs import request_id_var
 from tandem.v1 import common_pb2
+from tandem.v1 import controller_pb2 as pb
 
 log = logging.getLogger("tandem.gateway")
 
@@ -97,6 +100,7 @@ class Gateway:
         self.api_keys = set(api_keys)
         self.created = int(time.time())
         self._info: dict[str, object] = {}
+        self.metrics = GatewayMetrics()
 
     async def info(self, model: str):
         """The model's tokenizer info: a served model, or a LoRA fine-tune of one (found in the store
@@ -169,11 +173,26 @@ class Gateway:
             for call in calls:
                 call.cancel()
             raise
-        return routes, [self._chunks(call, spec[3]) for call, spec in zip(calls, specs, strict=True)]
+        started = time.monotonic()
+        return routes, [
+            self._chunks(call, spec[3], model, started) for call, spec in zip(calls, specs, strict=True)
+        ]
 
-    async def _chunks(self, call, index: int) -> AsyncIterator[tuple[int, common_pb2.TokenChunk]]:
+    async def _chunks(
+        self, call, index: int, model: str, started: float
+    ) -> AsyncIterator[tuple[int, common_pb2.TokenChunk]]:
+        last = None  # when the previous token arrived (None: none yet)
         try:
             async for chunk in call:
+                now = time.monotonic()
+                if chunk.token_ids:
+                    if last is None:
+                        self.metrics.first_token(model, now - started, len(chunk.token_ids))
+                    else:
+                        self.metrics.next_tokens(model, now - last, len(chunk.token_ids))
+                    last = now
+                if chunk.finish_reason:
+                    self.metrics.done(model, FINISH_REASON_NAMES[chunk.finish_reason], now - started)
                 yield index, chunk
         except grpc.aio.AioRpcError as e:
             raise error_from_grpc(e) from e
@@ -261,13 +280,26 @@ class RequestIdAndAuth:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        request_id_var.set(request_id)  # this request's task: its logs and gRPC calls carry it
         echo = (b"x-request-id", request_id.encode())
+        started, status = time.perf_counter(), [500]
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), echo]
+                status[0] = message["status"]
             await send(message)
 
+        try:
+            await self._serve(scope, receive, send_with_id, headers)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "other")  # the route's template: bounded label values
+            m = self.gateway.metrics
+            m.http.labels(scope["method"], path, str(status[0])).inc()
+            m.http_seconds.labels(scope["method"], path).observe(time.perf_counter() - started)
+
+    async def _serve(self, scope, receive, send_with_id, headers) -> None:
         keys = self.gateway.api_keys
         guarded = scope["path"].startswith(("/v1/", "/metrics", "/dashboard/"))  # the page itself is static
         if keys and guarded:
@@ -343,8 +375,24 @@ def create_app(
 
     async def status() -> dict:
         if platform_status is not None:
-            return await platform_status()
-        return router_status(await gw.backends.workers())
+            out = await platform_status()
+        else:
+            out = router_status(await gw.backends.workers())
+        out["serving"] = gw.metrics.live.summary()
+        if clients.get("controller") is not None:
+            out["training"] = await training_jobs(clients["controller"])
+        return out
+
+    async def training_jobs(client: ControllerClient, limit: int = 4) -> list[dict]:
+        try:
+            jobs = (await client.call("ListJobs", pb.ListJobsRequest(limit=limit))).jobs
+            events = {
+                j.id: (await client.call("ListEvents", pb.ListEventsRequest(id=j.id))).events for j in jobs
+            }
+        except OpenAIError as e:
+            log.warning("training jobs unavailable for the dashboard: %s", e)
+            return []
+        return training_summary(jobs, events)
 
     @app.get("/dashboard", include_in_schema=False)
     async def dashboard_page():
@@ -357,14 +405,29 @@ def create_app(
         except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
             raise OpenAIError(503, f"platform status unavailable: {e}") from e
 
-    @app.get("/metrics")
-    async def metrics():
+    @app.get("/dashboard/targets")
+    async def dashboard_targets(request: Request):
+        """Every service's metrics endpoint in Prometheus' http_sd format."""
         try:
-            return PlainTextResponse(
-                dashboard.prometheus_text(await status()), media_type="text/plain; version=0.0.4"
-            )
+            current = await platform_status() if platform_status is not None else {}
         except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
             raise OpenAIError(503, f"platform status unavailable: {e}") from e
+        return sd_targets(current, request.headers.get("host"))
+
+    @app.get("/metrics")
+    async def metrics():
+        text = generate_latest(gw.metrics.registry).decode()
+        try:
+            if platform_status is not None:
+                current = await platform_status()
+            else:
+                current = router_status(await gw.backends.workers())
+        except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
+            log.warning("platform status unavailable for /metrics: %s", e)
+            current = None
+        if current is not None:
+            text += dashboard.prometheus_text(current)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models():
@@ -394,6 +457,8 @@ def create_app(
             raise error_from_grpc(e) from e
         params = gw.prepare(body, len(prompt_ids), info.max_model_len, info.vocab_size, "messages")
         rid = request.state.request_id
+        log.info("chat completion: model %s, %d prompt tokens, n=%d, stream=%s", body.model, len(prompt_ids),
+                 body.n, body.stream)  # fmt: skip
         specs = [(f"{rid}-{i}", prompt_ids, p, i) for i, p in enumerate(params)]
         routes, streams = await gw.open_choices(body.model, specs)
         headers = {ROUTE_HEADER: ", ".join(routes)}
@@ -446,6 +511,8 @@ def create_app(
             for i, p in enumerate(params):
                 index = pi * body.n + i
                 specs.append((f"{rid}-{index}", ids, p, index))
+        log.info("completion: model %s, %d prompt(s), n=%d, stream=%s", body.model, len(prompts), body.n,
+                 body.stream)  # fmt: skip
         routes, streams = await gw.open_choices(body.model, specs)
         headers = {ROUTE_HEADER: ", ".join(routes)}
         base = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": body.model}

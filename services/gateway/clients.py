@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import grpc
 
+from shared.rpc.interceptors import REQUEST_ID_KEY
 from shared.rpc.server import OPTIONS
+from shared.telemetry.logs import request_id_var
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+
+
+def _metadata() -> tuple | None:
+    """The current request's id for the services' logs (x-request-id), when there is one."""
+    request_id = request_id_var.get()
+    return ((REQUEST_ID_KEY, request_id),) if request_id else None
 
 
 class Backends:
@@ -29,15 +37,19 @@ class Backends:
 
     async def info(self, model: str) -> tokenizer_pb2.TokenizerInfo:
         return await self.tokenizer.Info(
-            tokenizer_pb2.TokenizerInfoRequest(model=model), timeout=self.call_timeout
+            tokenizer_pb2.TokenizerInfoRequest(model=model), timeout=self.call_timeout, metadata=_metadata()
         )
 
     async def list_models(self) -> tokenizer_pb2.ListModelsResponse:
-        return await self.tokenizer.ListModels(tokenizer_pb2.ListModelsRequest(), timeout=self.call_timeout)
+        return await self.tokenizer.ListModels(
+            tokenizer_pb2.ListModelsRequest(), timeout=self.call_timeout, metadata=_metadata()
+        )
 
     async def tokenize_text(self, model: str, text: str, add_special_tokens: bool = True) -> list[int]:
         req = tokenizer_pb2.TokenizeRequest(model=model, text=text, add_special_tokens=add_special_tokens)
-        return list((await self.tokenizer.Tokenize(req, timeout=self.call_timeout)).token_ids)
+        return list(
+            (await self.tokenizer.Tokenize(req, timeout=self.call_timeout, metadata=_metadata())).token_ids
+        )
 
     async def tokenize_chat(self, model: str, messages: list[dict], add_generation_prompt: bool = True):
         chat = tokenizer_pb2.ChatMessages(
@@ -49,14 +61,14 @@ class Backends:
         req = tokenizer_pb2.TokenizeRequest(
             model=model, chat=chat, add_generation_prompt=add_generation_prompt
         )
-        resp = await self.tokenizer.Tokenize(req, timeout=self.call_timeout)
+        resp = await self.tokenizer.Tokenize(req, timeout=self.call_timeout, metadata=_metadata())
         return list(resp.token_ids), resp.prompt
 
     async def detokenize(self, model: str, ids: list[int], skip_special_tokens: bool = True) -> str:
         req = tokenizer_pb2.DetokenizeRequest(
             model=model, token_ids=ids, skip_special_tokens=skip_special_tokens
         )
-        return (await self.tokenizer.Detokenize(req, timeout=self.call_timeout)).text
+        return (await self.tokenizer.Detokenize(req, timeout=self.call_timeout, metadata=_metadata())).text
 
     async def token_strings(self, model: str, ids: list[int]) -> list[str]:
         """Each id decoded alone (for logprobs), special tokens included."""
@@ -66,14 +78,18 @@ class Backends:
                 for t in ids
             ]
         )
-        resp = await self.tokenizer.DetokenizeBatch(req, timeout=self.call_timeout)
+        resp = await self.tokenizer.DetokenizeBatch(req, timeout=self.call_timeout, metadata=_metadata())
         return [r.text for r in resp.responses]
 
     def generate(self, request: common_pb2.GenerateRequest):
-        return self.router.Generate(request, timeout=self.request_timeout)
+        return self.router.Generate(request, timeout=self.request_timeout, metadata=_metadata())
 
     async def abort(self, request_id: str) -> None:
-        await self.router.Abort(common_pb2.AbortRequest(request_id=request_id), timeout=self.call_timeout)
+        await self.router.Abort(
+            common_pb2.AbortRequest(request_id=request_id), timeout=self.call_timeout, metadata=_metadata()
+        )
 
     async def workers(self) -> router_pb2.ListWorkersResponse:
-        return await self.router.ListWorkers(router_pb2.ListWorkersRequest(), timeout=self.call_timeout)
+        return await self.router.ListWorkers(
+            router_pb2.ListWorkersRequest(), timeout=self.call_timeout, metadata=_metadata()
+        )

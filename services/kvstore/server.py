@@ -15,6 +15,7 @@ import grpc
 
 from shared.kvstore import BlockMeta, KVStore, StoreError
 from shared.kvstore.client import CHUNK_BYTES
+from shared.telemetry.metrics import Snapshot, counter, family, gauge
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc
 
@@ -25,6 +26,33 @@ STATUS = {
     "full": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "invalid": grpc.StatusCode.INVALID_ARGUMENT,
 }
+
+
+def store_metrics(store: KVStore):
+    """The store's counters and contents, per tier, at scrape time."""
+    s = store.stats()
+    tiers = ["memory", "redis"] if s["redis"] else ["memory"]
+    hits = family("counter", "kvstore_hits", "Block reads served, by tier.", ["tier"])
+    read = family("counter", "kvstore_bytes_read", "Block bytes served, by tier.", ["tier"])
+    for tier in tiers:
+        hits.add_metric([tier], s[f"{tier}_hits"])
+        read.add_metric([tier], s[f"{tier}_bytes_read"])
+    evictions = family("counter", "kvstore_evictions", "Blocks evicted from a tier (LRU).", ["tier"])
+    evictions.add_metric(["memory"], s["evictions"])
+    blocks = family("gauge", "kvstore_blocks", "Blocks held, by tier (Redis: not counted).", ["tier"])
+    blocks.add_metric(["memory"], s["memory_blocks"])
+    used = family("gauge", "kvstore_bytes", "Bytes held, by tier.", ["tier"])
+    used.add_metric(["memory"], s["memory_bytes"])
+    return [
+        hits, read, evictions, blocks, used,
+        counter("kvstore_misses", "Block reads no tier could serve.", {}, s["misses"]),
+        counter("kvstore_puts", "Blocks put.", {}, s["puts"]),
+        counter("kvstore_bytes_written", "Block bytes put.", {}, s["bytes_written"]),
+        gauge("kvstore_memory_budget_bytes", "The memory tier's byte budget.", {}, s["memory_budget"]),
+        gauge("kvstore_pinned_blocks", "Blocks pinned by handoff leases (not evictable).", {}, s["pinned_blocks"]),
+        gauge("kvstore_leases", "Open handoff leases.", {}, s["leases"]),
+        counter("kvstore_lease_expiries", "Leases that expired before a release.", {}, s["lease_expiries"]),
+    ]  # fmt: skip
 
 
 class KVStoreService(kvstore_pb2_grpc.KVStoreServicer):
@@ -108,10 +136,11 @@ class KVStoreService(kvstore_pb2_grpc.KVStoreServicer):
         return pb.StoreStats(**(await self._call(context, self.store.stats)))
 
 
-async def start_server(store: KVStore, host: str = "127.0.0.1", port: int = 0):
+async def start_server(store: KVStore, host: str = "127.0.0.1", port: int = 0, metrics_port: int | None = 0):
     from shared.rpc.server import GrpcServer
 
-    server = GrpcServer("kvstore", host, port)
+    server = GrpcServer("kvstore", host, port, metrics_port=metrics_port)
+    server.registry.register(Snapshot(lambda: store_metrics(store)))
     server.add(kvstore_pb2_grpc.add_KVStoreServicer_to_server, KVStoreService(store), SERVICE_NAME)
     await server.start()
     return server

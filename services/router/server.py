@@ -40,10 +40,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+from prometheus_client import CollectorRegistry, Counter
 
 from shared.engine.kv_hash import prompt_block_keys
 from shared.kvstore.client import KVStoreClient
+from shared.rpc.interceptors import REQUEST_ID_KEY
 from shared.rpc.server import OPTIONS
+from shared.telemetry.metrics import Snapshot, family, metric_name
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.router")
@@ -109,6 +112,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         kvstore: str | None = None,
         disagg_threshold: int = 256,
         balance_threshold: int = 4,
+        registry: CollectorRegistry | None = None,
     ):
         if not workers:
             raise ValueError("the router needs at least one worker address (--worker HOST:PORT)")
@@ -129,6 +133,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self._rr = itertools.count()
         self._health_task: asyncio.Task | None = None
         self._started = False
+        self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry(), self)
 
     @staticmethod
     def _handle(address: str) -> WorkerHandle:
@@ -296,6 +301,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 await context.send_initial_metadata(((ROUTE_HEADER, route.header()),))
                 announced = True
             log.info("route %s: %s", request.request_id, route.header())
+            self.metrics.routed(route, len(request.prompt_token_ids), retry=attempt > 0)
             tried.add(route.decode.address)
             started = False
             try:
@@ -313,6 +319,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     )
                     if e.code() == grpc.StatusCode.UNAVAILABLE:
                         route.decode.healthy = False
+                    self.metrics.retries.labels(e.code().name).inc()
                     last_error = e
                     continue
                 await context.abort(e.code(), e.details() or e.code().name)
@@ -343,6 +350,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 )
                 if e.code() == grpc.StatusCode.UNAVAILABLE:
                     route.prefill.healthy = False
+                self.metrics.prefill_fallbacks.inc()
                 async for chunk in self._stream(route.decode, request, timeout):
                     yield chunk
                 return
@@ -371,7 +379,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self, worker: WorkerHandle, request, timeout: float
     ) -> AsyncIterator[common_pb2.TokenChunk]:
         worker.requests.add(request.request_id)
-        call = worker.stub.Generate(request, timeout=timeout)
+        call = worker.stub.Generate(
+            request, timeout=timeout, metadata=((REQUEST_ID_KEY, request.request_id),)
+        )
         try:
             async for chunk in call:
                 chunk.worker = worker.address
@@ -399,18 +409,72 @@ class RouterService(router_pb2_grpc.RouterServicer):
         )
 
 
+class RouterMetrics:
+    """What the router decides: routes by policy and where the prompt was prefilled, prefix-cache
+    tokens it expects to reuse, retries and prefill fallbacks; workers by role and health and requests
+    in flight (read at scrape time)."""
+
+    def __init__(self, registry: CollectorRegistry, router: RouterService):
+        self.router = router
+        self.decisions = Counter(
+            metric_name("router_decisions"), "Routes chosen, by policy and prefill placement (remote: a prefill "
+            "worker; local: the decode worker).", ["policy", "prefill"], registry=registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            metric_name("router_prompt_tokens"), "Prompt tokens routed.", registry=registry
+        )
+        self.prefix_hit_tokens = Counter(
+            metric_name("router_prefix_hit_tokens"), "Prompt tokens the chosen workers or the KV store already "
+            "hold (the route's expected prefix-cache reuse).", registry=registry,
+        )  # fmt: skip
+        self.retries = Counter(
+            metric_name("router_retries"),
+            "Requests retried on another worker, by the error.",
+            ["code"],
+            registry=registry,
+        )
+        self.prefill_fallbacks = Counter(
+            metric_name("router_prefill_fallbacks"), "Remote prefills that failed and ran on the decode worker.",
+            registry=registry,
+        )  # fmt: skip
+        registry.register(Snapshot(self._gauges))
+
+    def routed(self, route: Route, prompt_tokens: int, retry: bool) -> None:
+        self.decisions.labels(route.policy, "remote" if route.prefill else "local").inc()
+        if not retry:
+            self.prompt_tokens.inc(prompt_tokens)
+            self.prefix_hit_tokens.inc(route.cached_tokens)
+
+    def _gauges(self):
+        workers = family("gauge", "router_workers", "Workers the router serves, by role and health.",
+                         ["role", "healthy"])  # fmt: skip
+        counts: dict[tuple[str, str], int] = {}
+        for w in self.router.workers:
+            key = (w.role, str(w.healthy).lower())
+            counts[key] = counts.get(key, 0) + 1
+        for (role, healthy), n in sorted(counts.items()):
+            workers.add_metric([role, healthy], n)
+        in_flight = family("gauge", "router_requests_in_flight", "Requests the router is forwarding, by worker.",
+                           ["worker", "role"])  # fmt: skip
+        for w in [*self.router.workers, *self.router.retired]:
+            in_flight.add_metric([w.address, w.role], len(w.requests))
+        return [workers, in_flight]
+
+
 def register(server, workers: list[str], **kwargs) -> RouterService:
-    service = RouterService(workers, **kwargs)
+    service = RouterService(workers, registry=server.registry, **kwargs)
     server.add(router_pb2_grpc.add_RouterServicer_to_server, service, SERVICE_NAME)
     return service
 
 
-async def start_server(workers: list[str], host: str = "127.0.0.1", port: int = 0, **kwargs):
+async def start_server(
+    workers: list[str], host: str = "127.0.0.1", port: int = 0, metrics_port: int | None = 0, **kwargs
+):
     """A started router server. Returns (GrpcServer, RouterService); stop with
     `await server.stop(service.close)`."""
     from shared.rpc.server import GrpcServer
 
-    server = GrpcServer("router", host, port)
+    server = GrpcServer("router", host, port, metrics_port=metrics_port)
     service = register(server, workers, **kwargs)
     await server.start()
     await service.start()

@@ -164,11 +164,13 @@ def register(server, store: ModelStore, models: list[str]) -> TokenizerService:
     return service
 
 
-async def start_server(store: ModelStore, models: list[str], host: str = "127.0.0.1", port: int = 0):
+async def start_server(
+    store: ModelStore, models: list[str], host: str = "127.0.0.1", port: int = 0, metrics_port: int | None = 0
+):
     """A started tokenizer server (GrpcServer; .port is the bound port)."""
     from shared.rpc.server import GrpcServer
 
-    server = GrpcServer("tokenizer", host, port)
+    server = GrpcServer("tokenizer", host, port, metrics_port=metrics_port)
     register(server, store, models)
     await server.start()
     return server

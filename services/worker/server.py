@@ -31,12 +31,15 @@ from pathlib import Path
 
 import grpc
 import torch
+from prometheus_client import CollectorRegistry
 
 from shared.engine import AsyncLLMEngine, EngineDeadError, RequestOutput
 from shared.engine.kv_transfer import KVHandoff, from_wire, to_wire
 from shared.kvstore.client import KVStoreClient
 from shared.rpc.convert import FINISH_REASONS, logprob_from_proto, logprob_to_proto, params_from_proto
 from shared.store import ModelStore, StoreError
+from shared.telemetry.metrics import EngineMetrics, Snapshot, family
+from shared.telemetry.moe import moe_metrics
 from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("tandem.worker")
@@ -78,6 +81,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         kvstore: str | None = None,
         lease_ttl: float = 60.0,
         models: ModelStore | None = None,
+        registry: CollectorRegistry | None = None,
     ):
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got '{role}'")
@@ -92,6 +96,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.counters = {"store_fetched_blocks": 0, "store_published_blocks": 0}
         self.timers = {"kv_publish_seconds": 0.0, "kv_import_seconds": 0.0, "kv_fetch_seconds": 0.0}
         self.closing = asyncio.Event()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = EngineMetrics(self.registry, model, role, engine.load)
+        self.registry.register(Snapshot(self._transfer_metrics))
+        self.registry.register(Snapshot(lambda: moe_metrics(engine.engine.model)))
+
+    def _transfer_metrics(self):
+        """KV moved between this worker and the store (disaggregation and shared prefixes)."""
+        labels = [self.model, self.role]
+        blocks = family("counter", "kv_transfer_blocks", "KV blocks moved to or from the KV store.",
+                        ["model_name", "role", "direction"])  # fmt: skip
+        blocks.add_metric([*labels, "fetched"], self.counters["store_fetched_blocks"])
+        blocks.add_metric([*labels, "published"], self.counters["store_published_blocks"])
+        seconds = family("counter", "kv_transfer_seconds", "Time spent moving KV, by operation.",
+                         ["model_name", "role", "op"])  # fmt: skip
+        for op in ("publish", "import", "fetch"):
+            seconds.add_metric([*labels, op], self.timers[f"kv_{op}_seconds"])
+        return [blocks, seconds]
 
     async def close(self) -> None:
         """Stop the engine and let go of the store (after the server drained)."""
@@ -167,8 +188,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"cannot import the KV handle's blocks: {e.details()}"
             )
+        self.metrics.arrived(request_id)
+        log.info("request %s: %d prompt tokens, role %s", request_id, len(prompt), self.role)
         try:
             async for out in stream:
+                self.metrics.output(out)
+                if out.finished:
+                    log.info("request %s finished: %s, %d tokens", request_id, out.finish_reason,
+                             len(out.output_token_ids))  # fmt: skip
                 chunk = chunk_from_output(out)
                 if out.kv_handoff is not None:
                     t0 = time.perf_counter()
@@ -184,6 +211,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
+            self.metrics.finished(request_id, "abort")  # a no-op unless the caller left early
             await stream.aclose()  # the caller left early: abort and free the blocks
 
     async def _fetch_prefix(
@@ -339,14 +367,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 
 def register(server, engine: AsyncLLMEngine, model: str, **kwargs) -> WorkerService:
-    service = WorkerService(engine, model, **kwargs)
+    service = WorkerService(engine, model, registry=server.registry, **kwargs)
     server.add(worker_pb2_grpc.add_WorkerServicer_to_server, service, SERVICE_NAME)
     server.on_drain_start.append(service.closing.set)
     return service
 
 
 async def start_server(
-    model_dir, model: str, config=None, host: str = "127.0.0.1", port: int = 0, engine=None, **kwargs
+    model_dir,
+    model: str,
+    config=None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    engine=None,
+    metrics_port: int | None = 0,
+    **kwargs,
 ):
     """A started worker server running an AsyncLLMEngine for the model in `model_dir` (or for the
     given, already built LLMEngine — e.g. the leader of an expert-parallel group).
@@ -357,7 +392,7 @@ async def start_server(
     engine = AsyncLLMEngine(
         engine or LLMEngine.from_store(model_dir, config or EngineConfig(), model_id=model)
     )
-    server = GrpcServer("worker", host, port)
+    server = GrpcServer("worker", host, port, metrics_port=metrics_port)
     if model_dir is not None:
         kwargs.setdefault("models", ModelStore(Path(model_dir).parent))
     service = register(server, engine, model, **kwargs)

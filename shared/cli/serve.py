@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import yaml
 
 from shared import envs
 from shared.store import DEFAULT_MODEL, ModelStore
+from shared.telemetry.logs import configure_logging
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "--port", type=int, default=default_port, help=f"(default {default_port or 'any free'})"
         )
         q.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+        if default_port == 0:  # the gRPC services (the gateway serves /metrics on its own port)
+            q.add_argument("--metrics-port", type=int, default=0,
+                           help="Prometheus metrics on this HTTP port (default any free one, announced)")  # fmt: skip
+        q.add_argument("--log-format", choices=["json", "text"],
+                       help="log lines as JSON objects or text (default $TANDEM_LOG_FORMAT, else json)")  # fmt: skip
 
     q = roles.add_parser("tokenizer", help="text <-> token ids, chat templates")
     common(q)
@@ -134,22 +141,24 @@ def _apply_config(args) -> None:
 
 def cmd_serve(args) -> int:
     _apply_config(args)
+    configure_logging(args.service, args.log_format, logging.getLogger().level)  # keeps -v
     asyncio.run(args.run(args))
     return 0
 
 
-def _announce(name: str, host: str, port: int, port_file: Path | None) -> None:
+def _announce(name: str, host: str, port: int, port_file: Path | None, metrics: str | None = None) -> None:
     if port_file:
         port_file.write_text(str(port))
-    print(f"{name} listening on {host}:{port}", flush=True)
+    where = f"; metrics on http://{metrics}/metrics" if metrics else ""
+    print(f"{name} listening on {host}:{port}{where}", flush=True)
 
 
 async def run_tokenizer(args) -> None:
     from services.tokenizer.server import start_server
 
     store = ModelStore(args.store or envs.models_dir())
-    server = await start_server(store, args.model or [DEFAULT_MODEL], args.host, args.port)
-    _announce("tokenizer", args.host, server.port, args.port_file)
+    server = await start_server(store, args.model or [DEFAULT_MODEL], args.host, args.port, args.metrics_port)
+    _announce("tokenizer", args.host, server.port, args.port_file, server.metrics_address)
     await server.serve_until_signal()
 
 
@@ -170,9 +179,9 @@ async def run_worker(args) -> None:
     server, service = await start_server(
         store.path(info.name), info.name, config, args.host, args.port,
         worker_id=args.worker_id, max_waiting=args.max_waiting, role=args.role,
-        kvstore=args.kvstore, lease_ttl=args.lease_ttl,
+        kvstore=args.kvstore, lease_ttl=args.lease_ttl, metrics_port=args.metrics_port,
     )  # fmt: skip
-    _announce("worker", args.host, server.port, args.port_file)
+    _announce("worker", args.host, server.port, args.port_file, server.metrics_address)
     await server.serve_until_signal(service.close)
 
 
@@ -185,9 +194,9 @@ async def run_router(args) -> None:
         args.worker, args.host, args.port, policy=args.policy,
         health_interval=args.health_interval, request_timeout=args.request_timeout,
         kvstore=args.kvstore, disagg_threshold=args.disagg_threshold,
-        balance_threshold=args.balance_threshold,
+        balance_threshold=args.balance_threshold, metrics_port=args.metrics_port,
     )  # fmt: skip
-    _announce("router", args.host, server.port, args.port_file)
+    _announce("router", args.host, server.port, args.port_file, server.metrics_address)
     await server.serve_until_signal(service.close)
 
 
@@ -199,8 +208,8 @@ async def run_kvstore(args) -> None:
         store = KVStore(args.memory_mb * 2**20, args.redis)
     except StoreError as e:
         raise ValueError(str(e)) from e
-    server = await start_server(store, args.host, args.port)
-    _announce("kvstore", args.host, server.port, args.port_file)
+    server = await start_server(store, args.host, args.port, args.metrics_port)
+    _announce("kvstore", args.host, server.port, args.port_file, server.metrics_address)
     await server.serve_until_signal()
 
 
@@ -230,8 +239,8 @@ async def run_controller(args) -> None:
         args.executor, args.ray_address, Capacity(args.cpus or os.cpu_count() or 1, gpus),
         args.threads_per_worker, kubernetes,
     )  # fmt: skip
-    server = await start_server(controller, args.host, args.port, args.poll_interval)
-    _announce("controller", args.host, server.port, args.port_file)
+    server = await start_server(controller, args.host, args.port, args.poll_interval, args.metrics_port)
+    _announce("controller", args.host, server.port, args.port_file, server.metrics_address)
     await server.serve_until_signal()
     controller.store.close()
 
@@ -246,7 +255,10 @@ async def run_gateway(args) -> None:
     app = create_app(
         args.tokenizer, args.router, args.model or [DEFAULT_MODEL], args.api_key, controller=args.controller
     )
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+    # log_config=None: uvicorn's loggers go through the root handler (JSON lines with request ids)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="info", log_config=None)
+    )
     task = asyncio.create_task(server.serve())  # uvicorn drains and stops on SIGTERM / Ctrl-C itself
     while not server.started and not task.done():
         await asyncio.sleep(0.05)

@@ -24,6 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from shared import envs
 from shared.deploy.config import DeploymentConfig, Resources
+from shared.telemetry.logs import configure_logging
 
 log = logging.getLogger("tandem.deploy")
 NAMESPACE = "tandem"
@@ -36,6 +37,7 @@ class ServiceActor:
         self.kind = kind
         self.options = options
         self.address: str | None = None
+        self.metrics_address: str | None = None  # host:port of its Prometheus /metrics
         self.server = None
         self.service = None
         self.started_at = None
@@ -46,6 +48,9 @@ class ServiceActor:
 
     def get_address(self) -> str | None:
         return self.address
+
+    def get_metrics_address(self) -> str | None:
+        return self.metrics_address
 
     async def start(self, port: int = 0, ep: dict | None = None) -> str:
         """Start the server (port 0: any free one; a restarted actor is given its old port back, so
@@ -63,7 +68,7 @@ class ServiceActor:
         import torch
 
         torch.set_num_threads(o.get("threads", 1))
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        configure_logging(self.kind if self.kind != "worker" else o.get("role", "worker"))
         host = o.get("host", "127.0.0.1")
         if self.kind == "tokenizer":
             from services.tokenizer.server import start_server
@@ -100,6 +105,7 @@ class ServiceActor:
                 )
                 if ep["rank"] != 0:  # a follower: no server, its thread steps with the leader
                     self.address = f"shard {ep['rank']} of {ep['init_method']}"
+                    self.metrics_address = self._follower_metrics(engine, host)
                     self.started_at = time.time()
                     return
             self.server, self.service = await start_server(
@@ -121,13 +127,26 @@ class ServiceActor:
 
             self.server, self.service = await start_server(o["workers"], host, port, **o["router"])
         elif self.kind == "gateway":
-            self.address = await self._start_gateway(o, port)
+            self.address = self.metrics_address = await self._start_gateway(o, port)  # /metrics on its port
             self.started_at = time.time()
             return
         else:
             raise ValueError(f"unknown service kind '{self.kind}'")
         self.address = self.server.address
+        self.metrics_address = self.server.metrics_address
         self.started_at = time.time()
+
+    def _follower_metrics(self, engine, host: str) -> str:
+        """A follower shard has no gRPC server: its MoE metrics get an HTTP server of their own."""
+        from prometheus_client import CollectorRegistry
+
+        from shared.telemetry.metrics import MetricsServer, Snapshot
+        from shared.telemetry.moe import moe_metrics
+
+        registry = CollectorRegistry()
+        registry.register(Snapshot(lambda: moe_metrics(engine.model)))
+        self.follower_metrics = MetricsServer(registry, host)
+        return self.follower_metrics.address
 
     def _join_group(self, path, model_id, config, ep: dict):
         """Join the group's process group, load and shard the model; the leader's engine drives
@@ -202,7 +221,7 @@ class ServiceActor:
             controller=o.get("controller"),
         )  # fmt: skip
         server = uvicorn.Server(
-            uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning")
+            uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning", log_config=None)
         )
         server.install_signal_handlers = lambda: None  # the actor, not uvicorn, owns the process
         task = asyncio.create_task(server.serve())
@@ -560,6 +579,7 @@ class Controller:
         services = []
         for name, (actor, role) in self.services.items():
             entry = {"name": name, "role": role, "address": self.addresses.get(name)}
+            entry["metrics"] = await self._metrics_addresses(self.groups.get(name, [actor]))
             if name in self.groups:
                 entry["shards"] = len(self.groups[name])
                 entry["expert_tokens"] = await self._group_expert_tokens(self.groups[name])
@@ -574,6 +594,18 @@ class Controller:
                 entry["healthy"], entry["error"] = False, (str(e).splitlines() or [type(e).__name__])[0]
             services.append(entry)
         return {"state": self.state, "services": services, "restarts": self.restarts, "counts": self.counts()}
+
+    async def _metrics_addresses(self, actors) -> list[str]:
+        """Where the service's processes serve /metrics (a group: every shard, leader first)."""
+        out = []
+        for actor in actors:
+            try:
+                address = await asyncio.wait_for(actor.get_metrics_address.remote(), 5)
+            except Exception:  # noqa: BLE001 - one being replaced: list what answers
+                continue
+            if address:
+                out.append(address)
+        return out
 
     async def _group_expert_tokens(self, actors) -> list[list[int]]:
         """The group's per-layer, per-expert routed-token counts (summed over its shards)."""

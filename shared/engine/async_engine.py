@@ -178,6 +178,7 @@ class AsyncLLMEngine:
             "prefix_cache_hit_blocks": eng.pool.hits,
             "num_preemptions": eng.scheduler.num_preemptions,
             "prompt_tokens_computed": eng.prompt_tokens_computed,
+            "block_size": eng.config.block_size,
         }
 
     async def shutdown(self) -> None:

@@ -86,6 +86,7 @@ class RequestOutput:
     text: str = ""  # with a tokenizer: all output text so far
     stop_reason: int | str | None = None  # the stop token id or stop string that finished it
     kv_handoff: KVHandoff | None = None  # prefill-only requests, on their final output
+    scheduled_at: float | None = None  # time.monotonic() when the request was first scheduled
 
 
 class LLMEngine:
@@ -284,9 +285,11 @@ class LLMEngine:
         return len(self.pool.lookup(keys)) if self.config.enable_prefix_caching else 0
 
     def read_cached(self, keys: list[bytes]) -> torch.Tensor:
-        """A copy of the KV of the longest locally cached run of `keys`: [blocks, *block_shape]."""
-        blocks = self.pool.lookup(keys) if self.config.enable_prefix_caching else []
-        return self.runner.read_blocks(blocks)
+        """A copy of the KV of the longest locally cached run of `keys`: [blocks, *block_shape]. A
+        runner that cannot read its blocks back (an expert-parallel group: they live on the shards)
+        gives none, so callers take them from the KV store instead."""
+        readable = self.config.enable_prefix_caching and getattr(self.runner, "exports_kv", True)
+        return self.runner.read_blocks(self.pool.lookup(keys) if readable else [])
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks at once; False if it is unknown or already finished."""
@@ -357,6 +360,7 @@ class LLMEngine:
                     detok.text if detok is not None else "",
                     request.stop_reason,
                     handoff,
+                    request.scheduled_at,
                 )
             )
         return outputs

@@ -66,6 +66,7 @@ class Request:
     order: int = field(default_factory=lambda: next(_arrivals))
     generator: torch.Generator = field(default_factory=torch.Generator)
     ever_scheduled: bool = False
+    scheduled_at: float | None = None  # time.monotonic() when first scheduled (queue-time metrics)
     prefill_only: bool = False  # finish after the first token and export the KV
     pending_kv: torch.Tensor | None = None  # imported KV payload, written into the cache on admission
     detokenizer: object | None = None  # an IncrementalDetokenizer when the engine has a tokenizer

@@ -13,6 +13,7 @@ with equal priorities nothing starves.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from shared.engine.kv_cache_manager import KVCacheManager
@@ -92,6 +93,8 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             request.num_computed_tokens = cached
+            if request.scheduled_at is None:
+                request.scheduled_at = time.monotonic()
             if not request.ever_scheduled:
                 request.num_cached_tokens = cached
                 request.ever_scheduled = True

@@ -68,7 +68,9 @@ class KVStore:
         self.leases: dict[str, tuple[float, tuple[bytes, ...]]] = {}  # id -> (expiry, keys)
         self.pins: dict[bytes, int] = {}
         self.lock = threading.Lock()
-        self.counters = {"puts": 0, "gets": 0, "memory_hits": 0, "redis_hits": 0, "misses": 0, "evictions": 0}
+        self.counters = {"puts": 0, "gets": 0, "memory_hits": 0, "redis_hits": 0, "misses": 0, "evictions": 0,
+                         "memory_bytes_read": 0, "redis_bytes_read": 0, "bytes_written": 0,
+                         "lease_expiries": 0}  # fmt: skip
         self.redis = None
         if redis_url:
             import redis
@@ -91,6 +93,7 @@ class KVStore:
         with self.lock:
             self._sweep()
             self.counters["puts"] += 1
+            self.counters["bytes_written"] += len(data)
             if self.redis is not None:
                 header = meta.to_json()
                 self.redis.set(REDIS_PREFIX + key, struct.pack("<I", len(header)) + header + data)
@@ -104,10 +107,12 @@ class KVStore:
             if found is not None:
                 self.memory.move_to_end(key, last=False)
                 self.counters["memory_hits"] += 1
+                self.counters["memory_bytes_read"] += len(found[1])
             elif self.redis is not None and (raw := self.redis.get(REDIS_PREFIX + key)) is not None:
                 (n,) = struct.unpack_from("<I", raw)
                 found = (BlockMeta.from_json(raw[4 : 4 + n]), raw[4 + n :])
                 self.counters["redis_hits"] += 1
+                self.counters["redis_bytes_read"] += len(found[1])
                 self._remember(key, *found)
             else:
                 self.counters["misses"] += 1
@@ -238,6 +243,7 @@ class KVStore:
         now = self.clock()
         for lease_id in [i for i, (expiry, _) in self.leases.items() if expiry <= now]:
             self._drop_lease(lease_id)
+            self.counters["lease_expiries"] += 1
 
 
 _ITEM = {"float32": 4, "bfloat16": 2, "float16": 2}

@@ -156,6 +156,8 @@ class GroupRunner:
         self.owner.update(dict.fromkeys(block_ids, shard))
         self.writes[shard].append((list(block_ids), payload.cpu()))
 
+    exports_kv = False  # a request's blocks live on the shard that ran it; the engine reads none back
+
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         if block_ids:
             raise NotImplementedError("KV export from an expert-parallel group is not supported yet")

@@ -6,7 +6,10 @@
     await server.serve_until_signal(on_drain=...)         # SIGTERM / SIGINT: drain, then stop
 
 Every server carries the standard gRPC health service (SERVING while up, NOT_SERVING while draining)
-and server reflection (so `grpcurl` can list and call it). Shutdown is graceful: health flips to
+and server reflection (so `grpcurl` can list and call it). It also owns the service's Prometheus
+registry (`server.registry`: per-method call counts and latencies from an interceptor, plus what
+the service registers) and serves it on its own HTTP port (`metrics_port`, 0: a free one; None:
+none), announced as `server.metrics_address`. Shutdown is graceful: health flips to
 NOT_SERVING, new RPCs are refused, in-flight ones get `grace` seconds to finish, then the owner's
 `on_drain` hook (e.g. stop the engine) runs.
 """
@@ -21,6 +24,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from shared.rpc.interceptors import MetricsInterceptor
+from shared.telemetry.metrics import MetricsServer, RpcMetrics
 
 log = logging.getLogger("tandem.rpc")
 
@@ -33,13 +40,25 @@ OPTIONS = [
 
 
 class GrpcServer:
-    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0, grace: float = 10.0):
+    def __init__(
+        self,
+        name: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        grace: float = 10.0,
+        metrics_port: int | None = 0,
+    ):
         self.name = name
         self.host = host
         self.requested_port = port
         self.grace = grace
         self.port: int | None = None
-        self.server = grpc.aio.server(options=OPTIONS)
+        self.registry = CollectorRegistry()
+        self.metrics_port = metrics_port
+        self.metrics: MetricsServer | None = None
+        self.server = grpc.aio.server(
+            options=OPTIONS, interceptors=[MetricsInterceptor(RpcMetrics(self.registry))]
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -51,6 +70,10 @@ class GrpcServer:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def metrics_address(self) -> str | None:
+        return self.metrics.address if self.metrics is not None else None
 
     def add(self, add_fn: Callable, servicer, service_name: str) -> None:
         add_fn(servicer, self.server)
@@ -64,7 +87,12 @@ class GrpcServer:
         await self.server.start()
         for service in ["", *self.service_names]:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s listening on %s", self.name, self.address)
+        if self.metrics_port is not None:
+            self.metrics = MetricsServer(self.registry, self.host, self.metrics_port)
+        log.info(
+            "%s listening on %s (metrics: %s)", self.name, self.address,
+            f"http://{self.metrics_address}/metrics" if self.metrics else "off",
+        )  # fmt: skip
         return self.port
 
     async def stop(self, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -78,6 +106,8 @@ class GrpcServer:
         await self.server.stop(self.grace)
         if on_drain is not None:
             await on_drain()
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
         log.info("%s stopped", self.name)
 
     async def serve_until_signal(self, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:

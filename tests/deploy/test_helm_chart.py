@@ -20,6 +20,7 @@ from tests.k8s_schemas import crd_schema, prune_nulls
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tandem"
 PRODUCTION = ROOT / "deploy" / "values-gpu-production.yaml"
+GRAFANA = ROOT / "deploy" / "grafana"
 CRD_FILES = {
     ("ray.io/v1", "RayCluster"): "ray.io_rayclusters.yaml",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
@@ -150,9 +151,19 @@ def test_the_values_schema_rejects_mistakes_with_clear_messages(values, problem)
 def test_the_grafana_dashboards_ship_as_a_labelled_config_map_of_valid_dashboards():
     (maps,) = [o for o in render(production()) if o["metadata"]["name"] == "prod-tandem-dashboards"]
     assert maps["metadata"]["labels"]["grafana_dashboard"] == "1"
-    dashboard = json.loads(maps["data"]["tandem-overview.json"])
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    assert exprs and all("tandem_" in e for e in exprs)
+    shipped = {f.name for f in GRAFANA.glob("*.json")}
+    assert set(maps["data"]) == shipped and len(shipped) == 5  # the chart links deploy/grafana
+    for name in shipped:
+        dashboard = json.loads(maps["data"][name])
+        exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+        assert exprs and all("tandem:" in e for e in exprs)
+
+
+def test_the_grafana_dashboards_are_what_their_builder_writes():
+    import runpy
+
+    built = runpy.run_path(str(GRAFANA / "build.py"))["render"]()
+    assert built == {f.name: f.read_text() for f in GRAFANA.glob("*.json")}, "run deploy/grafana/build.py"
 
 
 def test_a_worker_that_cannot_fit_its_pod_fails_the_render():

@@ -26,7 +26,9 @@ def stack(platform, store, default_model_dir):
     worker, worker_service = platform.start_worker(default_model_dir)
     router, _ = platform.start_router([worker.address])
     url = platform.start_gateway(tokenizer.address, router.address)
-    return {"url": url, "worker": worker_service, "tokenizer": tokenizer.address, "router": router.address}
+    return {"url": url, "worker": worker_service, "tokenizer": tokenizer.address, "router": router.address,
+            "worker_metrics": worker.metrics_address, "tokenizer_metrics": tokenizer.metrics_address,
+            "router_metrics": router.metrics_address}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -263,14 +265,97 @@ def test_no_worker_is_503_and_api_keys_are_checked(platform, stack):
     assert board["state"] == "standalone gateway"
 
 
-def test_dashboard_and_metrics_of_a_standalone_gateway(stack):
+def test_dashboard_and_metrics_of_a_standalone_gateway(stack, client):
     url = stack["url"]
+    client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, stream=True).close()
+    list(client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6, stream=True))
     page = httpx.get(url + "/dashboard")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     board = httpx.get(url + "/dashboard/status").json()
     (worker,) = board["services"]
     assert worker["healthy"] and worker["role"] == "monolithic" and worker["load"]["kv_blocks_total"] > 0
+    assert board["serving"]["tokens_per_s"] > 0 and board["serving"]["ttft_p50_s"] > 0
     metrics = httpx.get(url + "/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    assert f'tandem_service_up{{name="{worker["address"]}",role="monolithic"}} 1' in metrics.text
-    assert "# TYPE tandem_worker_kv_usage gauge" in metrics.text
+    gateway = samples(metrics.text)
+    assert gateway[("tandem:service_up", (("role", "monolithic"), ("service", worker["address"])))] == 1
+    model = (("model_name", MODEL),)
+    assert gateway[("tandem:gateway_time_to_first_token_seconds_count", model)] >= 2
+    assert gateway[("tandem:gateway_generation_tokens_total", model)] >= 6
+    route = (("method", "POST"), ("route", "/v1/chat/completions"), ("status", "200"))
+    assert gateway[("tandem:gateway_http_requests_total", route)] >= 2
+
+
+def samples(text: str) -> dict:
+    """{(name, sorted labels): value} of a Prometheus text exposition (which must parse)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_every_service_serves_prometheus_metrics_with_vllm_names(stack, client):
+    """The worker's engine metrics keep vLLM's names (tandem: prefix) and meanings; the tokenizer and
+    router count their gRPC calls; each serves them on the metrics port it announces."""
+    out = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0)
+    worker = samples(httpx.get(f"http://{stack['worker_metrics']}/metrics").text)
+    labels = (("model_name", MODEL), ("role", "monolithic"))
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert ("tandem:" + gauge, labels) in worker
+    assert worker[("tandem:num_requests_running", labels)] == 0  # nothing in flight now
+    assert worker[("tandem:generation_tokens_total", labels)] >= out.usage.completion_tokens
+    assert worker[("tandem:prompt_tokens_total", labels)] >= out.usage.prompt_tokens
+    assert (
+        worker[("tandem:prefix_cache_queries_total", labels)]
+        >= worker[("tandem:prefix_cache_hits_total", labels)]
+    )
+    assert worker[("tandem:prefix_cache_hits_total", labels)] > 0  # the same chat prompt, asked many times
+    for h in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+              "request_queue_time_seconds"):  # fmt: skip
+        assert worker[(f"tandem:{h}_count", labels)] > 0
+    finished = {k[1]: v for k, v in worker.items() if k[0] == "tandem:request_success_total"}
+    assert finished[(("finished_reason", "length"), *labels)] >= 1
+    assert sum(finished.values()) == worker[("tandem:e2e_request_latency_seconds_count", labels)]
+    rpc = (("grpc_code", "OK"), ("grpc_method", "Generate"), ("grpc_service", "tandem.v1.Worker"))
+    assert worker[("tandem:grpc_server_handled_total", rpc)] >= 1
+    tokenizer = samples(httpx.get(f"http://{stack['tokenizer_metrics']}/metrics").text)
+    tok = (("grpc_code", "OK"), ("grpc_method", "Tokenize"), ("grpc_service", "tandem.v1.Tokenizer"))
+    assert tokenizer[("tandem:grpc_server_handled_total", tok)] >= 1
+    router = samples(httpx.get(f"http://{stack['router_metrics']}/metrics").text)
+    assert router[("tandem:router_decisions_total", (("policy", "least_loaded"), ("prefill", "local")))] >= 1
+    assert router[("tandem:router_workers", (("healthy", "true"), ("role", "monolithic")))] == 1
+
+
+def test_one_request_is_followed_through_every_service_by_its_id(stack):
+    """JSON log lines of the gateway, the router and the worker all carry the client's X-Request-Id
+    (sent on as gRPC metadata), so one grep follows the request from gateway to decode."""
+    import io
+    import logging
+
+    from shared.telemetry.logs import JsonFormatter, RequestIdFilter
+
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter("test"))
+    handler.addFilter(RequestIdFilter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        body = {"model": MODEL, "messages": CHAT, "max_tokens": 3}
+        r = httpx.post(stack["url"] + "/v1/chat/completions", json=body, headers={"X-Request-Id": "trace-42"})
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-42"
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    traced = [x for x in lines if x.get("request_id", "").startswith("trace-42")]
+    assert {"tandem.gateway", "tandem.router", "tandem.worker"} <= {x["logger"] for x in traced}, lines
+    assert any(
+        x["logger"] == "tandem.worker" and "finished: length, 3 tokens" in x["message"] for x in traced
+    )
+    assert all({"ts", "level", "service", "logger", "message"} <= set(x) for x in lines)
