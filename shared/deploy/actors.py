@@ -69,7 +69,7 @@ class ServiceActor:
 
         torch.set_num_threads(o.get("threads", 1))
         configure_logging(self.kind if self.kind != "worker" else o.get("role", "worker"))
-        host = o.get("host", "127.0.0.1")
+        host = o.get("host") or (ray.util.get_node_ip_address() if o.get("bind") == "node" else "127.0.0.1")
         if self.kind == "tokenizer":
             from services.tokenizer.server import start_server
 
@@ -232,7 +232,8 @@ class ServiceActor:
             await asyncio.sleep(0.05)
         self.server = (server, task)
         port = server.servers[0].sockets[0].getsockname()[1]
-        return f"{o['host']}:{port}"
+        host = o["host"] if o["host"] not in ("0.0.0.0", "::") else ray.util.get_node_ip_address()
+        return f"{host}:{port}"  # where others reach it (a wildcard bind is announced by the node's IP)
 
     async def set_workers(self, workers: list[str]) -> None:
         """Router only: serve exactly these workers from now on (new ones join, removed ones drain)."""
@@ -398,7 +399,7 @@ class Controller:
 
     async def _launch(self, name: str, role: str, options: dict) -> str:
         res = self.cfg.resources_for(role)
-        options = {**options, "threads": res.threads, "num_gpus": res.num_gpus}
+        options = {**options, "threads": res.threads, "num_gpus": res.num_gpus, "bind": self.cfg.bind}
         kind = "worker" if role in ("prefill", "decode", "monolithic") else role
         actor = ServiceActor.options(name=f"{NAMESPACE}-{name}", **actor_options(res)).remote(kind, options)
         self.services[name] = (actor, role)
@@ -414,7 +415,7 @@ class Controller:
         """`ep_size` shard actors joined in one process group; rank 0 serves, the rest follow."""
         res = self.cfg.resources_for(role)
         world = self.cfg.ep_size
-        options = {**options, "threads": res.threads, "num_gpus": res.num_gpus}
+        options = {**options, "threads": res.threads, "num_gpus": res.num_gpus, "bind": self.cfg.bind}
         # the shards are placed together (one node: the all-to-all stays on the node's fabric)
         bundle = {"CPU": res.num_cpus, **({"GPU": res.num_gpus} if res.num_gpus else {})}
         pg = placement_group([bundle] * world, strategy="STRICT_PACK")

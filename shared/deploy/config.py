@@ -94,6 +94,9 @@ class DeploymentConfig:
     decode_workers: int = 1
     monolithic_workers: int = 0
     ep_size: int = 1  # shards per expert-parallel group; > 1: each decode / monolithic worker is a group
+    # where the gRPC services (and their metrics) listen: loopback (one machine) or node (the Ray
+    # node's IP, so other nodes and Prometheus reach them: a cluster)
+    bind: str = "loopback"
     engine: EngineOptions = field(default_factory=EngineOptions)
     router: RouterConfig = field(default_factory=RouterConfig)
     kvstore: KVStoreConfig = field(default_factory=KVStoreConfig)
@@ -183,6 +186,8 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
         raise ConfigError("decode_workers: at least one decode or monolithic worker is needed")
     if cfg.ep_size < 1:
         raise ConfigError(f"ep_size: must be at least 1, got {cfg.ep_size}")
+    if cfg.bind not in ("loopback", "node"):
+        raise ConfigError(f"bind: must be loopback or node, got '{cfg.bind}'")
     from services.router.server import POLICIES
 
     if cfg.router.policy not in POLICIES:

@@ -70,8 +70,10 @@ def test_every_rendered_object_validates_against_kubernetes_and_crd_schemas(valu
     if (
         values == "production"
     ):  # ingress and monitors on; the API keys and Redis password are the user's Secrets
-        expected = sorted([*expected, "ConfigMap", "Ingress", "PodMonitor", "ServiceMonitor"])
-        expected.remove("Secret")
+        # plus the scrape config (a Secret) and the NetworkPolicy that lets Prometheus in
+        expected = sorted(
+            [*expected, "ConfigMap", "Ingress", "PodMonitor", "ServiceMonitor", "NetworkPolicy"]
+        )
     assert kinds(objects) == expected
 
 
@@ -157,6 +159,20 @@ def test_the_grafana_dashboards_ship_as_a_labelled_config_map_of_valid_dashboard
         dashboard = json.loads(maps["data"][name])
         exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
         assert exprs and all("tandem:" in e for e in exprs)
+
+
+def test_prometheus_finds_every_service_through_the_gateway_and_may_reach_them():
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in render(production())}
+    (config,) = yaml.safe_load(
+        objects[("Secret", "prod-tandem-scrape-config")]["stringData"]["scrape-configs.yaml"]
+    )
+    (sd,) = config["http_sd_configs"]
+    assert sd["url"] == "http://prod-tandem-gateway.llm.svc:8000/dashboard/targets"
+    assert "authorization" in sd  # production has API keys: discovery needs one
+    metrics = objects[("NetworkPolicy", "prod-tandem-metrics")]["spec"]["ingress"][0]["from"][0]
+    assert metrics["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    deploy = yaml.safe_load(objects[("ConfigMap", "prod-tandem-deploy")]["data"]["deploy.yaml"])
+    assert deploy["bind"] == "node"  # services listen on the pod IP: other pods and Prometheus reach them
 
 
 def test_the_grafana_dashboards_are_what_their_builder_writes():

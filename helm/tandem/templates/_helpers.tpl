@@ -62,6 +62,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- $_ := set $res "gateway" $gw -}}
 {{- $_ := set $p "resources" $res -}}
 {{- $_ := set $p "model_store" (printf "%s/models" .Values.modelStore.mountPath) -}}
+{{- $_ := set $p "bind" "node" -}}
 {{- $_ := set $p "gateway" (dict "host" "0.0.0.0" "port" (int .Values.gateway.port) "api_keys" (list)) -}}
 {{- $kv := default dict $p.kvstore -}}
 {{- $url := include "tandem.redisUrl" . -}}
