@@ -31,7 +31,6 @@ def start_prometheus(workdir: Path, targets_url: str, interval: str = "1s") -> t
             {
                 "job_name": "tandem",
                 "http_sd_configs": [{"url": targets_url, "refresh_interval": "2s"}],
-                "relabel_configs": [{"source_labels": ["service"], "target_label": "tandem_service"}],
             }
         ],
     }

@@ -75,15 +75,18 @@ def prometheus_text(status: dict) -> str:
 
 
 def sd_targets(status: dict, gateway_address: str | None) -> list[dict]:
-    """Prometheus http_sd target groups: every service's metrics address, labelled service and role."""
+    """Prometheus http_sd target groups: every service's metrics address, labelled `service` and
+    `tandem_role` (not `role`: the engine metrics carry their own)."""
     groups = []
     listed = any(s["role"] == "gateway" and s.get("metrics") for s in status.get("services", []))
     if gateway_address and not listed:  # a gateway started alone: itself (as its client reached it)
-        groups.append({"targets": [gateway_address], "labels": {"service": "gateway", "role": "gateway"}})
+        groups.append(
+            {"targets": [gateway_address], "labels": {"service": "gateway", "tandem_role": "gateway"}}
+        )
     for s in status.get("services", []):
         for i, address in enumerate(s.get("metrics") or []):
             name = s["name"] if i == 0 else f"{s['name']}-shard{i}"
-            groups.append({"targets": [address], "labels": {"service": name, "role": s["role"]}})
+            groups.append({"targets": [address], "labels": {"service": name, "tandem_role": s["role"]}})
     return groups
 
 

@@ -113,7 +113,8 @@ def cmd_up(args) -> int:
             f"  API (OpenAI-compatible)  {gateway}/v1\n"
             f"  API docs                 {gateway}/docs\n"
             f"  health                   {gateway}/health\n"
-            f"  dashboard                {gateway}/dashboard   (Prometheus: {gateway}/metrics)\n"
+            f"  dashboard                {gateway}/dashboard\n"
+            f"  metrics (Prometheus)     every service's: {gateway}/dashboard/targets (http_sd)\n"
             f"  Ray dashboard            {ray_dashboard}\n"
             f"  status                   tandem status   (scale: tandem scale prefill=N decode=M)\n"
             f"Ctrl-C or `tandem down` stops it.",

@@ -96,9 +96,11 @@ def test_grafana_dashboards_query_live_data_and_the_dashboard_page_fills(ep_plat
         extra_body={"tandem": {"max_steps": 3, "max_seq_len": 64, "lora": {"r": 4, "alpha": 8}}},
     )  # fmt: skip
     targets = httpx.get(root + "/dashboard/targets", timeout=30).json()
-    roles = {t["labels"]["role"] for t in targets}
+    roles = {t["labels"]["tandem_role"] for t in targets}
     assert roles == {"gateway", "tokenizer", "kvstore", "router", "controller", "prefill", "decode"}
-    assert len([t for t in targets if t["labels"]["role"] == "decode"]) == 2  # both shards of the group
+    assert (
+        len([t for t in targets if t["labels"]["tandem_role"] == "decode"]) == 2
+    )  # both shards of the group
     prom, prom_url = start_prometheus(tmp_path, root + "/dashboard/targets")
     try:
         load = [ask(ep_platform["url"], max_tokens=8, stream=i % 2 == 0) for i in range(6)]
