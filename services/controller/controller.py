@@ -71,6 +71,7 @@ class Controller:
         self.executors, self.default_executor = executors, default_executor
         self.capacity, self.threads_per_worker = capacity, threads_per_worker
         self.changed = asyncio.Condition()
+        self.cancelling: set[str] = set()  # jobs whose cancel is stopping the run: the loop leaves them be
 
     # -- files --------------------------------------------------------------------------------------
 
@@ -239,9 +240,13 @@ class Controller:
             raise ControllerError(
                 f"job {job_id} has already {job.status}; only unfinished jobs can be cancelled", "conflict"
             )
-        if job.status == "running":
-            await asyncio.to_thread(self.executors[job.executor].cancel, job)
-        await self._finish(job, "cancelled", "The job was cancelled")
+        self.cancelling.add(job_id)
+        try:
+            if job.status == "running":
+                await asyncio.to_thread(self.executors[job.executor].cancel, job)
+            await self._finish(job, "cancelled", "The job was cancelled")
+        finally:
+            self.cancelling.discard(job_id)
         return job
 
     def delete_model(self, name: str) -> None:
@@ -309,9 +314,15 @@ class Controller:
         await self._event(job, f"Fine-tuning job started ({executor.name}: {job.handle})")
 
     async def _follow(self, job: Job) -> None:
+        if job.id in self.cancelling:
+            return
         await self._read_metrics(job)
         self._record_checkpoints(job)
         status: RunStatus = await asyncio.to_thread(self.executors[job.executor].poll, job)
+        if (
+            job.id in self.cancelling or self.get_job(job.id).done
+        ):  # cancelled meanwhile: the run's end is that
+            return
         if status.state == "running":
             self.store.save_job(job)
             return

@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import dashboard
+from services.gateway.auth import KeyRing, RateLimits, required_scope
 from services.gateway.clients import Backends
 from services.gateway.dashboard import GatewayMetrics, router_status, sd_targets, training_summary
 from services.gateway.fine_tuning import ControllerClient, fine_tuning_router
@@ -37,6 +38,7 @@ from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    Limits,
     OpenAIError,
     TokenizeRequest,
     _Sampling,
@@ -94,10 +96,18 @@ class Choice:
 
 
 class Gateway:
-    def __init__(self, backends: Backends | None, models: list[str], api_keys: list[str] = ()):
+    def __init__(
+        self,
+        backends: Backends | None,
+        models: list[str],
+        api_keys: list[str] = (),
+        limits: Limits | None = None,
+    ):
         self.backends = backends
         self.models = list(models)
-        self.api_keys = set(api_keys)
+        self.keys = KeyRing(api_keys)
+        self.rates = RateLimits()
+        self.limits = limits or Limits()
         self.created = int(time.time())
         self._info: dict[str, object] = {}
         self.metrics = GatewayMetrics()
@@ -128,6 +138,7 @@ class Gateway:
     def prepare(self, body: _Sampling, prompt_len: int, max_model_len: int, vocab: int, what: str) -> list:
         if not 1 <= body.n <= MAX_N:
             raise OpenAIError(400, f"n must be between 1 and {MAX_N}, got {body.n}", "n")
+        body.check_limits(self.limits)
         requested = body.requested_max_tokens()
         room = max_model_len - prompt_len
         max_tokens = room if requested is None else requested
@@ -145,13 +156,26 @@ class Gateway:
         logprobs = body.requested_logprobs()
         params = [body.sampling_params(max_tokens, logprobs, i) for i in range(body.n)]
         try:
-            params[0].validate(vocab)
+            for p in params:  # each: choice i's seed is seed + i
+                p.validate(vocab)
         except ValueError as e:
             raise OpenAIError(400, str(e), str(e).split(" ", 1)[0]) from e
         return params
 
+    def admit_tokens(self, request: Request, tokens: int):
+        """Charge the prompt tokens to the caller's key (429 with Retry-After when its tokens-per-minute
+        bucket cannot pay); the key, whose bucket then pays for the generated tokens as they come."""
+        key = getattr(request.state, "api_key", None)
+        if key is None:
+            return None
+        wait = self.rates.admit(key, "tokens", tokens)
+        if wait:
+            raise OpenAIError(429, f"rate limit of {key.tpm} tokens per minute reached; retry in {wait}s",
+                              code="rate_limit_exceeded", headers={"Retry-After": str(wait)})  # fmt: skip
+        return key
+
     async def open_choices(
-        self, model: str, specs: list[tuple[str, list[int], object, int]]
+        self, model: str, specs: list[tuple[str, list[int], object, int]], key=None
     ) -> tuple[list[str], list[AsyncIterator[tuple[int, common_pb2.TokenChunk]]]]:
         """Start one router stream per (request id, prompt ids, params, index); returns the router's
         routing decision of each (its `x-tandem-route` metadata) and the chunk streams."""
@@ -175,17 +199,19 @@ class Gateway:
             raise
         started = time.monotonic()
         return routes, [
-            self._chunks(call, spec[3], model, started) for call, spec in zip(calls, specs, strict=True)
+            self._chunks(call, spec[3], model, started, key) for call, spec in zip(calls, specs, strict=True)
         ]
 
     async def _chunks(
-        self, call, index: int, model: str, started: float
+        self, call, index: int, model: str, started: float, key=None
     ) -> AsyncIterator[tuple[int, common_pb2.TokenChunk]]:
         last = None  # when the previous token arrived (None: none yet)
         try:
             async for chunk in call:
                 now = time.monotonic()
                 if chunk.token_ids:
+                    if key is not None:
+                        self.rates.charge(key, "tokens", len(chunk.token_ids))
                     if last is None:
                         self.metrics.first_token(model, now - started, len(chunk.token_ids))
                     else:
@@ -300,14 +326,65 @@ class RequestIdAndAuth:
             m.http_seconds.labels(scope["method"], path).observe(time.perf_counter() - started)
 
     async def _serve(self, scope, receive, send_with_id, headers) -> None:
-        keys = self.gateway.api_keys
-        guarded = scope["path"].startswith(("/v1/", "/metrics", "/dashboard/"))  # the page itself is static
-        if keys and guarded:
-            auth = headers.get("authorization", "")
-            if not auth.startswith("Bearer ") or auth[7:] not in keys:
-                err = OpenAIError(401, "Invalid or missing API key", code="invalid_api_key")
-                return await JSONResponse(err.body(), status_code=401)(scope, receive, send_with_id)
+        gw = self.gateway
+        path = scope["path"]
+        limit = gw.limits.max_upload_bytes if path == "/v1/files" else gw.limits.max_body_bytes
+        try:
+            size = int(headers.get("content-length") or 0)
+        except ValueError:
+            size = 0
+        need = required_scope(scope["method"], path)
+        try:
+            if size > limit:
+                raise OpenAIError(
+                    413, f"request body of {size} bytes is over the limit of {limit}", code="body_too_large"
+                )
+            if gw.keys and need is not None:
+                auth = headers.get("authorization", "")
+                key = gw.keys.find(auth[7:]) if auth.startswith("Bearer ") else None
+                if key is None:
+                    raise OpenAIError(401, "Invalid or missing API key", code="invalid_api_key")
+                if need not in key.scopes:
+                    raise OpenAIError(
+                        403, f"this API key lacks the '{need}' scope", code="insufficient_scope"
+                    )
+                wait = gw.rates.admit(key, "requests")
+                if wait:
+                    raise OpenAIError(429, f"rate limit of {key.rpm} requests per minute reached; retry in {wait}s",
+                                      code="rate_limit_exceeded", headers={"Retry-After": str(wait)})  # fmt: skip
+                scope["state"]["api_key"] = key
+        except OpenAIError as e:
+            response = JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+            return await response(scope, receive, send_with_id)
+        if size == 0 and scope["method"] in ("POST", "PUT", "PATCH"):
+            receive = await _bounded_body(receive, limit, scope, send_with_id)
+            if receive is None:
+                return
         await self.app(scope, receive, send_with_id)
+
+
+async def _bounded_body(receive, limit: int, scope, send):
+    """A body sent without Content-Length (chunked): read it up to `limit` (413 beyond), then replay
+    it; later receive() calls go to the client again (so a disconnect is still seen)."""
+    chunks, total = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        total += len(chunks[-1])
+        if total > limit:
+            err = OpenAIError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+            await JSONResponse(err.body(), status_code=413)(scope, receive, send)
+            return None
+        if not message.get("more_body"):
+            break
+    replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def replaying():
+        return replay.pop() if replay else await receive()
+
+    return replaying
 
 
 def create_app(
@@ -317,13 +394,14 @@ def create_app(
     api_keys: list[str] = (),
     platform_status: Callable[[], Awaitable[dict]] | None = None,
     controller: str | None = None,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The gateway app for the tokenizer and router services at the given HOST:PORT addresses.
     Its gRPC channels are opened on the serving event loop (they are bound to it).
     `platform_status` (under `tandem up`: the controller's status) feeds /dashboard and /metrics;
     without it they show what the router reports. `controller` (HOST:PORT) enables the files and
     fine-tuning endpoints."""
-    gw = Gateway(None, models, api_keys)
+    gw = Gateway(None, models, api_keys, limits)
     clients: dict[str, ControllerClient] = {}
 
     @asynccontextmanager
@@ -343,7 +421,7 @@ def create_app(
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request, exc: OpenAIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
@@ -459,8 +537,9 @@ def create_app(
         rid = request.state.request_id
         log.info("chat completion: model %s, %d prompt tokens, n=%d, stream=%s", body.model, len(prompt_ids),
                  body.n, body.stream)  # fmt: skip
+        key = gw.admit_tokens(request, len(prompt_ids) * body.n)
         specs = [(f"{rid}-{i}", prompt_ids, p, i) for i, p in enumerate(params)]
-        routes, streams = await gw.open_choices(body.model, specs)
+        routes, streams = await gw.open_choices(body.model, specs, key)
         headers = {ROUTE_HEADER: ", ".join(routes)}
         base = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": body.model}
         if body.stream:
@@ -513,7 +592,8 @@ def create_app(
                 specs.append((f"{rid}-{index}", ids, p, index))
         log.info("completion: model %s, %d prompt(s), n=%d, stream=%s", body.model, len(prompts), body.n,
                  body.stream)  # fmt: skip
-        routes, streams = await gw.open_choices(body.model, specs)
+        key = gw.admit_tokens(request, sum(len(ids) for ids in prompts) * body.n)
+        routes, streams = await gw.open_choices(body.model, specs, key)
         headers = {ROUTE_HEADER: ", ".join(routes)}
         base = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": body.model}
         if body.stream:
@@ -549,6 +629,13 @@ def create_app(
 
     async def completion_prompts(body: CompletionRequest) -> list[list[int]]:
         p = body.prompt
+        count = 1 if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else len(p)
+        if count * body.n > gw.limits.max_choices:
+            raise OpenAIError(
+                400,
+                f"prompt: {count} prompts x n={body.n} is over the limit of {gw.limits.max_choices} choices",
+                "prompt",
+            )
         try:
             if isinstance(p, str):
                 return [await gw.backends.tokenize_text(body.model, p)]

@@ -222,8 +222,16 @@ PAGE = """<!doctype html>
 <h2>Training jobs</h2>
 <div id="training"><span class="muted">no training controller</span></div>
 <script>
-const key = new URLSearchParams(location.search).get("key");
-const headers = key ? {"Authorization": "Bearer " + key} : {};
+// with API keys the page asks for one (an admin-scoped key) and keeps it for this tab only
+function headers() { const k = sessionStorage.getItem("tandem-key"); return k ? {"Authorization": "Bearer " + k} : {}; }
+function askKey() {
+  if (document.getElementById("keyform")) return;
+  const f = el("form"); f.id = "keyform";
+  const i = el("input"); i.type = "password"; i.placeholder = "API key (admin scope)"; i.id = "key";
+  f.append(i, el("button", "open"));
+  f.onsubmit = ev => { ev.preventDefault(); sessionStorage.setItem("tandem-key", i.value); f.remove(); refresh(); };
+  document.getElementById("err").after(f);
+}
 const history = {tokens_per_s: [], ttft: [], itl: []};
 const NS = "http://www.w3.org/2000/svg";
 function el(tag, text, cls) { const e = document.createElement(tag); if (text !== undefined) e.textContent = text; if (cls) e.className = cls; return e; }
@@ -279,7 +287,8 @@ function hitRate(l) {
 }
 async function refresh() {
   try {
-    const r = await fetch("/dashboard/status", {headers});
+    const r = await fetch("/dashboard/status", {headers: headers()});
+    if (r.status === 401 || r.status === 403) { askKey(); throw new Error("an admin API key is needed"); }
     if (!r.ok) throw new Error(`status ${r.status}`);
     const s = await r.json();
     document.getElementById("err").textContent = "";

@@ -3,7 +3,8 @@ OpenAI error shape. Unknown fields are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,22 +21,40 @@ class OpenAIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type_: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
+        self.headers = headers  # e.g. Retry-After on a 429
         self.message = message
         self.param = param
         self.code = code
         self.type = type_ or {
             400: "invalid_request_error",
             401: "authentication_error",
+            403: "permission_error",
             404: "invalid_request_error",
+            413: "invalid_request_error",
             409: "invalid_request_error",
             429: "rate_limit_exceeded",
         }.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (beyond these: 400, or 413 for the body)."""
+
+    max_body_bytes: int = 16 * 2**20  # a JSON request body
+    max_upload_bytes: int = 512 * 2**20  # POST /v1/files
+    max_choices: int = 64  # prompts x n in one request
+    max_stop: int = 16  # stop strings, each at most max_stop_chars
+    max_stop_chars: int = 1024
+    max_stop_token_ids: int = 64
+    max_logit_bias: int = 300  # entries (OpenAI's limit)
+    allow_priority: bool = False  # let clients set `priority` (it can preempt other requests)
 
 
 class StreamOptions(BaseModel):
@@ -45,7 +64,7 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     """Fields shared by chat and completions requests."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     n: int = 1
@@ -71,6 +90,26 @@ class _Sampling(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     cache_salt: str | None = None
+
+    def check_limits(self, limits: Limits) -> None:
+        """The size caps and what only an operator may allow (400 naming the field)."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stop) > limits.max_stop or any(len(s) > limits.max_stop_chars for s in stop):
+            raise OpenAIError(
+                400,
+                f"stop: at most {limits.max_stop} strings of at most {limits.max_stop_chars} characters",
+                "stop",
+            )
+        if len(self.stop_token_ids or ()) > limits.max_stop_token_ids:
+            raise OpenAIError(
+                400, f"stop_token_ids: at most {limits.max_stop_token_ids} ids", "stop_token_ids"
+            )
+        if len(self.logit_bias or {}) > limits.max_logit_bias:
+            raise OpenAIError(400, f"logit_bias: at most {limits.max_logit_bias} entries", "logit_bias")
+        if self.priority and not limits.allow_priority:
+            raise OpenAIError(
+                400, "priority is not enabled on this gateway (its operator can allow it)", "priority"
+            )
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -165,4 +204,4 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(max_length=1 << 20)

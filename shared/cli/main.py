@@ -12,6 +12,7 @@ import sys
 
 from shared.cli import chat as chat_cmd
 from shared.cli import generate as generate_cmd
+from shared.cli import keys as keys_cmd
 from shared.cli import models as models_cmd
 from shared.cli import platform as platform_cmd
 from shared.cli import serve as serve_cmd
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.register(sub)
     platform_cmd.register(sub)
     train_cmd.register(sub)
+    keys_cmd.register(sub)
     return parser
 
 

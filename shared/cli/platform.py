@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.gateway.auth import exposure_warning, plain_keys
 from shared import envs
 from shared.deploy.config import ConfigError, load_config
 
@@ -98,6 +99,9 @@ def cmd_up(args) -> int:
     except ValueError as e:
         if "already running" in str(e):
             raise
+    warning = exposure_warning(cfg.gateway.host, [*cfg.gateway.api_keys, *envs.api_keys()])
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     controller = Controller.options(name=CONTROLLER, num_cpus=0).remote(cfg.to_dict())
     try:
         print(
@@ -141,7 +145,10 @@ def cmd_up(args) -> int:
 def _wait_first_token(gateway: str, cfg, timeout: float = 300) -> None:
     import httpx
 
-    keys = [*cfg.gateway.api_keys, *envs.api_keys()]  # the gateway takes both (a Secret's, on Kubernetes)
+    entries = [*cfg.gateway.api_keys, *envs.api_keys()]  # the gateway takes both (a Secret's, on Kubernetes)
+    keys = plain_keys(entries)
+    if entries and not keys:  # only hashed keys: no request can be made; a healthy /health will do
+        return _wait_healthy(gateway, timeout)
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
     body = {"model": cfg.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     deadline = time.monotonic() + timeout
@@ -156,6 +163,23 @@ def _wait_first_token(gateway: str, cfg, timeout: float = 300) -> None:
             last = str(e)
         time.sleep(0.5)
     raise RuntimeError(f"the platform did not serve a first token within {timeout:.0f}s: {last}")
+
+
+def _wait_healthy(gateway: str, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{gateway}/health", timeout=30)
+            if r.status_code == 200:
+                return
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise RuntimeError(f"the platform did not become healthy within {timeout:.0f}s: {last}")
 
 
 def cmd_status(args) -> int:

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -117,7 +118,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", action="append", help=f"served model name (repeatable; default {DEFAULT_MODEL})"
     )
     q.add_argument("--controller", help="controller service HOST:PORT (files and fine-tuning endpoints)")
-    q.add_argument("--api-key", action="append", default=[], help="require this bearer key (repeatable)")
+    q.add_argument("--api-key", action="append", default=[],
+                   help="require this bearer key, or a sha256:... spec with scopes and limits (repeatable)")  # fmt: skip
+    q.add_argument("--max-body-mb", type=int, default=16, help="largest JSON request body (413 beyond)")
+    q.add_argument("--max-upload-mb", type=int, default=512, help="largest POST /v1/files body")
+    q.add_argument("--allow-priority", action="store_true", help="let clients set `priority`")
     q.set_defaults(func=cmd_serve, run=run_gateway, parser=q)
 
 
@@ -249,11 +254,28 @@ async def run_gateway(args) -> None:
     import uvicorn
 
     from services.gateway.app import create_app
+    from services.gateway.auth import KeyRing, KeySpecError, exposure_warning
+    from services.gateway.protocol import Limits
 
     if not args.tokenizer or not args.router:
         raise ValueError("the gateway needs --tokenizer HOST:PORT and --router HOST:PORT")
+    keys = [*args.api_key, *envs.api_keys()]
+    try:
+        KeyRing(keys)
+    except KeySpecError as e:
+        raise ValueError(str(e)) from e
+    warning = exposure_warning(args.host, keys)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_upload_bytes=args.max_upload_mb * 2**20,
+                    allow_priority=args.allow_priority)  # fmt: skip
     app = create_app(
-        args.tokenizer, args.router, args.model or [DEFAULT_MODEL], args.api_key, controller=args.controller
+        args.tokenizer,
+        args.router,
+        args.model or [DEFAULT_MODEL],
+        keys,
+        controller=args.controller,
+        limits=limits,
     )
     # log_config=None: uvicorn's loggers go through the root handler (JSON lines with request ids)
     server = uvicorn.Server(

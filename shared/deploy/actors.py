@@ -211,6 +211,7 @@ class ServiceActor:
         import uvicorn
 
         from services.gateway.app import create_app
+        from services.gateway.protocol import Limits
 
         async def platform_status() -> dict:
             return await ray.get_actor(CONTROLLER).status.remote()
@@ -219,6 +220,8 @@ class ServiceActor:
             o["tokenizer"], o["router"], [o["model"]], [*(o.get("api_keys") or []), *envs.api_keys()],
             platform_status,
             controller=o.get("controller"),
+            limits=Limits(max_body_bytes=o["max_body_mb"] * 2**20, max_upload_bytes=o["max_upload_mb"] * 2**20,
+                          allow_priority=o["allow_priority"]),
         )  # fmt: skip
         server = uvicorn.Server(
             uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning", log_config=None)
@@ -358,6 +361,9 @@ class Controller:
             "host": cfg.gateway.host,
             "port": cfg.gateway.port,
             "api_keys": cfg.gateway.api_keys,
+            "max_body_mb": cfg.gateway.max_body_mb,
+            "max_upload_mb": cfg.gateway.max_upload_mb,
+            "allow_priority": cfg.gateway.allow_priority,
             "controller": self.addresses.get("training"),
         }
         await self._launch("gateway", "gateway", gateway_opts)

@@ -58,7 +58,10 @@ class KVStoreConfig:
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list)  # plain keys or sha256 specs (docs/security.md)
+    max_body_mb: int = 16  # a JSON request body (413 beyond)
+    max_upload_mb: int = 512  # POST /v1/files
+    allow_priority: bool = False  # let clients set `priority` (it can preempt others' requests)
 
 
 @dataclass
@@ -199,6 +202,15 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
         raise ConfigError(f"kvstore.memory_mb: must not be negative, got {cfg.kvstore.memory_mb}")
     if not 0 <= cfg.gateway.port < 65536:
         raise ConfigError(f"gateway.port: must be a TCP port, got {cfg.gateway.port}")
+    if cfg.gateway.max_body_mb < 1 or cfg.gateway.max_upload_mb < 1:
+        raise ConfigError("gateway.max_body_mb and gateway.max_upload_mb must be at least 1")
+    from services.gateway.auth import KeySpecError, parse_key
+
+    for i, entry in enumerate(cfg.gateway.api_keys):
+        try:
+            parse_key(entry, i)
+        except KeySpecError as e:
+            raise ConfigError(f"gateway.api_keys: {e}") from e
     if cfg.training.cpus < 1 or cfg.training.gpus < 0 or cfg.training.threads_per_worker < 1:
         raise ConfigError("training: cpus and threads_per_worker must be at least 1, gpus not negative")
     if cfg.training.executor not in ("ray", "kubernetes"):

@@ -7,7 +7,11 @@ naming the offending parameter, which every interface maps to its own error conv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's epsilon)
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -34,14 +38,26 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below vLLM's sampling epsilon a temperature only overflows the logits: it is argmax
+        return self.temperature < SAMPLING_EPS
 
     def validate(self, vocab_size: int | None = None) -> None:
         def bad(name: str, why: str) -> None:
             raise ValueError(f"{name} {why}")
 
-        if self.max_tokens < 1:
-            bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                     "presence_penalty"):  # fmt: skip
+            if not math.isfinite(getattr(self, name)):
+                bad(name, f"must be a finite number, got {getattr(self, name)}")
+        for name, low, high in (("max_tokens", 1, INT32_MAX), ("min_tokens", 0, INT32_MAX), ("top_k", -1, INT32_MAX),
+                                ("priority", -INT32_MAX, INT32_MAX)):  # fmt: skip
+            if not low <= getattr(self, name) <= high:
+                bad(name, f"must be in [{low}, {high}], got {getattr(self, name)}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            bad("seed", f"must fit in 64 bits, got {self.seed}")
+        for tok, bias in self.logit_bias:
+            if not -100 <= bias <= 100:  # also NaN
+                bad("logit_bias", f"values must be in [-100, 100], got {bias} for token {tok}")
         if self.temperature < 0:
             bad("temperature", f"must be non-negative, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -260,7 +260,7 @@ def test_no_worker_is_503_and_api_keys_are_checked(platform, stack):
     assert ok.models.list().data[0].id == MODEL
     assert json.loads(httpx.get(url + "/v1/models").text)["error"]["code"] == "invalid_api_key"
     assert httpx.get(url + "/metrics").status_code == 401  # operator data is behind the keys too
-    assert httpx.get(url + "/dashboard").status_code == 200  # the page is static; it asks with ?key=
+    assert httpx.get(url + "/dashboard").status_code == 200  # the page is static; it asks for a key
     board = httpx.get(url + "/dashboard/status", headers={"Authorization": "Bearer sekret"}).json()
     assert board["state"] == "standalone gateway"
 
