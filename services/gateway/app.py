@@ -81,7 +81,8 @@ def error_from_grpc(e: grpc.aio.AioRpcError) -> OpenAIError:
     first = message.split(" ", 1)[0]
     param = first if first in KNOWN_PARAMS else None
     code = "model_not_found" if status == 404 else None
-    return OpenAIError(status, message, param, code)
+    retry = {"Retry-After": "1"} if status in (429, 503) else None  # a full queue, no worker up: soon again
+    return OpenAIError(status, message, param, code, headers=retry)
 
 
 @dataclass
@@ -258,6 +259,24 @@ class Gateway:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def primed(self, streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, common_pb2.TokenChunk]]:
+        """The merged chunks with the first one already awaited: a request that fails before its first
+        token (a full queue, no worker) raises here, and the endpoint answers with that HTTP status
+        instead of a 200 stream holding an error event."""
+        merged = self.merged(streams)
+        try:
+            first = await merged.__anext__()
+        except StopAsyncIteration:
+            first = None
+
+        async def chunks():
+            if first is not None:
+                yield first
+            async for item in merged:
+                yield item
+
+        return chunks()
+
     async def collect(self, streams) -> list[Choice]:
         choices: dict[int, Choice] = {}
         async for index, chunk in self.merged(streams):
@@ -303,11 +322,14 @@ class RequestIdAndAuth:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        # the platform's own id keys the request everywhere (two clients may send the same id); the
+        # client's id, when it sends one, is what the logs carry and the response echoes
+        request_id = uuid.uuid4().hex
+        traced = headers.get("x-request-id", "")[:128] or request_id
         scope.setdefault("state", {})["request_id"] = request_id
-        request_id_var.set(request_id)  # this request's task: its logs and gRPC calls carry it
-        echo = (b"x-request-id", request_id.encode())
+        request_id_var.set(traced)  # this request's task: its logs and gRPC calls carry it
+        echo = (b"x-request-id", traced.encode("latin-1"))
         started, status = time.perf_counter(), [500]
 
         async def send_with_id(message):
@@ -442,7 +464,7 @@ def create_app(
     async def health():
         try:
             workers = await gw.backends.workers()
-            await gw.info(gw.models[0])
+            await gw.backends.info(gw.models[0])  # asked each time (not the cache): the tokenizer answers
         except (grpc.aio.AioRpcError, OpenAIError) as e:
             return JSONResponse({"status": "unavailable", "reason": str(e)}, status_code=503)
         healthy = sum(w.healthy for w in workers.workers)
@@ -545,7 +567,7 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                stream_chat(gw, body, streams, base, include_usage),
+                stream_chat(gw, body, await gw.primed(streams), base, include_usage),
                 media_type="text/event-stream",
                 headers=headers,
             )
@@ -599,7 +621,7 @@ def create_app(
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                stream_completion(gw, body, streams, base, include_usage, len(prompts)),
+                stream_completion(gw, body, await gw.primed(streams), base, include_usage, len(prompts)),
                 media_type="text/event-stream",
                 headers=headers,
             )

@@ -60,7 +60,7 @@ def sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def stream_chat(gw: Gateway, body: ChatCompletionRequest, streams, base: dict, include_usage: bool):
+async def stream_chat(gw: Gateway, body: ChatCompletionRequest, chunks, base: dict, include_usage: bool):
     chunk_base = {**base, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
     usage, completion_tokens = None, 0
@@ -80,7 +80,7 @@ async def stream_chat(gw: Gateway, body: ChatCompletionRequest, streams, base: d
                     **extra,
                 }
             )
-        async for index, chunk in gw.merged(streams):
+        async for index, chunk in chunks:
             completion_tokens += len(chunk.token_ids)
             finish = FINISH_REASON_NAMES[chunk.finish_reason]
             logprobs = None
@@ -104,13 +104,13 @@ async def stream_chat(gw: Gateway, body: ChatCompletionRequest, streams, base: d
 
 
 async def stream_completion(
-    gw: Gateway, body: CompletionRequest, streams, base: dict, include_usage: bool, num_prompts: int
+    gw: Gateway, body: CompletionRequest, chunks, base: dict, include_usage: bool, num_prompts: int
 ):
     chunk_base = {**base, "object": "text_completion"}
     extra = {"usage": None} if include_usage else {}
     usages, completion_tokens, offsets = {}, 0, {}
     try:
-        async for index, chunk in gw.merged(streams):
+        async for index, chunk in chunks:
             completion_tokens += len(chunk.token_ids)
             finish = FINISH_REASON_NAMES[chunk.finish_reason]
             logprobs = None

@@ -20,6 +20,7 @@ from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc
 
 SERVICE_NAME = "tandem.v1.KVStore"
+MAX_BLOCK_BYTES = 256 * 2**20  # one block's payload (all layers' K and V of block_size tokens)
 STATUS = {
     "not_found": grpc.StatusCode.NOT_FOUND,
     "layout": grpc.StatusCode.FAILED_PRECONDITION,
@@ -94,6 +95,11 @@ class KVStoreService(kvstore_pb2_grpc.KVStoreServicer):
                     await finish()
                 if not chunk.header.key:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a block header needs a key")
+                if chunk.header.nbytes > MAX_BLOCK_BYTES:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"a block of {chunk.header.nbytes} bytes is over the limit of {MAX_BLOCK_BYTES}",
+                    )
                 header = chunk.header
             elif chunk.WhichOneof("part") == "data":
                 if header is None:
@@ -106,6 +112,11 @@ class KVStoreService(kvstore_pb2_grpc.KVStoreServicer):
                         f"oversized chunk: {len(chunk.data)} bytes, the limit is {CHUNK_BYTES}",
                     )
                 buf += chunk.data
+                if len(buf) > header.nbytes:  # more than announced: stop buffering now
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"block {header.key.hex()[:16]}…: more than the {header.nbytes} bytes its header says",
+                    )
         if header is not None:
             await finish()
         return pb.PutResponse(stored=stored)
@@ -130,7 +141,7 @@ class KVStoreService(kvstore_pb2_grpc.KVStoreServicer):
         return pb.LeaseResponse(lease_id=lease_id, pinned=pinned)
 
     async def Release(self, request, context):
-        return pb.ReleaseResponse(released=self.store.release(request.lease_id))
+        return pb.ReleaseResponse(released=await self._call(context, self.store.release, request.lease_id))
 
     async def Stats(self, request, context):
         return pb.StoreStats(**(await self._call(context, self.store.stats)))

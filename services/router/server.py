@@ -46,6 +46,7 @@ from shared.engine.kv_hash import prompt_block_keys
 from shared.kvstore.client import KVStoreClient
 from shared.rpc.interceptors import REQUEST_ID_KEY
 from shared.rpc.server import OPTIONS
+from shared.telemetry.logs import request_id_var
 from shared.telemetry.metrics import Snapshot, family, metric_name
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
 
@@ -379,9 +380,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self, worker: WorkerHandle, request, timeout: float
     ) -> AsyncIterator[common_pb2.TokenChunk]:
         worker.requests.add(request.request_id)
-        call = worker.stub.Generate(
-            request, timeout=timeout, metadata=((REQUEST_ID_KEY, request.request_id),)
-        )
+        traced = request_id_var.get() or request.request_id  # the id the caller's logs know it by
+        call = worker.stub.Generate(request, timeout=timeout, metadata=((REQUEST_ID_KEY, traced),))
         try:
             async for chunk in call:
                 chunk.worker = worker.address

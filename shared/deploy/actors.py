@@ -622,6 +622,8 @@ class Controller:
                 counts = await asyncio.wait_for(actor.expert_tokens.remote(), 5)
             except Exception:  # noqa: BLE001 - a shard being replaced: count what answers
                 continue
+            if not counts or (total and [len(x) for x in counts] != [len(x) for x in total]):
+                continue  # a shard restarting (no model loaded yet) has nothing to add
             if not total:
                 total = [list(layer) for layer in counts]
             else:

@@ -28,6 +28,20 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 REDIS_PREFIX = b"tandem:kv:"
+MAX_LEASE_TTL = 3600.0  # seconds a handoff may pin its blocks
+REDIS_TTL = 7 * 24 * 3600  # seconds a block stays in Redis after its last put
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for messages and logs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class StoreError(Exception):
@@ -58,10 +72,12 @@ class KVStore:
         redis_url: str | None = None,
         clock=time.monotonic,
         redis_password: str | None = None,
+        redis_ttl: int = REDIS_TTL,
     ):
         if memory_bytes < 0:
             raise ValueError(f"memory budget must be non-negative, got {memory_bytes}")
         self.memory_bytes = memory_bytes
+        self.redis_ttl = redis_ttl
         self.clock = clock
         self.memory: OrderedDict[bytes, tuple[BlockMeta, bytes]] = OrderedDict()
         self.used = 0
@@ -76,11 +92,12 @@ class KVStore:
             import redis
 
             extra = {"password": redis_password} if redis_password else {}
-            self.redis = redis.Redis.from_url(redis_url, **extra)
+            # a Redis that hangs must not hang the store (its calls hold the store's lock)
+            self.redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5, **extra)
             try:
                 self.redis.ping()
             except redis.RedisError as e:
-                raise StoreError("invalid", f"cannot reach Redis at {redis_url}: {e}") from e
+                raise StoreError("invalid", f"cannot reach Redis at {redact(redis_url)}: {e}") from e
 
     # -- blocks ----------------------------------------------------------------------------------
 
@@ -96,7 +113,8 @@ class KVStore:
             self.counters["bytes_written"] += len(data)
             if self.redis is not None:
                 header = meta.to_json()
-                self.redis.set(REDIS_PREFIX + key, struct.pack("<I", len(header)) + header + data)
+                value = struct.pack("<I", len(header)) + header + data
+                self.redis.set(REDIS_PREFIX + key, value, ex=self.redis_ttl)  # a cache: entries expire
             self._remember(key, meta, data)
 
     def get(self, key: bytes, layout: str | None = None) -> tuple[BlockMeta, bytes]:
@@ -162,8 +180,8 @@ class KVStore:
 
     def lease(self, keys: list[bytes], ttl: float) -> tuple[str, int]:
         """Pin the given blocks (those present) for `ttl` seconds; returns (lease id, blocks pinned)."""
-        if ttl <= 0:
-            raise StoreError("invalid", f"lease ttl must be positive, got {ttl}")
+        if not 0 < ttl <= MAX_LEASE_TTL:  # also NaN: a lease that never ends would pin blocks forever
+            raise StoreError("invalid", f"lease ttl must be in (0, {MAX_LEASE_TTL}] seconds, got {ttl}")
         with self.lock:
             self._sweep()
             present = tuple(k for k in keys if k in self.memory)

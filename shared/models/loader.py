@@ -60,7 +60,10 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         except (json.JSONDecodeError, KeyError) as e:
             raise WeightError(f"{index}: not a valid safetensors index ({e})") from e
         files = {name: path / fname for name, fname in weight_map.items()}
+        root = path.resolve()
         for f in set(files.values()):
+            if not f.resolve().is_relative_to(root):  # e.g. "../elsewhere.safetensors"
+                raise WeightError(f"{index} names {f}, outside the model directory")
             if not f.is_file():
                 raise WeightError(f"{index} names {f.name}, which is missing")
         return files

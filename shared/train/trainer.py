@@ -260,7 +260,7 @@ class Trainer:
         trainable = {"lm." + k: v for k, v in load_file(str(directory / TRAINABLE)).items()}
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(self.wrapped, trainable, options=options)
-        optim_state = torch.load(directory / OPTIMIZER, weights_only=False)
+        optim_state = torch.load(directory / OPTIMIZER, weights_only=True)  # tensors and plain values only
         set_optimizer_state_dict(self.wrapped, self.optimizer, optim_state, options=options)
         state = json.loads((directory / STATE).read_text())
         self.scheduler.load_state_dict(state["scheduler"])

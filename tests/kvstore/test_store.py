@@ -114,3 +114,20 @@ def test_a_password_protected_redis_tier_takes_the_password_apart_from_the_url(t
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_lease_ttls_are_bounded_and_redis_entries_expire(redis_url):
+    """A NaN, infinite or day-long lease would pin blocks for ever; Redis is a cache, so its entries
+    carry a TTL; a password in the Redis URL never reaches an error message."""
+    store = KVStore(4 * SIZE, redis_url, redis_ttl=120)
+    store.put(key(7), META, block(7))
+    for ttl in (float("nan"), float("inf"), 0, -1, 86_400):
+        with pytest.raises(StoreError, match="lease ttl must be in"):
+            store.lease([key(7)], ttl)
+    assert store.pinned == 0
+    from shared.kvstore.store import REDIS_PREFIX
+
+    assert 0 < redis.Redis.from_url(redis_url).ttl(REDIS_PREFIX + key(7)) <= 120
+    with pytest.raises(StoreError) as e:
+        KVStore(SIZE, "redis://:hunter2@127.0.0.1:1/0")
+    assert "hunter2" not in str(e.value) and "redis://:***@127.0.0.1:1/0" in str(e.value)

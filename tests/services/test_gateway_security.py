@@ -151,6 +151,51 @@ def test_other_bounds(open_gateway):
     assert texts[0]["choices"][0]["message"] == texts[1]["choices"][0]["message"]
 
 
+def test_failures_before_the_first_token_keep_their_http_status(platform, stack, default_model_dir):
+    """A stream refused at once (here: a full queue) is a 429 with Retry-After, not a 200 stream with
+    an error event; the same for a request without a stream."""
+    worker, _ = platform.start_worker(
+        default_model_dir, service_kwargs={"max_waiting": 0}, kv_cache_bytes=2**25
+    )
+    router, _ = platform.start_router([worker.address])
+    url = platform.start_gateway(stack["tokenizer"], router.address)
+    for stream in (True, False):
+        body = {"model": MODEL, "messages": CHAT, "max_tokens": 2, "stream": stream}
+        r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+        assert "queue" in r.json()["error"]["message"]
+
+
+def test_same_client_request_id_twice_at_once_and_odd_header_bytes(open_gateway):
+    """The client's X-Request-Id is echoed and logged but does not key the request inside the
+    platform, so two requests sending the same one both succeed; a non-UTF-8 header byte is no 500."""
+    import concurrent.futures
+
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 8, "temperature": 0}
+
+    def ask(_):
+        return httpx.post(
+            open_gateway + "/v1/chat/completions", json=body, headers={"X-Request-Id": "same"}, timeout=60
+        )
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(ask, range(2)))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert all(a.headers["x-request-id"] == "same" for a in answers)
+    assert answers[0].json()["id"] != answers[1].json()["id"]
+    r = httpx.get(open_gateway + "/v1/models", headers={"X-Request-Id": b"\xffodd"})
+    assert r.status_code == 200
+
+
+def test_health_asks_the_tokenizer_each_time(platform, stack, store):
+    tokenizer = platform.start_tokenizer(store)
+    url = platform.start_gateway(tokenizer.address, stack["router"])
+    assert httpx.get(url + "/health", timeout=30).status_code == 200
+    platform.loop.run(tokenizer.stop())
+    r = httpx.get(url + "/health", timeout=30)
+    assert r.status_code == 503 and r.json()["status"] == "unavailable"
+
+
 def test_key_specs_and_scopes():
     ring = KeyRing(["plain", spec("s", "inference+admin", rpm=5, tpm=7, name="n")])
     assert ring.find("plain").scopes == {"inference", "training", "admin"}

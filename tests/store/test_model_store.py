@@ -106,6 +106,16 @@ def test_missing_weights(tiny_llama, tmp_path):
     _expect_failure(tmp_path / "store", src, "no model.safetensors")
 
 
+def test_an_index_naming_a_file_outside_the_model_is_refused(tiny_llama, tmp_path):
+    src = _broken_copy(tiny_llama[0], tmp_path)
+    outside = tmp_path / "elsewhere.safetensors"
+    (src / "model.safetensors").rename(outside)
+    names = json.loads((src / "config.json").read_text())  # any JSON will do for the map's keys
+    index = {"weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}, "x": list(names)[:1]}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    _expect_failure(tmp_path / "store", src, "outside the model directory")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_corrupt_weights(tiny_llama, tmp_path, damage):
     src = _broken_copy(tiny_llama[0], tmp_path)
