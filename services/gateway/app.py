@@ -326,7 +326,8 @@ class RequestIdAndAuth:
         # the platform's own id keys the request everywhere (two clients may send the same id); the
         # client's id, when it sends one, is what the logs carry and the response echoes
         request_id = uuid.uuid4().hex
-        traced = headers.get("x-request-id", "")[:128] or request_id
+        # (printable ASCII only: it travels on as gRPC metadata and into log lines)
+        traced = "".join(c for c in headers.get("x-request-id", "")[:128] if " " < c < "\x7f") or request_id
         scope.setdefault("state", {})["request_id"] = request_id
         request_id_var.set(traced)  # this request's task: its logs and gRPC calls carry it
         echo = (b"x-request-id", traced.encode("latin-1"))
