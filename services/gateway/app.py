@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 import grpc
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import dashboard
 from services.gateway.auth import KeyRing, RateLimits, required_scope
 from services.gateway.clients import Backends
-from services.gateway.dashboard import GatewayMetrics, router_status, sd_targets, training_summary
+from services.gateway.dashboard import GatewayMetrics
 from services.gateway.fine_tuning import ControllerClient, fine_tuning_router
 from services.gateway.protocol import (
     ChatCompletionRequest,
@@ -54,7 +53,6 @@ from services.gateway.render import (
 from shared.rpc.convert import FINISH_REASON_NAMES, params_to_proto
 from shared.telemetry.logs import request_id_var
 from tandem.v1 import common_pb2
-from tandem.v1 import controller_pb2 as pb
 
 log = logging.getLogger("tandem.gateway")
 
@@ -474,61 +472,7 @@ def create_app(
             {"status": "ok" if healthy else "unavailable", "healthy_workers": healthy}, status_code=status
         )
 
-    async def status() -> dict:
-        if platform_status is not None:
-            out = await platform_status()
-        else:
-            out = router_status(await gw.backends.workers())
-        out["serving"] = gw.metrics.live.summary()
-        if clients.get("controller") is not None:
-            out["training"] = await training_jobs(clients["controller"])
-        return out
-
-    async def training_jobs(client: ControllerClient, limit: int = 4) -> list[dict]:
-        try:
-            jobs = (await client.call("ListJobs", pb.ListJobsRequest(limit=limit))).jobs
-            events = {
-                j.id: (await client.call("ListEvents", pb.ListEventsRequest(id=j.id))).events for j in jobs
-            }
-        except OpenAIError as e:
-            log.warning("training jobs unavailable for the dashboard: %s", e)
-            return []
-        return training_summary(jobs, events)
-
-    @app.get("/dashboard", include_in_schema=False)
-    async def dashboard_page():
-        return HTMLResponse(dashboard.PAGE)
-
-    @app.get("/dashboard/status")
-    async def dashboard_status():
-        try:
-            return await status()
-        except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
-            raise OpenAIError(503, f"platform status unavailable: {e}") from e
-
-    @app.get("/dashboard/targets")
-    async def dashboard_targets(request: Request):
-        """Every service's metrics endpoint in Prometheus' http_sd format."""
-        try:
-            current = await platform_status() if platform_status is not None else {}
-        except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
-            raise OpenAIError(503, f"platform status unavailable: {e}") from e
-        return sd_targets(current, request.headers.get("host"))
-
-    @app.get("/metrics")
-    async def metrics():
-        text = generate_latest(gw.metrics.registry).decode()
-        try:
-            if platform_status is not None:
-                current = await platform_status()
-            else:
-                current = router_status(await gw.backends.workers())
-        except (grpc.aio.AioRpcError, RuntimeError, OSError) as e:
-            log.warning("platform status unavailable for /metrics: %s", e)
-            current = None
-        if current is not None:
-            text += dashboard.prometheus_text(current)
-        return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
+    app.include_router(dashboard.operator_router(gw, platform_status, lambda: clients.get("controller")))
 
     @app.get("/v1/models")
     async def list_models():

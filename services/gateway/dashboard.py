@@ -24,12 +24,20 @@ its own port; /dashboard/targets lists them all in Prometheus' http_sd format, s
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import grpc
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
+from services.gateway.protocol import OpenAIError
 from shared.telemetry.metrics import ITL_BUCKETS, REQUEST_BUCKETS, RPC_BUCKETS, TTFT_BUCKETS, metric_name
+from tandem.v1 import controller_pb2 as pb
+
+log = logging.getLogger("tandem.gateway")
 
 _LOAD_GAUGES = ("running", "waiting", "kv_usage", "kv_blocks_free", "kv_blocks_total")
 WINDOW_S = 60.0
@@ -184,6 +192,65 @@ def training_summary(jobs, events_of) -> list[dict]:
             "loss": round(j.loss, 5), "fine_tuned_model": j.fine_tuned_model, "loss_curve": sorted(curve, key=lambda c: c["step"]),
         })  # fmt: skip
     return out
+
+
+def operator_router(gw, platform_status, controller) -> APIRouter:
+    """/dashboard, /dashboard/status, /dashboard/targets and /metrics of the gateway `gw`.
+    `platform_status` (under `tandem up`: the controller's status; None: the router's view of its
+    workers); `controller()` gives the training controller's client, or None."""
+    api = APIRouter()
+    unavailable = (grpc.aio.AioRpcError, RuntimeError, OSError)
+
+    async def platform() -> dict:
+        if platform_status is not None:
+            return await platform_status()
+        return router_status(await gw.backends.workers())
+
+    async def training_jobs(client, limit: int = 4) -> list[dict]:
+        try:
+            jobs = (await client.call("ListJobs", pb.ListJobsRequest(limit=limit))).jobs
+            events = {
+                j.id: (await client.call("ListEvents", pb.ListEventsRequest(id=j.id))).events for j in jobs
+            }
+        except OpenAIError as e:
+            log.warning("training jobs unavailable for the dashboard: %s", e)
+            return []
+        return training_summary(jobs, events)
+
+    @api.get("/dashboard", include_in_schema=False)
+    async def dashboard_page():
+        return HTMLResponse(PAGE)
+
+    @api.get("/dashboard/status")
+    async def dashboard_status():
+        try:
+            out = await platform()
+        except unavailable as e:
+            raise OpenAIError(503, f"platform status unavailable: {e}") from e
+        out["serving"] = gw.metrics.live.summary()
+        if controller() is not None:
+            out["training"] = await training_jobs(controller())
+        return out
+
+    @api.get("/dashboard/targets")
+    async def dashboard_targets(request: Request):
+        """Every service's metrics endpoint in Prometheus' http_sd format."""
+        try:
+            current = await platform_status() if platform_status is not None else {}
+        except unavailable as e:
+            raise OpenAIError(503, f"platform status unavailable: {e}") from e
+        return sd_targets(current, request.headers.get("host"))
+
+    @api.get("/metrics")
+    async def metrics():
+        text = generate_latest(gw.metrics.registry).decode()
+        try:
+            text += prometheus_text(await platform())
+        except unavailable as e:  # the gateway's own metrics still answer
+            log.warning("platform status unavailable for /metrics: %s", e)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
+
+    return api
 
 
 PAGE = """<!doctype html>

@@ -143,43 +143,35 @@ def cmd_up(args) -> int:
 
 
 def _wait_first_token(gateway: str, cfg, timeout: float = 300) -> None:
-    import httpx
-
+    """Until the gateway answers a one-token chat (or, when only hashed keys are configured and no
+    request can be made, until /health is 200)."""
     entries = [*cfg.gateway.api_keys, *envs.api_keys()]  # the gateway takes both (a Secret's, on Kubernetes)
     keys = plain_keys(entries)
-    if entries and not keys:  # only hashed keys: no request can be made; a healthy /health will do
-        return _wait_healthy(gateway, timeout)
+    if entries and not keys:
+        _poll(lambda h: h.get(f"{gateway}/health", timeout=30), timeout, "become healthy")
+        return
     headers = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
     body = {"model": cfg.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.post(f"{gateway}/v1/chat/completions", json=body, headers=headers, timeout=60)
-            if r.status_code == 200:
-                return
-            last = f"HTTP {r.status_code}: {r.text[:200]}"
-        except httpx.HTTPError as e:
-            last = str(e)
-        time.sleep(0.5)
-    raise RuntimeError(f"the platform did not serve a first token within {timeout:.0f}s: {last}")
+    _poll(lambda h: h.post(f"{gateway}/v1/chat/completions", json=body, headers=headers, timeout=60), timeout,
+          "serve a first token")  # fmt: skip
 
 
-def _wait_healthy(gateway: str, timeout: float) -> None:
+def _poll(request, timeout: float, what: str) -> None:
+    """Repeat `request(httpx)` until it answers 200; RuntimeError with the last answer after `timeout`."""
     import httpx
 
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         try:
-            r = httpx.get(f"{gateway}/health", timeout=30)
+            r = request(httpx)
             if r.status_code == 200:
                 return
             last = f"HTTP {r.status_code}: {r.text[:200]}"
         except httpx.HTTPError as e:
             last = str(e)
         time.sleep(0.5)
-    raise RuntimeError(f"the platform did not become healthy within {timeout:.0f}s: {last}")
+    raise RuntimeError(f"the platform did not {what} within {timeout:.0f}s: {last}")
 
 
 def cmd_status(args) -> int:

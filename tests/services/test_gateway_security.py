@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 
 import httpx
 import openai
@@ -228,17 +229,19 @@ def test_fuzzing_the_openapi_spec_finds_no_server_error(open_gateway):
     for operation in operations:
         fuzz_operation(operation, failures, answered.setdefault(operation.path, set()))
     assert not failures, "\n".join(sorted(set(f.split(": ", 1)[1][:120] for f in failures)))
-    assert 200 in answered["/v1/chat/completions"] | answered["/v1/completions"]  # generation was reached
+    assert 200 in answered["/v1/completions"] | answered["/v1/chat/completions"]  # generation was reached
     print(f"fuzzed {len(operations)} operations in {time.monotonic() - started:.0f}s: {answered}")
 
 
 def fuzz_operation(operation, failures: list[str], statuses: set[int], examples: int = 25) -> None:
     from hypothesis import HealthCheck, given, settings
 
-    @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    # derandomized: the same examples on every run (CI sees what a developer saw)
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(case=operation.as_strategy())
     def fuzz(case):
-        if isinstance(case.body, dict) and "model" in case.body and hash(repr(case.body)) % 2:
+        if isinstance(case.body, dict) and "model" in case.body and zlib.crc32(repr(case.body).encode()) % 2:
             # half the bodies name the served model, so generation's own checks are fuzzed too; their
             # lengths stay small (the explicit tests above cover the big values)
             case.body["model"] = MODEL
