@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+from contextlib import contextmanager
 
 import grpc
 
@@ -40,38 +41,37 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: RpcMetrics):
         self.metrics = metrics
 
+    @contextmanager
+    def _observed(self, method: str, context):
+        """One call: its request id in the log context, then its time and final status code counted."""
+        request_id_var.set(_request_id(context))  # this call's own task: no reset needed
+        t0, error = time.perf_counter(), None
+        try:
+            yield
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            self.metrics.observe(method, _code(context, error), time.perf_counter() - t0)
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
-        method, observe = details.method, self.metrics.observe
+        observed = self._observed
 
         def unary(behavior):
             async def call(request_or_iterator, context):
-                request_id_var.set(_request_id(context))  # this call's own task: no reset needed
-                t0, error = time.perf_counter(), None
-                try:
+                with observed(details.method, context):
                     return await behavior(request_or_iterator, context)
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    observe(method, _code(context, error), time.perf_counter() - t0)
 
             return call
 
         def streaming(behavior):
             async def call(request_or_iterator, context):
-                request_id_var.set(_request_id(context))  # this call's own task: no reset needed
-                t0, error = time.perf_counter(), None
-                try:
+                with observed(details.method, context):
                     async for response in behavior(request_or_iterator, context):
                         yield response
-                except BaseException as e:
-                    error = e
-                    raise
-                finally:
-                    observe(method, _code(context, error), time.perf_counter() - t0)
 
             return call
 

@@ -162,9 +162,8 @@ class EngineMetrics:
         names = list(self.labels)
         values = list(self.labels.values())
 
-        def c(metric, doc, extra=()):
-            m = Counter(metric_name(metric), doc, [*names, *extra], registry=registry)
-            return m if extra else m.labels(*values)
+        def c(metric, doc):
+            return Counter(metric_name(metric), doc, names, registry=registry).labels(*values)
 
         def h(metric, doc, buckets):
             return Histogram(metric_name(metric), doc, names, buckets=buckets, registry=registry).labels(
