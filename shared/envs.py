@@ -9,6 +9,10 @@ TANDEM_CONTROLLER   the controller's HOST:PORT for `tandem train submit|list|get
 TANDEM_API_KEYS     comma-separated bearer keys the gateway accepts, besides the config's (a Kubernetes
                     Secret mounted as an environment variable)
 TANDEM_REDIS_PASSWORD  the password of the KV store's Redis tier (kept out of the config's URL)
+TANDEM_INTERNAL_TOKEN  the shared token every internal gRPC call carries and every server requires
+TANDEM_TLS_CERT, TANDEM_TLS_KEY, TANDEM_TLS_CA  PEM files: TLS on every internal gRPC server and
+                    channel (with the CA: mutual TLS); TANDEM_TLS_SERVER_NAME the certificate's name
+TANDEM_GRPC_REFLECTION  1 turns gRPC server reflection on (off by default)
 """
 
 from __future__ import annotations
@@ -55,3 +59,34 @@ def api_keys() -> list[str]:
 
 def redis_password() -> str | None:
     return os.environ.get("TANDEM_REDIS_PASSWORD") or None
+
+
+def internal_token() -> str | None:
+    return os.environ.get("TANDEM_INTERNAL_TOKEN") or None
+
+
+def tls_files() -> tuple[str, str, str | None] | None:
+    cert, key = os.environ.get("TANDEM_TLS_CERT"), os.environ.get("TANDEM_TLS_KEY")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError("TLS needs both TANDEM_TLS_CERT and TANDEM_TLS_KEY")
+    return cert, key, os.environ.get("TANDEM_TLS_CA") or None
+
+
+def tls_server_name() -> str | None:
+    return os.environ.get("TANDEM_TLS_SERVER_NAME") or None
+
+
+def grpc_reflection() -> bool:
+    return os.environ.get("TANDEM_GRPC_REFLECTION", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+#: what every process of a platform must share for its gRPC plane (passed to Ray actors explicitly, so
+#: a remote cluster's workers get them too)
+SECURITY_VARS = ("TANDEM_INTERNAL_TOKEN", "TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA",
+                 "TANDEM_TLS_SERVER_NAME", "TANDEM_GRPC_REFLECTION")  # fmt: skip
+
+
+def security_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in SECURITY_VARS if os.environ.get(k)}

@@ -15,6 +15,7 @@ client that disconnects cancels its gRPC streams, which aborts the requests on t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.gateway import dashboard
-from services.gateway.auth import KeyRing, RateLimits, required_scope
+from services.gateway.auth import KeyRing, RateLimits, required_scope, tenant_salt
 from services.gateway.clients import Backends
 from services.gateway.dashboard import GatewayMetrics
 from services.gateway.fine_tuning import ControllerClient, fine_tuning_router
@@ -127,10 +128,32 @@ class Gateway:
                         "model_not_found",
                     ) from e
                 raise error_from_grpc(e) from e
-            if model not in self.models:
+            limit = await self.served_limit(model)
+            if limit is not None and limit < info.max_model_len:
+                clamped = type(info)()
+                clamped.CopyFrom(info)
+                clamped.max_model_len = limit
+                info = clamped
+            if model not in self.models or limit is None:
                 return info  # a fine-tune: asked each time, so one deleted from the store is gone at once
             self._info[model] = info
         return self._info[model]
+
+    async def served_limit(self, model: str) -> int | None:
+        """The context length the workers serving `model` (or its fine-tunes' base) hold: the engine
+        clamps it to its KV cache, so it can be below the model's own. None until a worker reports."""
+        try:
+            workers = (await self.backends.workers()).workers
+        except grpc.aio.AioRpcError:
+            return None
+        lens = [
+            w.load.max_model_len
+            for w in workers
+            if w.healthy
+            and w.load.max_model_len
+            and (w.load.model == model or model.startswith(f"ft:{w.load.model}:"))
+        ]
+        return min(lens, default=None)
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -175,11 +198,15 @@ class Gateway:
 
     async def open_choices(
         self, model: str, specs: list[tuple[str, list[int], object, int]], key=None
-    ) -> tuple[list[str], list[AsyncIterator[tuple[int, common_pb2.TokenChunk]]]]:
-        """Start one router stream per (request id, prompt ids, params, index); returns the router's
-        routing decision of each (its `x-tandem-route` metadata) and the chunk streams."""
+    ) -> tuple[dict[str, str], list[AsyncIterator[tuple[int, common_pb2.TokenChunk]]]]:
+        """Start one router stream per (request id, prompt ids, params, index); returns the response
+        headers (the router's routing decisions as `x-tandem-route`, when that debugging aid is on)
+        and the chunk streams. With API keys, each key's requests get their own prefix-cache space
+        (`tenant_salt`), so cache hits never reveal one tenant's prompts to another."""
         calls = []
         for request_id, prompt_ids, params, _ in specs:
+            if key is not None:
+                params = dataclasses.replace(params, cache_salt=tenant_salt(key, params.cache_salt))
             request = common_pb2.GenerateRequest(
                 request_id=request_id,
                 model=model,
@@ -197,7 +224,8 @@ class Gateway:
                 call.cancel()
             raise
         started = time.monotonic()
-        return routes, [
+        headers = {ROUTE_HEADER: ", ".join(routes)} if self.limits.route_header else {}
+        return headers, [
             self._chunks(call, spec[3], model, started, key) for call, spec in zip(calls, specs, strict=True)
         ]
 
@@ -506,8 +534,7 @@ def create_app(
                  body.n, body.stream)  # fmt: skip
         key = gw.admit_tokens(request, len(prompt_ids) * body.n)
         specs = [(f"{rid}-{i}", prompt_ids, p, i) for i, p in enumerate(params)]
-        routes, streams = await gw.open_choices(body.model, specs, key)
-        headers = {ROUTE_HEADER: ", ".join(routes)}
+        headers, streams = await gw.open_choices(body.model, specs, key)
         base = {"id": f"chatcmpl-{rid}", "created": int(time.time()), "model": body.model}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -560,8 +587,7 @@ def create_app(
         log.info("completion: model %s, %d prompt(s), n=%d, stream=%s", body.model, len(prompts), body.n,
                  body.stream)  # fmt: skip
         key = gw.admit_tokens(request, sum(len(ids) for ids in prompts) * body.n)
-        routes, streams = await gw.open_choices(body.model, specs, key)
-        headers = {ROUTE_HEADER: ", ".join(routes)}
+        headers, streams = await gw.open_choices(body.model, specs, key)
         base = {"id": f"cmpl-{rid}", "created": int(time.time()), "model": body.model}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

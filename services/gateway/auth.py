@@ -53,6 +53,12 @@ class ApiKey:
         return ";".join([*parts, f"name={self.name}"])
 
 
+def tenant_salt(key: ApiKey, client_salt: str | None) -> str:
+    """The prefix-cache salt of a request made with `key`: the key's own space (derived from its
+    digest, so two keys never share cached blocks), subdivided by the client's `cache_salt`."""
+    return f"{hashlib.sha256(b'tandem-cache' + key.digest).hexdigest()[:32]}:{client_salt or ''}"
+
+
 def parse_key(entry: str, index: int = 0) -> ApiKey:
     """An ApiKey from a plain key or a `sha256:...;scopes=...;rpm=...;tpm=...;name=...` spec."""
     entry = entry.strip()

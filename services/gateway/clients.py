@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import grpc
-
 from shared.rpc.interceptors import REQUEST_ID_KEY
-from shared.rpc.server import OPTIONS
+from shared.rpc.security import channel
 from shared.telemetry.logs import request_id_var
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
@@ -24,8 +22,8 @@ class Backends:
         call_timeout: float = 10.0,
         request_timeout: float = 600.0,
     ):
-        self.tokenizer_channel = grpc.aio.insecure_channel(tokenizer_address, options=OPTIONS)
-        self.router_channel = grpc.aio.insecure_channel(router_address, options=OPTIONS)
+        self.tokenizer_channel = channel(tokenizer_address)
+        self.router_channel = channel(router_address)
         self.tokenizer = tokenizer_pb2_grpc.TokenizerStub(self.tokenizer_channel)
         self.router = router_pb2_grpc.RouterStub(self.router_channel)
         self.call_timeout = call_timeout  # unary calls (tokenize, info, abort)

@@ -26,7 +26,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.gateway.protocol import OpenAIError
-from shared.rpc.server import OPTIONS
+from shared.rpc.security import channel
 from tandem.v1 import controller_pb2 as pb
 from tandem.v1 import controller_pb2_grpc
 
@@ -175,7 +175,7 @@ def page(items: list, after: str | None, limit: int) -> dict:
 
 class ControllerClient:
     def __init__(self, address: str, timeout: float = 60.0):
-        self.channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+        self.channel = channel(address)
         self.stub = controller_pb2_grpc.ControllerStub(self.channel)
         self.timeout = timeout
 

@@ -45,7 +45,7 @@ class OpenAIError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask for (beyond these: 400, or 413 for the body)."""
+    """What one request may ask for (beyond these: 400, or 413 for the body), and what it is told."""
 
     max_body_bytes: int = 16 * 2**20  # a JSON request body
     max_upload_bytes: int = 512 * 2**20  # POST /v1/files
@@ -55,6 +55,7 @@ class Limits:
     max_stop_token_ids: int = 64
     max_logit_bias: int = 300  # entries (OpenAI's limit)
     allow_priority: bool = False  # let clients set `priority` (it can preempt other requests)
+    route_header: bool = False  # answer with `x-tandem-route` (worker addresses, prefix hits): debugging
 
 
 class StreamOptions(BaseModel):

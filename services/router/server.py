@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter
 from shared.engine.kv_hash import prompt_block_keys
 from shared.kvstore.client import KVStoreClient
 from shared.rpc.interceptors import REQUEST_ID_KEY
-from shared.rpc.server import OPTIONS
+from shared.rpc.security import channel as open_channel
 from shared.telemetry.logs import request_id_var
 from shared.telemetry.metrics import Snapshot, family, metric_name
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -113,6 +113,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         kvstore: str | None = None,
         disagg_threshold: int = 256,
         balance_threshold: int = 4,
+        max_inflight: int = 1024,
         registry: CollectorRegistry | None = None,
     ):
         if not workers:
@@ -121,6 +122,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got '{policy}'")
         if disagg_threshold < 0 or balance_threshold < 0:
             raise ValueError("disagg_threshold and balance_threshold must not be negative")
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
+        self.max_inflight = max_inflight
+        self.inflight = 0  # Generate calls being served (admission: at most max_inflight)
         self.policy = policy
         self.health_interval = health_interval
         self.health_timeout = health_timeout
@@ -138,7 +143,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     @staticmethod
     def _handle(address: str) -> WorkerHandle:
-        channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+        channel = open_channel(address)
         return WorkerHandle(address, channel, worker_pb2_grpc.WorkerStub(channel))
 
     def set_workers(self, addresses: list[str]) -> None:
@@ -284,6 +289,20 @@ class RouterService(router_pb2_grpc.RouterServicer):
     # -- RPCs ------------------------------------------------------------------------------------
 
     async def Generate(self, request, context):
+        if self.inflight >= self.max_inflight:
+            self.metrics.rejected.inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the router is at capacity ({self.inflight} requests in flight); retry later",
+            )
+        self.inflight += 1
+        try:
+            async for chunk in self._generate(request, context):
+                yield chunk
+        finally:
+            self.inflight -= 1
+
+    async def _generate(self, request, context):
         remaining = context.time_remaining()
         timeout = min(remaining, self.request_timeout) if remaining is not None else self.request_timeout
         tried: set[str] = set()
@@ -435,6 +454,10 @@ class RouterMetrics:
         )
         self.prefill_fallbacks = Counter(
             metric_name("router_prefill_fallbacks"), "Remote prefills that failed and ran on the decode worker.",
+            registry=registry,
+        )  # fmt: skip
+        self.rejected = Counter(
+            metric_name("router_rejected"), "Requests refused because max_inflight were in flight.",
             registry=registry,
         )  # fmt: skip
         registry.register(Snapshot(self._gauges))

@@ -82,6 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     q.add_argument("--health-interval", type=float, default=1.0)
     q.add_argument("--request-timeout", type=float, default=600.0)
+    q.add_argument(
+        "--max-inflight", type=int, default=1024,
+        help="requests forwarded at once; beyond it new ones are refused (RESOURCE_EXHAUSTED, HTTP 429)",
+    )  # fmt: skip
     q.set_defaults(func=cmd_serve, run=run_router, parser=q)
 
     q = roles.add_parser("kvstore", help="the remote KV-cache store (memory tier, optional Redis tier)")
@@ -123,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-body-mb", type=int, default=16, help="largest JSON request body (413 beyond)")
     q.add_argument("--max-upload-mb", type=int, default=512, help="largest POST /v1/files body")
     q.add_argument("--allow-priority", action="store_true", help="let clients set `priority`")
+    q.add_argument("--route-header", action="store_true",
+                   help="answer with x-tandem-route (which workers served a request): for debugging")  # fmt: skip
     q.set_defaults(func=cmd_serve, run=run_gateway, parser=q)
 
 
@@ -199,7 +205,7 @@ async def run_router(args) -> None:
         args.worker, args.host, args.port, policy=args.policy,
         health_interval=args.health_interval, request_timeout=args.request_timeout,
         kvstore=args.kvstore, disagg_threshold=args.disagg_threshold,
-        balance_threshold=args.balance_threshold, metrics_port=args.metrics_port,
+        balance_threshold=args.balance_threshold, max_inflight=args.max_inflight, metrics_port=args.metrics_port,
     )  # fmt: skip
     _announce("router", args.host, server.port, args.port_file, server.metrics_address)
     await server.serve_until_signal(service.close)
@@ -268,7 +274,7 @@ async def run_gateway(args) -> None:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_upload_bytes=args.max_upload_mb * 2**20,
-                    allow_priority=args.allow_priority)  # fmt: skip
+                    allow_priority=args.allow_priority, route_header=args.route_header)  # fmt: skip
     app = create_app(
         args.tokenizer,
         args.router,

@@ -57,13 +57,12 @@ def register(tsub) -> None:
 
 
 def _stub(args):
-    import grpc
-
+    from shared.rpc.security import sync_channel
     from tandem.v1 import controller_pb2_grpc
 
     if not args.controller:
         raise ValueError("give the controller's address: --controller HOST:PORT or $TANDEM_CONTROLLER")
-    return controller_pb2_grpc.ControllerStub(grpc.insecure_channel(args.controller))
+    return controller_pb2_grpc.ControllerStub(sync_channel(args.controller))
 
 
 def _call(fn, request):

@@ -221,7 +221,7 @@ class ServiceActor:
             platform_status,
             controller=o.get("controller"),
             limits=Limits(max_body_bytes=o["max_body_mb"] * 2**20, max_upload_bytes=o["max_upload_mb"] * 2**20,
-                          allow_priority=o["allow_priority"]),
+                          allow_priority=o["allow_priority"], route_header=o["route_header"]),
         )  # fmt: skip
         server = uvicorn.Server(
             uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning", log_config=None)
@@ -306,6 +306,8 @@ def actor_options(res: Resources) -> dict:
     options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     if res.custom:  # e.g. {"tandem-gateway": 1}: only the node that offers it (a Kubernetes head pod)
         options["resources"] = dict(res.custom)
+    if envs.security_env():  # the internal token / TLS travel with the actor to whichever node runs it
+        options["runtime_env"] = {"env_vars": envs.security_env()}
     return options
 
 
@@ -364,6 +366,7 @@ class Controller:
             "max_body_mb": cfg.gateway.max_body_mb,
             "max_upload_mb": cfg.gateway.max_upload_mb,
             "allow_priority": cfg.gateway.allow_priority,
+            "route_header": cfg.gateway.route_header,
             "controller": self.addresses.get("training"),
         }
         await self._launch("gateway", "gateway", gateway_opts)
@@ -504,6 +507,8 @@ class Controller:
                         await actor.start.remote(port=port)
                         self.restarts += 1
                         log.warning("%s restarted at %s", name, self.addresses[name])
+                        if name == "router":  # it started with its first worker list: give it today's
+                            await self._sync_router()
                     elif not await actor.healthy.remote():
                         log.warning("%s is alive but failed; restarting it", name)
                         ray.kill(actor, no_restart=False)

@@ -46,6 +46,7 @@ class RouterConfig:
     disagg_threshold: int = 256
     balance_threshold: int = 4
     health_interval: float = 1.0
+    max_inflight: int = 1024  # requests the router forwards at once; beyond: 429 (admission control)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class GatewayConfig:
     max_body_mb: int = 16  # a JSON request body (413 beyond)
     max_upload_mb: int = 512  # POST /v1/files
     allow_priority: bool = False  # let clients set `priority` (it can preempt others' requests)
+    route_header: bool = False  # answer with `x-tandem-route` (the router's placement): for debugging
 
 
 @dataclass
@@ -189,6 +191,8 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
         raise ConfigError("decode_workers: at least one decode or monolithic worker is needed")
     if cfg.ep_size < 1:
         raise ConfigError(f"ep_size: must be at least 1, got {cfg.ep_size}")
+    if cfg.router.max_inflight < 1:
+        raise ConfigError(f"router.max_inflight: must be at least 1, got {cfg.router.max_inflight}")
     if cfg.bind not in ("loopback", "node"):
         raise ConfigError(f"bind: must be loopback or node, got '{cfg.bind}'")
     from services.router.server import POLICIES

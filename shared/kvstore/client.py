@@ -12,11 +12,10 @@ bytes once per block on the way out and viewed (not copied again) on the way in.
 
 from __future__ import annotations
 
-import grpc
 import torch
 
 from shared.engine.kv_transfer import dtype_name, from_wire
-from shared.rpc.server import OPTIONS
+from shared.rpc.security import channel
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc
 
@@ -27,7 +26,7 @@ class KVStoreClient:
     def __init__(self, address: str, timeout: float = 30.0):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=OPTIONS)
+        self.channel = channel(address)
         self.stub = kvstore_pb2_grpc.KVStoreStub(self.channel)
 
     async def close(self) -> None:

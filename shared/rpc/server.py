@@ -5,8 +5,9 @@
     await server.start()                                  # server.port is the bound port
     await server.serve_until_signal(on_drain=...)         # SIGTERM / SIGINT: drain, then stop
 
-Every server carries the standard gRPC health service (SERVING while up, NOT_SERVING while draining)
-and server reflection (so `grpcurl` can list and call it). It also owns the service's Prometheus
+Every server carries the standard gRPC health service (SERVING while up, NOT_SERVING while draining);
+server reflection (so `grpcurl` can list and call it) only with TANDEM_GRPC_REFLECTION=1. The
+platform's internal token and TLS (shared.rpc.security) apply to every server built here. It also owns the service's Prometheus
 registry (`server.registry`: per-method call counts and latencies from an interceptor, plus what
 the service registers) and serves it on its own HTTP port (`metrics_port`, 0: a free one; None:
 none), announced as `server.metrics_address`. Shutdown is graceful: health flips to
@@ -26,17 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from shared import envs
 from shared.rpc.interceptors import MetricsInterceptor
+from shared.rpc.security import OPTIONS, add_port, server_interceptors
 from shared.telemetry.metrics import MetricsServer, RpcMetrics
 
 log = logging.getLogger("tandem.rpc")
-
-#: gRPC message size limit for every server and channel (KV payloads are chunked below it)
-MAX_MESSAGE_BYTES = 64 * 2**20
-OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class GrpcServer:
@@ -57,7 +53,8 @@ class GrpcServer:
         self.metrics_port = metrics_port
         self.metrics: MetricsServer | None = None
         self.server = grpc.aio.server(
-            options=OPTIONS, interceptors=[MetricsInterceptor(RpcMetrics(self.registry))]
+            options=OPTIONS,
+            interceptors=[MetricsInterceptor(RpcMetrics(self.registry)), *server_interceptors()],
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -80,8 +77,9 @@ class GrpcServer:
         self.service_names.append(service_name)
 
     async def start(self) -> int:
-        reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        if envs.grpc_reflection():
+            reflection.enable_server_reflection([*self.service_names, reflection.SERVICE_NAME], self.server)
+        self.port = add_port(self.server, f"{self.host}:{self.requested_port}")
         if not self.port:
             raise OSError(f"{self.name}: cannot listen on {self.host}:{self.requested_port}")
         await self.server.start()

@@ -65,12 +65,13 @@ def test_every_rendered_object_validates_against_kubernetes_and_crd_schemas(valu
         else:
             kubernetes_validate.validate(obj, "1.30", strict=True)
     expected = ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget",
-                "PodDisruptionBudget", "RayCluster", "Role", "RoleBinding", "Secret", "Service", "Service",
-                "ServiceAccount", "StatefulSet"]  # fmt: skip
+                "PodDisruptionBudget", "RayCluster", "Role", "RoleBinding", "Secret", "Secret", "Service",
+                "Service", "ServiceAccount", "StatefulSet"]  # fmt: skip
     if (
         values == "production"
-    ):  # ingress and monitors on; the API keys and Redis password are the user's Secrets
-        # plus the scrape config (a Secret) and the NetworkPolicy that lets Prometheus in
+    ):  # ingress and monitors on; the API keys, Redis password and internal token are the user's
+        # Secrets, plus the scrape config (a Secret) and the NetworkPolicy that lets Prometheus in
+        expected.remove("Secret")
         expected = sorted(
             [*expected, "ConfigMap", "Ingress", "PodMonitor", "ServiceMonitor", "NetworkPolicy"]
         )
@@ -100,6 +101,13 @@ def test_the_raycluster_puts_gpus_probes_and_the_launcher_where_they_belong():
             "key": "api-keys",
         }
         assert env["TANDEM_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "tandem-redis"
+        # the gRPC plane: the shared token and mutual TLS from the user's Secrets
+        assert env["TANDEM_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "tandem-internal"
+        assert env["TANDEM_TLS_CA"]["value"] == "/etc/tandem-tls/ca.crt"
+        assert {"name": "internal-tls", "mountPath": "/etc/tandem-tls", "readOnly": True} in spec[
+            "containers"
+        ][0]["volumeMounts"]
+        assert {"name": "internal-tls", "secret": {"secretName": "tandem-internal-tls"}} in spec["volumes"]
     service = objects[("Service", "prod-tandem-gateway")]["spec"]
     assert service["selector"]["tandem.ai/role"] == "head"
     role = objects[("Role", "prod-tandem-rayjobs")]

@@ -20,12 +20,13 @@ def tandem(*args, timeout=120) -> subprocess.CompletedProcess:
     )
 
 
-def start_platform(cfg_file: Path) -> dict:
-    """`tandem up --config cfg_file` in the background, once ready: {"url", "proc", "log"}."""
+def start_platform(cfg_file: Path, env: dict[str, str] | None = None) -> dict:
+    """`tandem up --config cfg_file` in the background (with `env` added to the environment), once
+    ready: {"url", "proc", "log"}."""
     log = open(cfg_file.parent / "up.log", "w")  # noqa: SIM115 - closed by stop_platform
     proc = subprocess.Popen(
         [sys.executable, "-m", "shared.cli.main", "up", "--config", str(cfg_file)],
-        stdout=subprocess.PIPE, stderr=log, text=True,
+        stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
     url = None
     deadline = time.monotonic() + 240

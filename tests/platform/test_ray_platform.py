@@ -1,5 +1,5 @@
 """The whole platform on a local Ray, as `tandem up` runs it (a small test config): the OpenAI SDK
-gets the engine's answer, streamed; `tandem status` shows every role healthy; a killed decode
+gets the engine's answer, streamed, with the internal gRPC plane behind a token; `tandem status` shows every role healthy; a killed decode
 worker's actor is restarted by Ray and the next request succeeds; `tandem scale` works both ways
 under traffic without a failed request; `tandem down` leaves no Ray or service process behind. Bad
 configs fail fast, naming the field."""
@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
 import openai
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from platform_helpers import (
 
 from shared.cli.main import main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
+from tandem.v1 import router_pb2, router_pb2_grpc
 
 pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -45,7 +47,7 @@ def platform_up(tmp_path_factory, store_root, default_model_dir):
     cfg_file = write_config(
         tmp_path_factory.mktemp("deploy") / "test.yaml", {**CONFIG, "model_store": str(store_root)}
     )
-    up = start_platform(cfg_file)
+    up = start_platform(cfg_file, env={"TANDEM_INTERNAL_TOKEN": "platform-test-token"})  # gRPC plane closed
     yield up
     stop_platform(up)
 
@@ -64,6 +66,13 @@ def test_streamed_chat_through_the_platform_equals_the_engine(platform_up, defau
     roles = {x["role"] for x in s["services"]}
     assert roles == {"tokenizer", "kvstore", "router", "controller", "gateway", "prefill", "decode"}
     assert all(x["healthy"] and x["address"] for x in s["services"])
+    # every service ran behind the internal token; a caller without it is refused
+    router = next(x["address"] for x in s["services"] if x["role"] == "router")
+    with pytest.raises(grpc.RpcError) as e:
+        router_pb2_grpc.RouterStub(grpc.insecure_channel(router)).ListWorkers(
+            router_pb2.ListWorkersRequest(), timeout=10
+        )
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     # the training-job controller is wired to the gateway: OpenAI's fine-tuning API answers
     api = client(platform_up["url"])
     assert api.fine_tuning.jobs.list().object == "list"

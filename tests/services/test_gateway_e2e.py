@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from services.gateway.protocol import Limits
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.store import DEFAULT_MODEL
 
@@ -25,7 +26,7 @@ def stack(platform, store, default_model_dir):
     tokenizer = platform.start_tokenizer(store)
     worker, worker_service = platform.start_worker(default_model_dir)
     router, _ = platform.start_router([worker.address])
-    url = platform.start_gateway(tokenizer.address, router.address)
+    url = platform.start_gateway(tokenizer.address, router.address, limits=Limits(route_header=True))
     return {"url": url, "worker": worker_service, "tokenizer": tokenizer.address, "router": router.address,
             "worker_metrics": worker.metrics_address, "tokenizer_metrics": tokenizer.metrics_address,
             "router_metrics": router.metrics_address}  # fmt: skip
@@ -67,7 +68,7 @@ def test_chat_matches_the_engine_streamed_or_not(idle, client, engine, stack):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == want.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want.output_token_ids)
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt ran just before
-    # the router's decision comes back as a header, streamed or not
+    # the router's decision comes back as a header (a debugging opt-in), streamed or not
     for stream in (False, True):
         r = httpx.post(
             stack["url"] + "/v1/chat/completions",

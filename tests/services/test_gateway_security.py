@@ -1,6 +1,7 @@
 """The gateway's edge: API keys with scopes (401 / 403 in OpenAI's shape), per-key rate limits (429
 with Retry-After), body caps (413), bounded and finite request values (400 naming the field), and a
-schemathesis fuzz of the OpenAPI spec that finds no 5xx."""
+schemathesis fuzz of the OpenAPI spec that finds no 5xx; prefix caches and routes that do not leak
+across keys."""
 
 from __future__ import annotations
 
@@ -104,6 +105,36 @@ def test_rate_limits_answer_429_with_retry_after(guarded):
     ).models.list()  # others go on
 
 
+def test_prefix_cache_hits_stay_within_a_key_and_routes_are_not_disclosed(guarded):
+    """A tenant cannot learn another's prompts from `cached_tokens` (each key's requests hash into their
+    own prefix-cache space) nor read the router's placement (x-tandem-route is a debugging opt-in)."""
+    prompt = (
+        "Summarise the history of the lighthouse keepers' guild, " * 6
+    )  # no chat template: no shared head
+
+    def cached(key):
+        r = get(guarded, "/v1/completions", key=key, method="POST",
+                json={"model": MODEL, "prompt": prompt, "max_tokens": 1})  # fmt: skip
+        assert r.status_code == 200 and "x-tandem-route" not in r.headers
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("root-key") == 0
+    assert cached("root-key") > 0  # the same tenant hits its own cache
+    assert cached("infer-key") == 0  # another tenant, the same prompt: nothing revealed
+
+
+def test_the_context_limit_is_the_workers_not_the_models(open_gateway):
+    """The worker holds 256 tokens (the model 8192): the gateway checks against what the workers
+    report, so a request without max_tokens gets the room that is really left instead of an error."""
+    assert get(open_gateway, "/tokenize", method="POST", json={"prompt": "hi"}).json()["max_model_len"] == 256
+    sdk = openai.OpenAI(base_url=open_gateway + "/v1", api_key="x", max_retries=0)
+    words = [{"role": "user", "content": "one two three four five six seven eight nine ten " * 22}]
+    out = sdk.chat.completions.create(model=MODEL, messages=words, temperature=0)  # no max_tokens: the room
+    assert 200 < out.usage.prompt_tokens and out.usage.prompt_tokens + out.usage.completion_tokens <= 256
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 256 tokens"):
+        sdk.chat.completions.create(model=MODEL, messages=words, max_tokens=64)
+
+
 def test_bodies_over_the_limit_are_413(guarded):
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}], "max_tokens": 1}
     r = get(guarded, "/v1/chat/completions", key="root-key", method="POST", json=body)
@@ -165,6 +196,28 @@ def test_failures_before_the_first_token_keep_their_http_status(platform, stack,
         r = httpx.post(url + "/v1/chat/completions", json=body, timeout=30)
         assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
         assert "queue" in r.json()["error"]["message"]
+
+
+def test_the_router_admits_a_bounded_number_of_requests(platform, stack, default_model_dir):
+    """Admission control: with max_inflight requests in flight the router refuses the next at once
+    (429 with Retry-After) instead of queueing without bound; it admits again once one ends."""
+    worker, _ = platform.start_worker(default_model_dir, max_model_len=256, kv_cache_bytes=2**25)
+    router, service = platform.start_router([worker.address], max_inflight=1)
+    url = platform.start_gateway(stack["tokenizer"], router.address)
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 200, "stream": True, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as held:
+        lines = held.iter_lines()
+        assert '"content": ""' in next(lines) and '"content": ""' not in next(x for x in lines if x)
+        assert service.inflight == 1
+        r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "router is at capacity (1 requests in flight)" in r.json()["error"]["message"]
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and len(rest) > 150  # the admitted one ran to its end
+    assert service.inflight == 0
+    assert httpx.post(url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2},
+                      timeout=60).status_code == 200  # fmt: skip
 
 
 def test_same_client_request_id_twice_at_once_and_odd_header_bytes(open_gateway):

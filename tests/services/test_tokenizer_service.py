@@ -1,13 +1,12 @@
 """The tokenizer service behind a real gRPC server: it tokenizes and detokenizes exactly as the
 model's tokenizer does, streams detokenization, and answers errors with gRPC status codes; health
-and reflection are served."""
+is served (reflection and the internal token: test_internal_security)."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shared.tokenizer import Tokenizer
 from tandem.v1 import tokenizer_pb2 as pb
@@ -64,13 +63,9 @@ def test_errors_are_status_codes(stub):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_health_and_reflection(stub):
+def test_health(stub):
     _, channel = stub
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "tandem.v1.Tokenizer"):
         resp = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
-    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
-    names = {s.name for s in resp.list_services_response.service}
-    assert {"tandem.v1.Tokenizer", "grpc.health.v1.Health"} <= names

@@ -39,6 +39,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- default (printf "%s-redis" (include "tandem.fullname" .)) .Values.redis.existingSecret -}}
 {{- end -}}
 
+{{- define "tandem.internalSecret" -}}
+{{- default (printf "%s-internal" (include "tandem.fullname" .)) .Values.internal.existingSecret -}}
+{{- end -}}
+
 {{- define "tandem.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
 {{- printf "redis://%s-redis:6379/0" (include "tandem.fullname" .) -}}
@@ -92,11 +96,23 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   valueFrom:
     secretKeyRef: {name: {{ include "tandem.redisSecret" . }}, key: redis-password}
 {{- end }}
+- name: TANDEM_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef: {name: {{ include "tandem.internalSecret" . }}, key: internal-token}
+{{- with .Values.internal.tlsSecret }}
+- {name: TANDEM_TLS_CERT, value: /etc/tandem-tls/tls.crt}
+- {name: TANDEM_TLS_KEY, value: /etc/tandem-tls/tls.key}
+- {name: TANDEM_TLS_CA, value: /etc/tandem-tls/ca.crt}
+- {name: TANDEM_TLS_SERVER_NAME, value: {{ $.Values.internal.tlsServerName | quote }}}
+{{- end }}
 {{- end -}}
 
 {{- define "tandem.volumeMounts" -}}
 - {name: tandem-data, mountPath: {{ .Values.modelStore.mountPath | quote }}}
 - {name: deploy-config, mountPath: /etc/tandem, readOnly: true}
+{{- if .Values.internal.tlsSecret }}
+- {name: internal-tls, mountPath: /etc/tandem-tls, readOnly: true}
+{{- end }}
 {{- end -}}
 
 {{- define "tandem.volumes" -}}
@@ -104,6 +120,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   persistentVolumeClaim: {claimName: {{ include "tandem.claimName" . }}}
 - name: deploy-config
   configMap: {name: {{ include "tandem.fullname" . }}-deploy}
+{{- with .Values.internal.tlsSecret }}
+- name: internal-tls
+  secret: {secretName: {{ . | quote }}}
+{{- end }}
 {{- end -}}
 
 {{- define "tandem.securityContext" -}}
