@@ -77,6 +77,9 @@ KNOWN_PARAMS = {
 def error_from_grpc(e: grpc.aio.AioRpcError) -> OpenAIError:
     status = GRPC_TO_HTTP.get(e.code(), 500)
     message = e.details() or e.code().name
+    if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:  # gRPC's own words ("Stream removed") say nothing
+        message = ("the request did not finish within the gateway's time limit for one request "
+                   "(request_timeout_s); ask for fewer tokens with max_tokens")  # fmt: skip
     first = message.split(" ", 1)[0]
     param = first if first in KNOWN_PARAMS else None
     code = "model_not_found" if status == 404 else None
@@ -455,7 +458,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app):
-        gw.backends = Backends(tokenizer, router)
+        gw.backends = Backends(tokenizer, router, request_timeout=gw.limits.request_timeout_s)
         if controller:
             clients["controller"] = ControllerClient(controller)
         yield

@@ -56,6 +56,7 @@ class Limits:
     max_logit_bias: int = 300  # entries (OpenAI's limit)
     allow_priority: bool = False  # let clients set `priority` (it can preempt other requests)
     route_header: bool = False  # answer with `x-tandem-route` (worker addresses, prefix hits): debugging
+    request_timeout_s: float = 600.0  # a whole generation; beyond it: 504 (or an error event when streaming)
 
 
 class StreamOptions(BaseModel):

@@ -127,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-body-mb", type=int, default=16, help="largest JSON request body (413 beyond)")
     q.add_argument("--max-upload-mb", type=int, default=512, help="largest POST /v1/files body")
     q.add_argument("--allow-priority", action="store_true", help="let clients set `priority`")
+    q.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds one generation may take, start to end (default 600)")  # fmt: skip
     q.add_argument("--route-header", action="store_true",
                    help="answer with x-tandem-route (which workers served a request): for debugging")  # fmt: skip
     q.set_defaults(func=cmd_serve, run=run_gateway, parser=q)
@@ -274,7 +276,8 @@ async def run_gateway(args) -> None:
     if warning:
         print(warning, file=sys.stderr, flush=True)
     limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_upload_bytes=args.max_upload_mb * 2**20,
-                    allow_priority=args.allow_priority, route_header=args.route_header)  # fmt: skip
+                    allow_priority=args.allow_priority, route_header=args.route_header,
+                    request_timeout_s=args.request_timeout)  # fmt: skip
     app = create_app(
         args.tokenizer,
         args.router,

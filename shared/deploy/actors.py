@@ -221,7 +221,8 @@ class ServiceActor:
             platform_status,
             controller=o.get("controller"),
             limits=Limits(max_body_bytes=o["max_body_mb"] * 2**20, max_upload_bytes=o["max_upload_mb"] * 2**20,
-                          allow_priority=o["allow_priority"], route_header=o["route_header"]),
+                          allow_priority=o["allow_priority"], route_header=o["route_header"],
+                          request_timeout_s=o["request_timeout_s"]),
         )  # fmt: skip
         server = uvicorn.Server(
             uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning", log_config=None)
@@ -367,6 +368,7 @@ class Controller:
             "max_upload_mb": cfg.gateway.max_upload_mb,
             "allow_priority": cfg.gateway.allow_priority,
             "route_header": cfg.gateway.route_header,
+            "request_timeout_s": cfg.gateway.request_timeout_s,
             "controller": self.addresses.get("training"),
         }
         await self._launch("gateway", "gateway", gateway_opts)

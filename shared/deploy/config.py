@@ -64,6 +64,7 @@ class GatewayConfig:
     max_upload_mb: int = 512  # POST /v1/files
     allow_priority: bool = False  # let clients set `priority` (it can preempt others' requests)
     route_header: bool = False  # answer with `x-tandem-route` (the router's placement): for debugging
+    request_timeout_s: float = 600.0  # one generation, start to end (504 / an error event beyond)
 
 
 @dataclass
@@ -191,6 +192,8 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
         raise ConfigError("decode_workers: at least one decode or monolithic worker is needed")
     if cfg.ep_size < 1:
         raise ConfigError(f"ep_size: must be at least 1, got {cfg.ep_size}")
+    if not cfg.gateway.request_timeout_s > 0:
+        raise ConfigError(f"gateway.request_timeout_s: must be positive, got {cfg.gateway.request_timeout_s}")
     if cfg.router.max_inflight < 1:
         raise ConfigError(f"router.max_inflight: must be at least 1, got {cfg.router.max_inflight}")
     if cfg.bind not in ("loopback", "node"):

@@ -115,8 +115,13 @@ class AsyncLLMEngine:
                 prefix_kv=prefix_kv,
                 lora=lora,
             )
-        except BaseException:
+        except BaseException as e:
             self.streams.pop(request_id, None)
+            if isinstance(e, asyncio.CancelledError):
+                # the caller left while the engine thread may already be adding it: an abort queued
+                # behind the add removes it either way, so no request without a reader holds blocks
+                self.commands.put((concurrent.futures.Future(), self.engine.abort, (request_id,), {}))
+                self.wakeup.set()
             raise
         return stream
 

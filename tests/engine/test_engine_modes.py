@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -168,6 +169,25 @@ def test_async_streams_match_sync_and_abort_frees_blocks(default_model_dir, engi
             if not aeng.engine.has_unfinished():
                 break
             await asyncio.sleep(0.05)
+
+        # a caller cancelled while the engine thread is adding its request leaves no orphan behind
+        add = aeng.engine.add_request
+
+        def slow_add(*args, **kwargs):
+            time.sleep(0.3)
+            return add(*args, **kwargs)
+
+        aeng.engine.add_request = slow_add
+        task = asyncio.create_task(
+            aeng.add_request("g", prompt, SamplingParams(max_tokens=500, ignore_eos=True))
+        )
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        aeng.engine.add_request = add
+        await aeng.call(lambda: None)  # every queued command has run
+        assert "g" not in aeng.streams and not aeng.engine.has_unfinished()
 
         # errors reach the caller; the id stays usable after a rejected request
         with pytest.raises(ValueError, match="top_p"):

@@ -141,6 +141,30 @@ def test_scale_both_ways_under_traffic_without_a_failed_request(platform_up):
     assert bad.returncode == 1 and "at least one decode or monolithic worker" in bad.stderr
 
 
+def test_a_restarted_router_serves_the_workers_scaled_in_since_it_started(platform_up):
+    """The router starts with the worker list of `tandem up`; after a scale and a crash, Ray restarts
+    it with that first list, and the platform hands it today's."""
+    import ray
+
+    assert tandem("scale", "decode=2", timeout=180).returncode == 0
+    ray.init(address="auto", namespace="tandem", log_to_driver=False, configure_logging=False)
+    try:
+        before = status()["restarts"]
+        ray.kill(ray.get_actor("tandem-router"), no_restart=False)
+    finally:
+        ray.shutdown()
+    deadline = time.monotonic() + 120
+    while status()["restarts"] <= before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    router = next(x for x in status()["services"] if x["role"] == "router")
+    assert len(router["load"]["workers"]) == 3  # the prefill worker and both decode workers
+    r = client(platform_up["url"]).chat.completions.create(
+        model=CONFIG["model"], messages=CHAT, temperature=0, max_tokens=4
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert tandem("scale", "decode=1", timeout=180).returncode == 0
+
+
 def test_down_leaves_no_process_behind(platform_up):
     import ray
 

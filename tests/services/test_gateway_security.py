@@ -220,6 +220,19 @@ def test_the_router_admits_a_bounded_number_of_requests(platform, stack, default
                       timeout=60).status_code == 200  # fmt: skip
 
 
+def test_a_generation_past_the_time_limit_ends_with_a_clear_error(platform, stack):
+    """gRPC's own words at a deadline ("Stream removed", "Deadline Exceeded") say nothing to a user:
+    the gateway names its time limit and the remedy, as a 504 or as the stream's error event."""
+    url = platform.start_gateway(stack["tokenizer"], stack["router"], limits=Limits(request_timeout_s=1.0))
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 504 and "time limit" in r.json()["error"]["message"]
+    assert "max_tokens" in r.json()["error"]["message"]
+    with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+        events = [json.loads(x[6:]) for x in s.iter_lines() if x.startswith("data: {")]
+    assert events[0]["choices"] and "time limit" in events[-1]["error"]["message"]
+
+
 def test_same_client_request_id_twice_at_once_and_odd_header_bytes(open_gateway):
     """The client's X-Request-Id is echoed and logged but does not key the request inside the
     platform, so two requests sending the same one both succeed; a non-UTF-8 header byte is no 500."""
