@@ -26,7 +26,9 @@ the KV handle; otherwise the decode worker prefills locally.
 The decision (policy, prefill worker, decode worker, cached tokens it expects) is logged and sent as
 the `x-tandem-route` initial metadata, which the gateway returns as a response header. A worker that
 fails before the first token (down, UNAVAILABLE, RESOURCE_EXHAUSTED) is retried elsewhere (a failed
-prefill falls back to a local prefill); after that an error passes to the caller as is. Every call
+prefill, or a handoff too large to send, falls back to a local prefill). A decode that cannot take
+the handoff after the first token went out is continued as a new request whose prompt ends with that
+token (on the same worker, or another when it is down). After that an error passes to the caller. Every call
 has a deadline; a caller that goes away cancels the worker calls (aborting the request there) and the
 router releases a handoff's store lease that no decode collected.
 """
@@ -54,6 +56,8 @@ log = logging.getLogger("tandem.router")
 SERVICE_NAME = "tandem.v1.Router"
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+#: a decode that fails these before its first chunk is continued without the handoff (see _continue)
+HANDOFF_RETRYABLE = {*RETRYABLE, grpc.StatusCode.FAILED_PRECONDITION}
 ROUTE_HEADER = "x-tandem-route"
 
 
@@ -379,6 +383,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     yield first
                 return
             handle = first.kv_handle
+            first_ids = list(first.token_ids)
             first.ClearField("kv_handle")
             first.ClearField("usage")
             first.finish_reason = common_pb2.FINISH_REASON_UNSPECIFIED
@@ -386,14 +391,52 @@ class RouterService(router_pb2_grpc.RouterServicer):
             decode_request = common_pb2.GenerateRequest()
             decode_request.CopyFrom(request)
             decode_request.kv_handle.CopyFrom(handle)
-            async for chunk in self._stream(route.decode, decode_request, timeout):
-                yield chunk
+            decoded = False
+            try:
+                async for chunk in self._stream(route.decode, decode_request, timeout):
+                    decoded = True
+                    yield chunk
+            except grpc.aio.AioRpcError as e:
+                if decoded or e.code() not in HANDOFF_RETRYABLE:
+                    raise
+                async for chunk in self._continue(route, request, first_ids, e, timeout):
+                    yield chunk
         finally:
             if handle is not None and handle.lease_id and self.store is not None:
                 try:  # normally the decode released it already; this covers a decode that never came
                     await self.store.release(handle.lease_id)
                 except grpc.aio.AioRpcError:
                     pass  # its TTL ends it
+
+    async def _continue(
+        self, route: Route, request, first_ids: list[int], error: grpc.aio.AioRpcError, timeout: float
+    ) -> AsyncIterator[common_pb2.TokenChunk]:
+        """The decode could not take the handoff after the first token went out (its worker died,
+        its queue is full, or the handle's blocks are gone): generate the rest as a new request whose
+        prompt ends with that token — on the same decode worker when it is alive, else another — and
+        count the first token back into the usage it reports."""
+        worker = route.decode
+        if error.code() in RETRYABLE:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                worker.healthy = False
+            other = await self.place(request, {route.decode.address})
+            if other is None:
+                raise error
+            worker = other.decode
+        log.warning("decode on %s failed after the first token (%s); continuing on %s",
+                    route.decode.address, error.code().name, worker.address)  # fmt: skip
+        self.metrics.handoff_fallbacks.inc()
+        rest = common_pb2.GenerateRequest()
+        rest.CopyFrom(request)
+        rest.prompt_token_ids.extend(first_ids)
+        if rest.params.max_tokens:
+            rest.params.max_tokens -= len(first_ids)
+        rest.params.min_tokens = max(0, rest.params.min_tokens - len(first_ids))
+        async for chunk in self._stream(worker, rest, timeout):
+            if chunk.HasField("usage"):
+                chunk.usage.prompt_tokens -= len(first_ids)
+                chunk.usage.completion_tokens += len(first_ids)
+            yield chunk
 
     async def _stream(
         self, worker: WorkerHandle, request, timeout: float
@@ -454,6 +497,11 @@ class RouterMetrics:
         )
         self.prefill_fallbacks = Counter(
             metric_name("router_prefill_fallbacks"), "Remote prefills that failed and ran on the decode worker.",
+            registry=registry,
+        )  # fmt: skip
+        self.handoff_fallbacks = Counter(
+            metric_name("router_handoff_fallbacks"),
+            "Handoffs the decode could not take after the first token; the rest generated without them.",
             registry=registry,
         )  # fmt: skip
         self.rejected = Counter(

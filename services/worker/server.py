@@ -8,13 +8,14 @@ logprobs; finish reason and usage on the last). A caller that goes away (cancels
 passes its deadline) aborts the request at once and frees its KV blocks. Status codes: a bad
 parameter or an over-long prompt INVALID_ARGUMENT (the message names it), another model NOT_FOUND,
 a duplicate request id ALREADY_EXISTS, a full queue RESOURCE_EXHAUSTED, a failed engine UNAVAILABLE,
-a KV handle whose blocks cannot be had FAILED_PRECONDITION.
+a KV handle whose blocks cannot be had FAILED_PRECONDITION, a handoff too large to send inline (no
+store, or a full one) RESOURCE_EXHAUSTED (the router then prefills on the decode worker).
 
 Disaggregation (the router decides; the role only tells it how to use this worker):
   prefill_only   prefill (reusing prefix blocks from the local cache or the KV store), sample the
                  first token, publish the prompt's new full blocks to the store, lease them for the
-                 decode, and end with FINISH_REASON_HANDOFF and a KVHandle (block keys + the KV of
-                 the partial tail inline; without a store everything is inline)
+                 decode, and end with FINISH_REASON_HANDOFF and a KVHandle (the keys of the blocks
+                 the store pinned + the rest of the KV inline; without a store everything is inline)
   kv_handle      import the handle's blocks (the local prefix cache first, then the store, then the
                  inline tail), release the lease, and decode on from the first token
 Any request, on any worker with a store, takes the longest prefix the store has beyond the local
@@ -37,6 +38,7 @@ from shared.engine import AsyncLLMEngine, EngineDeadError, RequestOutput
 from shared.engine.kv_transfer import KVHandoff, from_wire, to_wire
 from shared.kvstore.client import KVStoreClient
 from shared.rpc.convert import FINISH_REASONS, logprob_from_proto, logprob_to_proto, params_from_proto
+from shared.rpc.security import MAX_MESSAGE_BYTES
 from shared.store import ModelStore, StoreError
 from shared.telemetry.metrics import EngineMetrics, Snapshot, family
 from shared.telemetry.moe import moe_metrics
@@ -45,6 +47,12 @@ from tandem.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 log = logging.getLogger("tandem.worker")
 SERVICE_NAME = "tandem.v1.Worker"
 ROLES = ("monolithic", "prefill", "decode")
+#: the most KV a handoff carries inline (what the store could not take), below the gRPC message cap
+MAX_INLINE_BYTES = MAX_MESSAGE_BYTES - 4 * 2**20
+
+
+class HandoffTooLarge(Exception):
+    """A handoff whose inline part would not fit in one gRPC message."""
 
 
 def chunk_from_output(out: RequestOutput) -> common_pb2.TokenChunk:
@@ -80,6 +88,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         max_waiting: int = 256,
         kvstore: str | None = None,
         lease_ttl: float = 60.0,
+        max_inline_bytes: int = MAX_INLINE_BYTES,
         models: ModelStore | None = None,
         registry: CollectorRegistry | None = None,
     ):
@@ -92,6 +101,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.max_waiting = max_waiting
         self.store = KVStoreClient(kvstore) if kvstore else None
         self.lease_ttl = lease_ttl
+        self.max_inline_bytes = max_inline_bytes
         self.models = models  # where LoRA fine-tunes of this model are found (multi-LoRA serving)
         self.counters = {"store_fetched_blocks": 0, "store_published_blocks": 0}
         self.timers = {"kv_publish_seconds": 0.0, "kv_import_seconds": 0.0, "kv_fetch_seconds": 0.0}
@@ -199,7 +209,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 chunk = chunk_from_output(out)
                 if out.kv_handoff is not None:
                     t0 = time.perf_counter()
-                    chunk.kv_handle.CopyFrom(await self._publish(out.kv_handoff))
+                    try:
+                        chunk.kv_handle.CopyFrom(await self._publish(out.kv_handoff))
+                    except HandoffTooLarge as e:  # the router prefills on the decode worker instead
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
                     self.timers["kv_publish_seconds"] += time.perf_counter() - t0
                     try:
                         yield chunk
@@ -249,13 +262,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                         keys[present:], handoff.payload[present : len(keys)], layout
                     )
                     self.counters["store_published_blocks"] += stored
-                lease_id = await self.store.lease(keys, self.lease_ttl)
+                lease_id, pinned = await self.store.lease(keys, self.lease_ttl)
+                keys = keys[:pinned]  # blocks the store could not pin (evicted already) travel inline
             except grpc.aio.AioRpcError as e:  # hand everything over inline instead
                 log.warning("KV store publish failed (%s); handing the KV over inline", e.code().name)
                 keys, lease_id = [], ""
         else:
             keys = []
-        dtype, shape, data = to_wire(handoff.payload[len(keys) :])
+        tail = handoff.payload[len(keys) :]
+        inline_bytes = tail.numel() * tail.element_size()
+        if inline_bytes > self.max_inline_bytes:
+            await self._release(lease_id)
+            raise HandoffTooLarge(
+                f"the KV handoff would send {inline_bytes / 2**20:.1f} MiB inline (limit "
+                f"{self.max_inline_bytes / 2**20:.0f} MiB: the KV store is missing or full); prefill it on the "
+                "decode worker"
+            )
+        dtype, shape, data = to_wire(tail)
         handle = common_pb2.KVHandle(
             layout=handoff.layout,
             num_tokens=handoff.num_tokens,

@@ -4,7 +4,7 @@
     memory, anywhere = await store.lookup(keys)
     await store.put_blocks(keys, payload, layout)          # payload [blocks, *block_shape]
     payload = await store.get_blocks(keys, layout)         # the same tensor back
-    lease_id = await store.lease(keys, ttl_s=30); await store.release(lease_id)
+    lease_id, pinned = await store.lease(keys, ttl_s=30); await store.release(lease_id)
 
 Blocks travel as a header then data chunks of at most CHUNK_BYTES; a payload tensor is turned into
 bytes once per block on the way out and viewed (not copied again) on the way in.
@@ -83,9 +83,10 @@ class KVStoreClient:
             raise ValueError(f"asked the store for {len(keys)} blocks, got {len(blocks)}")
         return torch.stack(blocks) if blocks else torch.empty(0)
 
-    async def lease(self, keys: list[bytes], ttl_s: float) -> str:
+    async def lease(self, keys: list[bytes], ttl_s: float) -> tuple[str, int]:
+        """(lease id, how many of `keys`, from the first, are pinned)."""
         resp = await self.stub.Lease(pb.LeaseRequest(keys=keys, ttl_s=ttl_s), timeout=self.timeout)
-        return resp.lease_id
+        return resp.lease_id, resp.pinned
 
     async def release(self, lease_id: str) -> bool:
         if not lease_id:

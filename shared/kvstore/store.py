@@ -19,6 +19,7 @@ Errors are StoreError with a `kind` the gRPC service maps to a status: "not_foun
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
 import threading
@@ -179,12 +180,14 @@ class KVStore:
     # -- leases ----------------------------------------------------------------------------------
 
     def lease(self, keys: list[bytes], ttl: float) -> tuple[str, int]:
-        """Pin the given blocks (those present) for `ttl` seconds; returns (lease id, blocks pinned)."""
+        """Pin the longest prefix of `keys` that the memory tier holds, for `ttl` seconds; returns (lease
+        id, length of that prefix). A handoff names only the pinned blocks and sends the rest inline:
+        a block after a gap (or only in Redis) could be gone by the time the decode worker reads it."""
         if not 0 < ttl <= MAX_LEASE_TTL:  # also NaN: a lease that never ends would pin blocks forever
             raise StoreError("invalid", f"lease ttl must be in (0, {MAX_LEASE_TTL}] seconds, got {ttl}")
         with self.lock:
             self._sweep()
-            present = tuple(k for k in keys if k in self.memory)
+            present = tuple(itertools.takewhile(self.memory.__contains__, keys))
             lease_id = uuid.uuid4().hex
             self.leases[lease_id] = (self.clock() + ttl, present)
             for k in present:

@@ -62,6 +62,8 @@ def test_leases_pin_until_released_or_expired():
     store = KVStore(2 * SIZE, clock=clock)
     store.put(key(0), META, block(0))
     store.put(key(1), META, block(1))
+    assert store.lease([key(7), key(0)], ttl=5.0)[1] == 0  # a prefix: nothing after a missing block
+    assert store.release(store.lease([key(0), key(7), key(1)], ttl=5.0)[0]) and store.pinned == 0
     lease, pinned = store.lease([key(0), key(1), key(7)], ttl=5.0)
     assert pinned == 2 and store.pinned == 2
     with pytest.raises(StoreError, match="pinned") as e:

@@ -262,6 +262,69 @@ def test_cancel_frees_blocks_everywhere_and_uncollected_leases_expire(
     assert all_idle(idle, cluster)
 
 
+@pytest.fixture(scope="module")
+def cramped(loop, platform, default_model_dir):
+    """A prefill and a decode worker on a KV store whose memory holds two blocks and has no Redis."""
+    kv = KVStore(2 * 2**20)
+    store = loop.run(start_store(kv))
+    prefill, prefill_service = platform.start_worker(
+        default_model_dir, dict(role="prefill", kvstore=store.address), **KV
+    )
+    decode, decode_service = platform.start_worker(
+        default_model_dir, dict(role="decode", kvstore=store.address), **KV
+    )
+    server, router = platform.start_router(
+        [prefill.address, decode.address], kvstore=store.address, disagg_threshold=THRESHOLD
+    )
+    yield {"kv": kv, "prefill": prefill_service, "decode": decode_service, "router": router,
+           "stub": router_pb2_grpc.RouterStub(grpc.insecure_channel(server.address))}  # fmt: skip
+    loop.run(store.stop())
+
+
+def test_handoffs_that_the_store_cannot_hold_or_the_decode_cannot_take_still_answer_right(
+    idle, cramped, reference, tok, system_prompt
+):
+    """Handoff faults, each answered with the monolithic engine's tokens: (1) the store evicts most of
+    a handoff's blocks at once (lease pins only what it holds, the rest goes inline); (2) the inline
+    part would be over the gRPC message cap (the decode worker prefills instead); (3) the decode cannot
+    import the handle after the first token went out (the rest is generated as a continuation)."""
+    stub, metrics = cramped["stub"], cramped["router"].metrics
+    prompt = chat(tok, system_prompt, "Which rooms show paintings?")
+    want = reference.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0))[0].output_token_ids
+
+    def ask(name):
+        route, chunks = run(stub, request(name, prompt, cache_salt=name))
+        assert [t for c in chunks for t in c.token_ids] == want, name
+        assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+            len(prompt),
+            len(want),
+        )
+        return route, chunks
+
+    route, chunks = ask("evicted")
+    assert "prefill=127.0.0.1" in route and chunks[0].worker != chunks[-1].worker  # a real handoff
+    assert metrics.handoff_fallbacks._value.get() == 0  # the decode took it: no block it needed was gone
+
+    cramped["prefill"].max_inline_bytes = 2**20
+    try:
+        ask("too-large")
+    finally:
+        cramped["prefill"].max_inline_bytes = 60 * 2**20
+    assert metrics.prefill_fallbacks._value.get() == 1
+
+    decode = cramped["decode"]
+
+    async def lost(handle):  # as when the store lost the blocks between the prefill and the decode
+        decode._import = real_import
+        raise grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, None, None, "block gone")
+
+    real_import = decode._import
+    decode._import = lost
+    route, chunks = ask("lost")
+    assert decode._import == real_import and metrics.handoff_fallbacks._value.get() == 1
+    assert all(idle(w) for w in (cramped["prefill"], decode)) and cramped["kv"].pinned == 0
+
+
 def test_prefix_aware_routing_follows_kv_events_and_spreads_under_load(
     platform, idle, default_model_dir, tok, system_prompt
 ):
