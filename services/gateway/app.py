@@ -114,6 +114,8 @@ class Gateway:
         self.created = int(time.time())
         self._info: dict[str, object] = {}
         self.metrics = GatewayMetrics()
+        self.inflight = 0  # HTTP requests being answered (a stream until its last byte)
+        self.draining = False  # shutting down: new requests get 503 (services/gateway/server.py)
 
     async def info(self, model: str):
         """The model's tokenizer info: a served model, or a LoRA fine-tune of one (found in the store
@@ -368,9 +370,11 @@ class RequestIdAndAuth:
                 status[0] = message["status"]
             await send(message)
 
+        self.gateway.inflight += 1
         try:
             await self._serve(scope, receive, send_with_id, headers)
         finally:
+            self.gateway.inflight -= 1
             route = scope.get("route")
             path = getattr(route, "path", "other")  # the route's template: bounded label values
             m = self.gateway.metrics
@@ -387,6 +391,9 @@ class RequestIdAndAuth:
             size = 0
         need = required_scope(scope["method"], path)
         try:
+            if gw.draining:  # /health too: a load balancer stops sending here
+                raise OpenAIError(503, "the gateway is shutting down; retry", code="shutting_down",
+                                  headers={"Retry-After": "1"})  # fmt: skip
             if size > limit:
                 raise OpenAIError(
                     413, f"request body of {size} bytes is over the limit of {limit}", code="body_too_large"

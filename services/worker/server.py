@@ -89,6 +89,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         kvstore: str | None = None,
         lease_ttl: float = 60.0,
         max_inline_bytes: int = MAX_INLINE_BYTES,
+        watchdog_s: float = 300.0,
         models: ModelStore | None = None,
         registry: CollectorRegistry | None = None,
     ):
@@ -102,6 +103,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.store = KVStoreClient(kvstore) if kvstore else None
         self.lease_ttl = lease_ttl
         self.max_inline_bytes = max_inline_bytes
+        self.watchdog_s = watchdog_s  # one engine step longer than this: the worker reports itself down
         self.models = models  # where LoRA fine-tunes of this model are found (multi-LoRA serving)
         self.counters = {"store_fetched_blocks": 0, "store_published_blocks": 0}
         self.timers = {"kv_publish_seconds": 0.0, "kv_import_seconds": 0.0, "kv_fetch_seconds": 0.0}
@@ -342,9 +344,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Abort(self, request, context):
         return common_pb2.AbortResponse(aborted=await self.engine.abort(request.request_id))
 
+    def stalled(self) -> bool:
+        """The watchdog: True while the engine has spent over `watchdog_s` in a single step."""
+        return self.engine.stalled_for() > self.watchdog_s
+
     async def GetLoad(self, request, context):
         if self.engine.dead is not None:  # the router's health check marks this worker down
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"the engine failed: {self.engine.dead}")
+        if self.stalled():
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"the engine is stuck in one step for {self.engine.stalled_for():.0f} s")  # fmt: skip
         load = self.engine.load()
         eng = self.engine.engine
         return worker_pb2.LoadReport(

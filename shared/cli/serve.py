@@ -127,6 +127,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-body-mb", type=int, default=16, help="largest JSON request body (413 beyond)")
     q.add_argument("--max-upload-mb", type=int, default=512, help="largest POST /v1/files body")
     q.add_argument("--allow-priority", action="store_true", help="let clients set `priority`")
+    q.add_argument("--drain-grace", type=float, default=30.0,
+                   help="at SIGTERM, seconds in-flight requests get to finish (new ones: 503)")  # fmt: skip
     q.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds one generation may take, start to end (default 600)")  # fmt: skip
     q.add_argument("--route-header", action="store_true",
@@ -264,6 +266,7 @@ async def run_gateway(args) -> None:
     from services.gateway.app import create_app
     from services.gateway.auth import KeyRing, KeySpecError, exposure_warning
     from services.gateway.protocol import Limits
+    from services.gateway.server import DrainingServer
 
     if not args.tokenizer or not args.router:
         raise ValueError("the gateway needs --tokenizer HOST:PORT and --router HOST:PORT")
@@ -287,10 +290,11 @@ async def run_gateway(args) -> None:
         limits=limits,
     )
     # log_config=None: uvicorn's loggers go through the root handler (JSON lines with request ids)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="info", log_config=None)
+    server = DrainingServer(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="info", log_config=None),
+        grace=args.drain_grace,
     )
-    task = asyncio.create_task(server.serve())  # uvicorn drains and stops on SIGTERM / Ctrl-C itself
+    task = asyncio.create_task(server.serve())  # SIGTERM / Ctrl-C: new requests 503, in-flight ones finish
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:

@@ -204,7 +204,7 @@ class ServiceActor:
         if getattr(self, "group_failed", False):
             return False
         if self.kind == "worker" and self.service is not None:
-            return self.service.engine.dead is None
+            return self.service.engine.dead is None and not self.service.stalled()  # (the watchdog)
         return True
 
     async def _start_gateway(self, o: dict, port: int) -> str:
@@ -212,6 +212,7 @@ class ServiceActor:
 
         from services.gateway.app import create_app
         from services.gateway.protocol import Limits
+        from services.gateway.server import DrainingServer
 
         async def platform_status() -> dict:
             return await ray.get_actor(CONTROLLER).status.remote()
@@ -224,10 +225,9 @@ class ServiceActor:
                           allow_priority=o["allow_priority"], route_header=o["route_header"],
                           request_timeout_s=o["request_timeout_s"]),
         )  # fmt: skip
-        server = uvicorn.Server(
+        server = DrainingServer(
             uvicorn.Config(app, host=o["host"], port=port or o["port"], log_level="warning", log_config=None)
-        )
-        server.install_signal_handlers = lambda: None  # the actor, not uvicorn, owns the process
+        )  # (uvicorn takes no signals off the main thread: the actor's stop() drains it)
         task = asyncio.create_task(server.serve())
         while not server.started:
             if task.done():
@@ -265,8 +265,7 @@ class ServiceActor:
             return
         if self.kind == "gateway":
             server, task = self.server
-            server.should_exit = True
-            await task
+            await server.stop(task)  # new requests 503, in-flight ones finish
         elif self.service is not None:
             await self.server.stop(self.service.close)
             runner = getattr(self, "group_runner", None)

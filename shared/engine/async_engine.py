@@ -25,6 +25,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 
 import torch
@@ -75,6 +76,7 @@ class RequestStream:
 
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine):
+        self.busy_since: float | None = None  # when the step in progress began (engine thread)
         self.engine = engine
         self.loop: asyncio.AbstractEventLoop | None = None
         self.streams: dict[str, RequestStream] = {}
@@ -171,6 +173,12 @@ class AsyncLLMEngine:
     def unsubscribe_kv_events(self, q: asyncio.Queue) -> None:
         self.kv_subscribers.discard(q)
 
+    def stalled_for(self) -> float:
+        """Seconds the engine thread has been inside one step (0 when between steps): the watchdog's
+        reading. A step normally takes milliseconds; a hung kernel or device shows here."""
+        since = self.busy_since
+        return time.monotonic() - since if since is not None else 0.0
+
     def load(self) -> dict:
         """Scheduler and cache state for routers and metrics (a snapshot; read without locking)."""
         eng = self.engine
@@ -242,6 +250,7 @@ class AsyncLLMEngine:
                 self.wakeup.wait()
                 self.wakeup.clear()
                 continue
+            self.busy_since = time.monotonic()
             try:
                 outputs = self.engine.step()
             except BaseException as e:
@@ -250,6 +259,8 @@ class AsyncLLMEngine:
                 self._fail_all(e)
                 self._drain_commands(e)
                 return
+            finally:
+                self.busy_since = None
             self._deliver(outputs)
             self._deliver_kv_events()
         self._drain_commands(EngineDeadError("the engine is shut down"))

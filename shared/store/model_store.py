@@ -21,6 +21,7 @@ half-written model.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -174,7 +175,9 @@ class ModelStore:
             except (ConfigError, WeightError, AdapterError) as e:
                 raise StoreError(f"cannot import '{name}': {e}") from e
             (staging / METADATA).write_text(json.dumps(asdict(info), indent=2))
+            _fsync_tree(staging)  # the files are on disk before the rename makes them the model
             staging.rename(self.path(name))
+            _fsync(self.root)  # and the rename itself survives a crash
         return info
 
     @contextmanager
@@ -188,6 +191,22 @@ class ModelStore:
         finally:
             if staging.exists():  # still here: the import failed before the final rename
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # (Linux flushes through a read-only descriptor too)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then the directories that name them."""
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+        if not path.is_symlink():
+            _fsync(path)
+    _fsync(root)
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> None:

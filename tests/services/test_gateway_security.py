@@ -233,6 +233,40 @@ def test_a_generation_past_the_time_limit_ends_with_a_clear_error(platform, stac
     assert events[0]["choices"] and "time limit" in events[-1]["error"]["message"]
 
 
+def test_sigterm_drains_the_gateway_process(stack):
+    """`tandem serve gateway` as its own process: at SIGTERM the stream in flight runs to its end,
+    a new request (and /health) gets 503 with Retry-After, and the process then exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli.main", "serve", "gateway", "--port", "0", "--tokenizer",
+         stack["tokenizer"], "--router", stack["router"]],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert "gateway listening on" in line, proc.stderr.read() if proc.poll() is not None else line
+        url = "http://" + line.split()[-1]
+        body = {"model": MODEL, "messages": CHAT, "max_tokens": 80, "temperature": 0, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as held:
+            lines = held.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            r = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=10)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "shutting_down"
+            assert httpx.get(url + "/health", timeout=10).status_code == 503
+            rest = [x for x in lines if x.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]" and len(rest) > 60  # the stream in flight was not cut
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+
+
 def test_same_client_request_id_twice_at_once_and_odd_header_bytes(open_gateway):
     """The client's X-Request-Id is echoed and logged but does not key the request inside the
     platform, so two requests sending the same one both succeed; a non-UTF-8 header byte is no 500."""

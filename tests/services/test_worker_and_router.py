@@ -152,3 +152,44 @@ def test_shutdown_drains_in_flight_streams(platform, loop, default_model_dir, pr
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(request("late", prompt)))
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_watchdog_reports_a_worker_stuck_in_a_step_and_the_router_avoids_it(
+    idle, workers, router, prompt
+):
+    """An engine step that does not return (a hung kernel or device) turns the worker's GetLoad into
+    UNAVAILABLE once it passes `watchdog_s`, so the router's health check takes it out, and the actor
+    is restarted under `tandem up`; when the step returns the worker reports normally again."""
+    import threading
+    import time
+
+    (server, service), (other, _) = workers
+    stub, router_service = router
+    release = threading.Event()
+    step = service.engine.engine.step
+
+    def hung_step():
+        release.wait(30)
+        service.engine.engine.step = step
+        return step()
+
+    service.watchdog_s = 0.5
+    service.engine.engine.step = hung_step
+    worker = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(server.address))
+    call = worker.Generate(request("stuck", prompt, max_tokens=4))
+    try:
+        time.sleep(1.0)
+        with pytest.raises(grpc.RpcError) as e:
+            worker.GetLoad(worker_pb2.LoadRequest(), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "stuck in one step" in e.value.details()
+        time.sleep(1.5)  # the router's next health round
+        assert [w.healthy for w in router_service.workers if w.address == server.address] == [False]
+        for i in range(2):  # round robin, but only the healthy worker serves
+            chunks = list(stub.Generate(request(f"around{i}", prompt, max_tokens=2)))
+            assert chunks[-1].worker == other.address
+    finally:
+        release.set()
+        service.watchdog_s = 300.0
+    assert list(call)[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert worker.GetLoad(worker_pb2.LoadRequest(), timeout=10).worker_id
+    assert idle(service)
