@@ -53,6 +53,10 @@ def store_metrics(store: KVStore):
         gauge("kvstore_pinned_blocks", "Blocks pinned by handoff leases (not evictable).", {}, s["pinned_blocks"]),
         gauge("kvstore_leases", "Open handoff leases.", {}, s["leases"]),
         counter("kvstore_lease_expiries", "Leases that expired before a release.", {}, s["lease_expiries"]),
+        counter("kvstore_redis_errors", "Redis calls that failed (the store went on without Redis).", {},
+                s["redis_errors"]),
+        gauge("kvstore_degraded", "1 while Redis is configured but failing: the memory tier serves alone.", {},
+              int(s["degraded"])),
     ]  # fmt: skip
 
 

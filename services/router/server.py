@@ -36,6 +36,7 @@ router releases a handoff's store lease that no decode collected.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 from collections.abc import AsyncIterator
@@ -140,7 +141,9 @@ class RouterService(router_pb2_grpc.RouterServicer):
         self.store = KVStoreClient(kvstore, timeout=health_timeout) if kvstore else None
         self.workers = [self._handle(address) for address in workers]
         self.retired: list[WorkerHandle] = []  # removed by set_workers, finishing their requests
-        self._rr = itertools.count()
+        self._rr: dict[str, itertools.count] = collections.defaultdict(
+            itertools.count
+        )  # a turn per pick kind
         self._health_task: asyncio.Task | None = None
         self._started = False
         self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry(), self)
@@ -243,11 +246,14 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 )
         return []
 
-    def pick(self, candidates: list[WorkerHandle], keys: list[bytes] = ()) -> WorkerHandle | None:
+    def pick(
+        self, candidates: list[WorkerHandle], keys: list[bytes] = (), kind: str = "decode"
+    ) -> WorkerHandle | None:
         if not candidates:
             return None
-        if self.policy == "round_robin":
-            return candidates[next(self._rr) % len(candidates)]
+        if self.policy == "round_robin":  # decode and prefill picks take turns apart (a shared turn
+            # would send every request to the same decode worker when both roles have two)
+            return candidates[next(self._rr[kind]) % len(candidates)]
         least = min(candidates, key=lambda w: (w.score, -w.match(keys)))
         if self.policy == "least_loaded" or not keys:
             return least
@@ -281,7 +287,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 log.warning("KV store lookup failed: %s", e.code().name)
         cached = max(local, in_store) * self._block_size()
         if len(request.prompt_token_ids) - cached > self.disagg_threshold:
-            route.prefill = self.pick(prefillers, keys)
+            route.prefill = self.pick(prefillers, keys, kind="prefill")
             route.cached_tokens = min(
                 max(route.prefill.match(keys), in_store) * self._block_size(), len(request.prompt_token_ids)
             )
@@ -327,10 +333,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
             log.info("route %s: %s", request.request_id, route.header())
             self.metrics.routed(route, len(request.prompt_token_ids), retry=attempt > 0)
             tried.add(route.decode.address)
-            started = False
+            started = 0  # tokens the caller has
             try:
                 async for chunk in self._run(route, request, timeout):
-                    started = True
+                    started += len(chunk.token_ids)
                     yield chunk
                 return
             except grpc.aio.AioRpcError as e:
@@ -346,6 +352,11 @@ class RouterService(router_pb2_grpc.RouterServicer):
                     self.metrics.retries.labels(e.code().name).inc()
                     last_error = e
                     continue
+                if started and e.code() in RETRYABLE:  # mid-stream: gRPC's words ("Socket closed") say little
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        route.decode.healthy = False
+                    await context.abort(e.code(), f"the worker serving this request failed after {started} "
+                                        f"tokens ({e.details() or e.code().name}); retry the request")  # fmt: skip
                 await context.abort(e.code(), e.details() or e.code().name)
         await context.abort(grpc.StatusCode.UNAVAILABLE, "every worker tried failed")
 

@@ -8,6 +8,8 @@ dtype and shape, and its payload as raw bytes. Tiers:
   redis    optional (`redis://` URL). Every put is written through, so a block evicted from memory is
            still served (and promoted back to memory), and a store restarted on the same Redis finds
            its blocks again. Values are `header length (4 bytes, little endian) | JSON header | bytes`.
+           A Redis that fails (down, timing out) does not fail the store: it goes on with its memory
+           tier, reports itself `degraded`, and tries Redis again every REDIS_RETRY_S seconds.
 
 Leases pin blocks for a handoff: `lease(keys, ttl)` keeps those blocks from being evicted until the
 lease is released or its TTL passes (a decode that never comes cannot leak them). Expired leases are
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import struct
 import threading
 import time
@@ -31,6 +34,8 @@ from dataclasses import asdict, dataclass
 REDIS_PREFIX = b"tandem:kv:"
 MAX_LEASE_TTL = 3600.0  # seconds a handoff may pin its blocks
 REDIS_TTL = 7 * 24 * 3600  # seconds a block stays in Redis after its last put
+REDIS_RETRY_S = 5.0  # after a Redis failure, the store uses its memory tier alone this long
+log = logging.getLogger("tandem.kvstore")
 
 
 def redact(url: str) -> str:
@@ -87,8 +92,9 @@ class KVStore:
         self.lock = threading.Lock()
         self.counters = {"puts": 0, "gets": 0, "memory_hits": 0, "redis_hits": 0, "misses": 0, "evictions": 0,
                          "memory_bytes_read": 0, "redis_bytes_read": 0, "bytes_written": 0,
-                         "lease_expiries": 0}  # fmt: skip
+                         "lease_expiries": 0, "redis_errors": 0}  # fmt: skip
         self.redis = None
+        self.redis_down_until = float("-inf")  # a failed Redis is left alone until then
         if redis_url:
             import redis
 
@@ -112,10 +118,10 @@ class KVStore:
             self._sweep()
             self.counters["puts"] += 1
             self.counters["bytes_written"] += len(data)
-            if self.redis is not None:
+            if self._redis_up():
                 header = meta.to_json()
                 value = struct.pack("<I", len(header)) + header + data
-                self.redis.set(REDIS_PREFIX + key, value, ex=self.redis_ttl)  # a cache: entries expire
+                self._redis(lambda r: r.set(REDIS_PREFIX + key, value, ex=self.redis_ttl))  # entries expire
             self._remember(key, meta, data)
 
     def get(self, key: bytes, layout: str | None = None) -> tuple[BlockMeta, bytes]:
@@ -127,7 +133,7 @@ class KVStore:
                 self.memory.move_to_end(key, last=False)
                 self.counters["memory_hits"] += 1
                 self.counters["memory_bytes_read"] += len(found[1])
-            elif self.redis is not None and (raw := self.redis.get(REDIS_PREFIX + key)) is not None:
+            elif self._redis_up() and (raw := self._redis(lambda r: r.get(REDIS_PREFIX + key))) is not None:
                 (n,) = struct.unpack_from("<I", raw)
                 found = (BlockMeta.from_json(raw[4 : 4 + n]), raw[4 + n :])
                 self.counters["redis_hits"] += 1
@@ -149,12 +155,13 @@ class KVStore:
             while in_memory < len(keys) and keys[in_memory] in self.memory:
                 in_memory += 1
             anywhere = in_memory
-            if self.redis is not None and anywhere < len(keys):
-                rest = keys[anywhere:]
-                exists = self.redis.pipeline()
+            rest = keys[anywhere:]
+            if rest and self._redis_up():
+                pipe = self.redis.pipeline()
                 for k in rest:
-                    exists.exists(REDIS_PREFIX + k)
-                for k, present in zip(rest, exists.execute(), strict=True):
+                    pipe.exists(REDIS_PREFIX + k)
+                found = self._redis(lambda r: pipe.execute()) or [False] * len(rest)
+                for k, present in zip(rest, found, strict=True):
                     if not present and k not in self.memory:
                         break
                     anywhere += 1
@@ -167,8 +174,10 @@ class KVStore:
                 if key in self.memory:
                     self.used -= len(self.memory.pop(key)[1])
                     deleted += 1
-            if self.redis is not None and keys:
-                deleted = max(deleted, int(self.redis.delete(*(REDIS_PREFIX + k for k in keys))))
+            if keys and self._redis_up():
+                deleted = max(
+                    deleted, int(self._redis(lambda r: r.delete(*(REDIS_PREFIX + k for k in keys))) or 0)
+                )
             return deleted
 
     def clear_memory(self) -> None:
@@ -207,6 +216,8 @@ class KVStore:
     def stats(self) -> dict:
         with self.lock:
             self._sweep()
+            if self.redis is not None and self._redis_up():  # a quiet store still notices a lost Redis
+                self._redis(lambda r: r.ping())
             return {
                 **self.counters,
                 "memory_blocks": len(self.memory),
@@ -215,16 +226,35 @@ class KVStore:
                 "pinned_blocks": len(self.pins),
                 "leases": len(self.leases),
                 "redis": self.redis is not None,
+                "degraded": self.redis is not None and not self._redis_up(),
             }
 
     # -- internals (lock held) -------------------------------------------------------------------
+
+    def _redis_up(self) -> bool:
+        return self.redis is not None and self.clock() >= self.redis_down_until
+
+    def _redis(self, call):
+        """call(redis client), or None when Redis fails: then the store carries on with its memory
+        tier (degraded) and leaves Redis alone for REDIS_RETRY_S seconds."""
+        import redis
+
+        try:
+            return call(self.redis)
+        except redis.RedisError as e:
+            self.counters["redis_errors"] += 1
+            self.redis_down_until = self.clock() + REDIS_RETRY_S
+            log.warning(
+                "Redis failed (%s); serving from the memory tier, retrying in %.0f s", e, REDIS_RETRY_S
+            )
+            return None
 
     def _remember(self, key: bytes, meta: BlockMeta, data: bytes) -> None:
         if key in self.memory:
             self.memory.move_to_end(key, last=False)
             return
         if len(data) > self.memory_bytes:
-            if self.redis is None:
+            if not self._redis_up():
                 raise StoreError(
                     "full", f"a {len(data)}-byte block exceeds the memory budget of {self.memory_bytes}"
                 )
@@ -241,7 +271,7 @@ class KVStore:
                 self.used -= freed
                 self.counters["evictions"] += 1
             if self.used + len(data) > self.memory_bytes:
-                if self.redis is None:
+                if not self._redis_up():
                     raise StoreError("full", "the memory tier is full of pinned blocks")
                 return
         self.memory[key] = (meta, data)

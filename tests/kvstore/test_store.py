@@ -133,3 +133,30 @@ def test_lease_ttls_are_bounded_and_redis_entries_expire(redis_url):
     with pytest.raises(StoreError) as e:
         KVStore(SIZE, "redis://:hunter2@127.0.0.1:1/0")
     assert "hunter2" not in str(e.value) and "redis://:***@127.0.0.1:1/0" in str(e.value)
+
+
+def test_a_lost_redis_leaves_the_memory_tier_serving_and_the_store_degraded(tmp_path):
+    """Redis stops under a running store: puts, gets, lookups and deletes go on in memory, the store
+    says it is degraded and counts the failures, and it tries Redis again after REDIS_RETRY_S."""
+    from shared.kvstore.store import REDIS_RETRY_S
+    from tests.redis_server import start_redis
+
+    proc, url = start_redis(tmp_path)
+    clock = Clock()
+    try:
+        store = KVStore(4 * SIZE, url, clock=clock)
+        store.put(key(0), META, block(0))
+        assert not store.stats()["degraded"]
+    finally:
+        proc.kill()
+        proc.wait()
+    store.put(key(1), META, block(1))  # Redis is gone: memory takes it
+    assert store.stats()["degraded"] and store.stats()["redis_errors"] == 1
+    assert store.get(key(0))[1] == block(0) and store.get(key(1))[1] == block(1)
+    assert store.lookup([key(0), key(1), key(2)]) == (2, 2)
+    with pytest.raises(StoreError, match="not in the store"):
+        store.get(key(2))
+    assert store.delete([key(1)]) == 1
+    assert store.stats()["redis_errors"] == 1  # left alone while in its retry window
+    clock.now += REDIS_RETRY_S
+    assert store.stats()["degraded"] and store.stats()["redis_errors"] == 2  # tried again: still down
