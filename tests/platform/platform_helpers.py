@@ -14,18 +14,19 @@ import pytest
 import yaml
 
 
-def tandem(*args, timeout=120) -> subprocess.CompletedProcess:
+def tandem(*args, timeout=120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli.main", *args], capture_output=True, text=True, timeout=timeout
-    )
+        [sys.executable, "-m", "shared.cli.main", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
 
 
-def start_platform(cfg_file: Path, env: dict[str, str] | None = None) -> dict:
-    """`tandem up --config cfg_file` in the background (with `env` added to the environment), once
-    ready: {"url", "proc", "log"}."""
+def start_platform(cfg_file: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> dict:
+    """`tandem up --config cfg_file [args]` in the background (with `env` added to the environment),
+    once ready: {"url", "proc", "log"}."""
     log = open(cfg_file.parent / "up.log", "w")  # noqa: SIM115 - closed by stop_platform
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli.main", "up", "--config", str(cfg_file)],
+        [sys.executable, "-m", "shared.cli.main", "up", "--config", str(cfg_file), *args],
         stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
     url = None

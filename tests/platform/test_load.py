@@ -28,7 +28,9 @@ def served(store_root, default_model_dir):
     procs = Processes(threads=2)
     try:
         tokenizer = procs.start("tokenizer", "--store", str(store_root))
-        worker = procs.start("worker", "--store", str(store_root), "--kv-cache-mb", "256", "--max-num-seqs", "32")
+        worker = procs.start(
+            "worker", "--store", str(store_root), "--kv-cache-mb", "256", "--max-num-seqs", "32"
+        )
         router = procs.start("router", "--worker", worker)
         gateway = procs.start("gateway", "--tokenizer", tokenizer, "--router", router)
         yield {"url": f"http://{gateway}", "worker": worker}
@@ -45,7 +47,9 @@ def test_two_hundred_mixed_requests_at_32_concurrency(served):
         if not stream:
             out = client.chat.completions.create(**kw)
             return out.choices[0].message.content, out.usage.completion_tokens
-        chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+        chunks = list(
+            client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+        )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         return text, chunks[-1].usage.completion_tokens
 
@@ -72,7 +76,9 @@ def test_two_hundred_mixed_requests_at_32_concurrency(served):
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         futures = {pool.submit(job[0], *job[1:]): job for job in jobs}
-        results = {futures[f]: f.result() for f in concurrent.futures.as_completed(futures)}  # any error fails
+        results = {
+            futures[f]: f.result() for f in concurrent.futures.as_completed(futures)
+        }  # any error fails
     elapsed = time.perf_counter() - started
 
     for i in range(PAIRS):
