@@ -61,7 +61,7 @@ def cluster():
 
 
 def test_services_bind_the_node_ip_and_serve_across_two_nodes(
-    cluster, tmp_path, store_root, default_model_dir
+    cluster, tmp_path, store_root, default_model_dir, monkeypatch
 ):
     import ray as ray_api
 
