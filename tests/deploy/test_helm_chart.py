@@ -190,6 +190,18 @@ def test_the_grafana_dashboards_are_what_their_builder_writes():
     assert built == {f.name: f.read_text() for f in GRAFANA.glob("*.json")}, "run deploy/grafana/build.py"
 
 
+def test_the_service_monitor_authenticates_with_a_key_of_its_own():
+    monitor = next(o for o in render(production()) if o["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["authorization"]["credentials"] == {
+        "name": "tandem-metrics-key",
+        "key": "key",
+    }
+    values = production()
+    del values["monitoring"]["serviceMonitor"]["apiKeySecret"]
+    with pytest.raises(helm.errors.HelmError, match="apiKeySecret.name: with API keys set"):
+        render(values)
+
+
 def test_a_worker_that_cannot_fit_its_pod_fails_the_render():
     with pytest.raises(helm.errors.HelmError, match="gpusPerActor \\(2\\) is more than gpusPerPod \\(1\\)"):
         render({"ray": {"gpuWorkers": {"gpusPerPod": 1, "gpusPerActor": 2}}})
