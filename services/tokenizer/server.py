@@ -11,6 +11,7 @@ vocabulary INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -25,6 +26,18 @@ from tandem.v1 import tokenizer_pb2_grpc
 
 SERVICE_NAME = "tandem.v1.Tokenizer"
 
+
+
+#: inputs at least this long (characters) are tokenized on a thread: a 16 MiB prompt must not stall
+#: every other caller of the service's event loop
+OFF_LOOP_CHARS = 16_384
+
+
+async def off_loop(size: int, fn, *args, **kwargs):
+    """fn(*args, **kwargs) here for small inputs, on a worker thread for large ones."""
+    if size < OFF_LOOP_CHARS:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 class ServedTokenizer:
     def __init__(self, name: str, path: Path, config_dir: Path | None = None):
@@ -78,14 +91,17 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                 for m in request.chat.messages
             ]
             add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
+            size = sum(len(m["content"]) for m in messages)
             try:
-                prompt = tok.apply_chat_template(messages, add_generation_prompt=add_gen)
+                prompt = await off_loop(size, tok.apply_chat_template, messages, add_generation_prompt=add_gen)
             except ChatTemplateError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chat template: {e}")
-            return pb.TokenizeResponse(token_ids=tok.encode(prompt, add_special_tokens=False), prompt=prompt)
+            ids = await off_loop(len(prompt), tok.encode, prompt, add_special_tokens=False)
+            return pb.TokenizeResponse(token_ids=ids, prompt=prompt)
         if kind == "text":
             special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            return pb.TokenizeResponse(token_ids=tok.encode(request.text, add_special_tokens=special))
+            ids = await off_loop(len(request.text), tok.encode, request.text, add_special_tokens=special)
+            return pb.TokenizeResponse(token_ids=ids)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either text or chat messages")
 
     async def _check_ids(self, served: ServedTokenizer, ids, context) -> None:
@@ -111,7 +127,8 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
         served = await self._model(request.model, context)
         await self._check_ids(served, request.token_ids, context)
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return pb.DetokenizeResponse(text=served.tokenizer.decode(list(request.token_ids), skip))
+        ids = list(request.token_ids)
+        return pb.DetokenizeResponse(text=await off_loop(len(ids) * 4, served.tokenizer.decode, ids, skip))
 
     async def Detokenize(self, request, context):
         return await self._detokenize(request, context)

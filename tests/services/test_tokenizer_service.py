@@ -69,3 +69,31 @@ def test_health(stub):
     for service in ("", "tandem.v1.Tokenizer"):
         resp = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_huge_prompt_does_not_stall_other_callers(stub):
+    """A multi-megabyte prompt is tokenized on a thread: while it runs, small calls still answer
+    at once instead of queueing behind it on the service's event loop. (The huge call comes from
+    another process, so this one's GIL does not blur the measurement.)"""
+    import subprocess
+    import sys
+    import time
+
+    s, channel = stub
+    address = channel._channel.target().decode()
+    big = subprocess.Popen([sys.executable, "-c", f"""
+import grpc
+from tandem.v1 import tokenizer_pb2 as pb, tokenizer_pb2_grpc
+stub = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel({address!r}, options=[
+    ("grpc.max_send_message_length", 2**26), ("grpc.max_receive_message_length", 2**26)]))
+text = "The quick brown fox jumps over the lazy dog. " * 200_000
+print(len(stub.Tokenize(pb.TokenizeRequest(text=text), timeout=300).token_ids))
+"""], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    latencies = []
+    while big.poll() is None:
+        t = time.perf_counter()
+        s.CountTokens(pb.TokenizeRequest(text="hello"), timeout=60)
+        latencies.append(time.perf_counter() - t)
+        time.sleep(0.02)
+    assert int(big.stdout.read()) > 2_000_000
+    assert len(latencies) > 10 and max(latencies) < 0.5, (len(latencies), max(latencies))
