@@ -118,10 +118,11 @@ class KVStore:
             self._sweep()
             self.counters["puts"] += 1
             self.counters["bytes_written"] += len(data)
-            if self._redis_up():
-                header = meta.to_json()
-                value = struct.pack("<I", len(header)) + header + data
-                self._redis(lambda r: r.set(REDIS_PREFIX + key, value, ex=self.redis_ttl))  # entries expire
+        if self._redis_up():  # (Redis I/O outside the lock: a slow Redis must not stall memory hits)
+            header = meta.to_json()
+            value = struct.pack("<I", len(header)) + header + data
+            self._redis(lambda r: r.set(REDIS_PREFIX + key, value, ex=self.redis_ttl))  # entries expire
+        with self.lock:
             self._remember(key, meta, data)
 
     def get(self, key: bytes, layout: str | None = None) -> tuple[BlockMeta, bytes]:
@@ -133,15 +134,17 @@ class KVStore:
                 self.memory.move_to_end(key, last=False)
                 self.counters["memory_hits"] += 1
                 self.counters["memory_bytes_read"] += len(found[1])
-            elif self._redis_up() and (raw := self._redis(lambda r: r.get(REDIS_PREFIX + key))) is not None:
+        if found is None:
+            raw = self._redis(lambda r: r.get(REDIS_PREFIX + key)) if self._redis_up() else None
+            with self.lock:
+                if raw is None:
+                    self.counters["misses"] += 1
+                    raise StoreError("not_found", f"block {key.hex()[:16]}… is not in the store")
                 (n,) = struct.unpack_from("<I", raw)
                 found = (BlockMeta.from_json(raw[4 : 4 + n]), raw[4 + n :])
                 self.counters["redis_hits"] += 1
                 self.counters["redis_bytes_read"] += len(found[1])
                 self._remember(key, *found)
-            else:
-                self.counters["misses"] += 1
-                raise StoreError("not_found", f"block {key.hex()[:16]}… is not in the store")
         meta, data = found
         if layout is not None and meta.layout != layout:
             raise StoreError("layout", f"block {key.hex()[:16]}… has layout '{meta.layout}', not '{layout}'")
@@ -154,18 +157,23 @@ class KVStore:
             in_memory = 0
             while in_memory < len(keys) and keys[in_memory] in self.memory:
                 in_memory += 1
-            anywhere = in_memory
-            rest = keys[anywhere:]
-            if rest and self._redis_up():
-                pipe = self.redis.pipeline()
+            rest = keys[in_memory:]
+            held = {k for k in rest if k in self.memory}
+        anywhere = in_memory
+        if rest and self._redis_up():
+
+            def exists(r):
+                pipe = r.pipeline()
                 for k in rest:
                     pipe.exists(REDIS_PREFIX + k)
-                found = self._redis(lambda r: pipe.execute()) or [False] * len(rest)
-                for k, present in zip(rest, found, strict=True):
-                    if not present and k not in self.memory:
-                        break
-                    anywhere += 1
-            return in_memory, anywhere
+                return pipe.execute()
+
+            found = self._redis(exists) or [False] * len(rest)
+            for k, present in zip(rest, found, strict=True):
+                if not present and k not in held:
+                    break
+                anywhere += 1
+        return in_memory, anywhere
 
     def delete(self, keys: list[bytes]) -> int:
         with self.lock:
@@ -174,11 +182,11 @@ class KVStore:
                 if key in self.memory:
                     self.used -= len(self.memory.pop(key)[1])
                     deleted += 1
-            if keys and self._redis_up():
-                deleted = max(
-                    deleted, int(self._redis(lambda r: r.delete(*(REDIS_PREFIX + k for k in keys))) or 0)
-                )
-            return deleted
+        if keys and self._redis_up():
+            deleted = max(
+                deleted, int(self._redis(lambda r: r.delete(*(REDIS_PREFIX + k for k in keys))) or 0)
+            )
+        return deleted
 
     def clear_memory(self) -> None:
         """Drop the memory tier (Redis keeps its copy); leases stay."""
@@ -214,10 +222,10 @@ class KVStore:
             return len(self.pins)
 
     def stats(self) -> dict:
+        if self._redis_up():  # a quiet store still notices a lost Redis
+            self._redis(lambda r: r.ping())
         with self.lock:
             self._sweep()
-            if self.redis is not None and self._redis_up():  # a quiet store still notices a lost Redis
-                self._redis(lambda r: r.ping())
             return {
                 **self.counters,
                 "memory_blocks": len(self.memory),
@@ -229,7 +237,7 @@ class KVStore:
                 "degraded": self.redis is not None and not self._redis_up(),
             }
 
-    # -- internals (lock held) -------------------------------------------------------------------
+    # -- Redis (called without the lock: a slow Redis must not stall the memory tier) -----------
 
     def _redis_up(self) -> bool:
         return self.redis is not None and self.clock() >= self.redis_down_until
@@ -242,12 +250,15 @@ class KVStore:
         try:
             return call(self.redis)
         except redis.RedisError as e:
-            self.counters["redis_errors"] += 1
-            self.redis_down_until = self.clock() + REDIS_RETRY_S
+            with self.lock:
+                self.counters["redis_errors"] += 1
+                self.redis_down_until = self.clock() + REDIS_RETRY_S
             log.warning(
                 "Redis failed (%s); serving from the memory tier, retrying in %.0f s", e, REDIS_RETRY_S
             )
             return None
+
+    # -- internals (lock held) -------------------------------------------------------------------
 
     def _remember(self, key: bytes, meta: BlockMeta, data: bytes) -> None:
         if key in self.memory:

@@ -160,3 +160,30 @@ def test_a_lost_redis_leaves_the_memory_tier_serving_and_the_store_degraded(tmp_
     assert store.stats()["redis_errors"] == 1  # left alone while in its retry window
     clock.now += REDIS_RETRY_S
     assert store.stats()["degraded"] and store.stats()["redis_errors"] == 2  # tried again: still down
+
+
+def test_a_hung_redis_does_not_stall_the_memory_tier(tmp_path):
+    """Redis I/O happens outside the store's lock: while one caller waits on a frozen Redis (SIGSTOP),
+    memory hits for others answer at once."""
+    import signal
+    import threading
+    import time
+
+    from tests.redis_server import start_redis
+
+    proc, url = start_redis(tmp_path)
+    try:
+        store = KVStore(4 * SIZE, url)
+        store.put(key(0), META, block(0))
+        proc.send_signal(signal.SIGSTOP)
+        stuck = threading.Thread(target=lambda: pytest.raises(StoreError, store.get, key(9)))
+        stuck.start()  # waits on Redis (up to its socket timeout)
+        time.sleep(0.3)
+        t = time.perf_counter()
+        assert store.get(key(0))[1] == block(0) and store.lookup([key(0)]) == (1, 1)
+        assert time.perf_counter() - t < 0.5 and stuck.is_alive()
+        proc.send_signal(signal.SIGCONT)
+        stuck.join(30)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
