@@ -27,7 +27,6 @@ from tandem.v1 import tokenizer_pb2_grpc
 SERVICE_NAME = "tandem.v1.Tokenizer"
 
 
-
 #: inputs at least this long (characters) are tokenized on a thread: a 16 MiB prompt must not stall
 #: every other caller of the service's event loop
 OFF_LOOP_CHARS = 16_384
@@ -38,6 +37,7 @@ async def off_loop(size: int, fn, *args, **kwargs):
     if size < OFF_LOOP_CHARS:
         return fn(*args, **kwargs)
     return await asyncio.to_thread(fn, *args, **kwargs)
+
 
 class ServedTokenizer:
     def __init__(self, name: str, path: Path, config_dir: Path | None = None):
@@ -93,7 +93,9 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
             add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
             size = sum(len(m["content"]) for m in messages)
             try:
-                prompt = await off_loop(size, tok.apply_chat_template, messages, add_generation_prompt=add_gen)
+                prompt = await off_loop(
+                    size, tok.apply_chat_template, messages, add_generation_prompt=add_gen
+                )
             except ChatTemplateError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chat template: {e}")
             ids = await off_loop(len(prompt), tok.encode, prompt, add_special_tokens=False)

@@ -157,10 +157,40 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return name
 
     async def Generate(self, request, context):
+        request_id = request.request_id or uuid.uuid4().hex
+        stream = await self._start(request_id, request, context)
+        self.metrics.arrived(request_id)
+        log.info(
+            "request %s: %d prompt tokens, role %s", request_id, len(request.prompt_token_ids), self.role
+        )
+        try:
+            async for out in stream:
+                self.metrics.output(out)
+                if out.finished:
+                    log.info("request %s finished: %s, %d tokens", request_id, out.finish_reason,
+                             len(out.output_token_ids))  # fmt: skip
+                chunk = chunk_from_output(out)
+                if out.kv_handoff is None:
+                    yield chunk
+                    continue
+                await self._attach_handle(chunk, out.kv_handoff, context)
+                try:
+                    yield chunk
+                except BaseException:  # nobody will collect it: unpin now, not at the TTL
+                    await self._release(chunk.kv_handle.lease_id)
+                    raise
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        finally:
+            self.metrics.finished(request_id, "abort")  # a no-op unless the caller left early
+            await stream.aclose()  # the caller left early: abort and free the blocks
+
+    async def _start(self, request_id: str, request, context):
+        """Admit the request (or abort the call with the status that says why) and add it to the
+        engine: from a KV handle (import, then unpin), or with the prefix the store holds."""
         lora = None
         if request.model and request.model != self.model:
             lora = await self._adapter(request.model, context)
-        request_id = request.request_id or uuid.uuid4().hex
         if request_id in self.engine.streams:
             await context.abort(
                 grpc.StatusCode.ALREADY_EXISTS, f"request_id '{request_id}' is already running"
@@ -200,34 +230,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION, f"cannot import the KV handle's blocks: {e.details()}"
             )
-        self.metrics.arrived(request_id)
-        log.info("request %s: %d prompt tokens, role %s", request_id, len(prompt), self.role)
+        return stream
+
+    async def _attach_handle(self, chunk: common_pb2.TokenChunk, handoff: KVHandoff, context) -> None:
+        """Publish a prefill's KV and put its handle on the chunk; a handoff too large to send inline
+        aborts the call with RESOURCE_EXHAUSTED (the router then prefills on the decode worker)."""
+        t0 = time.perf_counter()
         try:
-            async for out in stream:
-                self.metrics.output(out)
-                if out.finished:
-                    log.info("request %s finished: %s, %d tokens", request_id, out.finish_reason,
-                             len(out.output_token_ids))  # fmt: skip
-                chunk = chunk_from_output(out)
-                if out.kv_handoff is not None:
-                    t0 = time.perf_counter()
-                    try:
-                        chunk.kv_handle.CopyFrom(await self._publish(out.kv_handoff))
-                    except HandoffTooLarge as e:  # the router prefills on the decode worker instead
-                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-                    self.timers["kv_publish_seconds"] += time.perf_counter() - t0
-                    try:
-                        yield chunk
-                    except BaseException:  # nobody will collect it: unpin now, not at the TTL
-                        await self._release(chunk.kv_handle.lease_id)
-                        raise
-                else:
-                    yield chunk
-        except EngineDeadError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        finally:
-            self.metrics.finished(request_id, "abort")  # a no-op unless the caller left early
-            await stream.aclose()  # the caller left early: abort and free the blocks
+            chunk.kv_handle.CopyFrom(await self._publish(handoff))
+        except HandoffTooLarge as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        self.timers["kv_publish_seconds"] += time.perf_counter() - t0
 
     async def _fetch_prefix(
         self, prompt: list[int], cache_salt: str | None, lora: str | None = None

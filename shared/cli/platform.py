@@ -102,7 +102,8 @@ def cmd_up(args) -> int:
     warning = exposure_warning(cfg.gateway.host, [*cfg.gateway.api_keys, *envs.api_keys()])
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    env = {"runtime_env": {"env_vars": envs.security_env()}} if envs.security_env() else {}
+    security = envs.security_env()
+    env = {"runtime_env": {"env_vars": security}} if security else {}
     controller = Controller.options(name=CONTROLLER, num_cpus=0, **env).remote(cfg.to_dict())
     try:
         print(

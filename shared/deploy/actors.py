@@ -306,8 +306,8 @@ def actor_options(res: Resources) -> dict:
     options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
     if res.custom:  # e.g. {"tandem-gateway": 1}: only the node that offers it (a Kubernetes head pod)
         options["resources"] = dict(res.custom)
-    if envs.security_env():  # the internal token / TLS travel with the actor to whichever node runs it
-        options["runtime_env"] = {"env_vars": envs.security_env()}
+    if security := envs.security_env():  # the internal token / TLS travel with the actor to any node
+        options["runtime_env"] = {"env_vars": security}
     return options
 
 

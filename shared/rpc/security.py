@@ -125,42 +125,25 @@ class _Details(grpc.ClientCallDetails):
         self.compression = getattr(details, "compression", None)
 
 
-class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, token: str):
-        self.token = token
-
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(_with_token(details, self.token), request)
+async def _aio_send_token(self, continuation, details, request):
+    return await continuation(_with_token(details, self.token), request)
 
 
-class _AioUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, token: str):
-        self.token = token
-
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_with_token(details, self.token), request)
-
-
-class _AioStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, token: str):
-        self.token = token
-
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(_with_token(details, self.token), request_iterator)
-
-
-class _AioStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, token: str):
-        self.token = token
-
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(_with_token(details, self.token), request_iterator)
+_AIO_KINDS = {
+    grpc.aio.UnaryUnaryClientInterceptor: "intercept_unary_unary",
+    grpc.aio.UnaryStreamClientInterceptor: "intercept_unary_stream",
+    grpc.aio.StreamUnaryClientInterceptor: "intercept_stream_unary",
+    grpc.aio.StreamStreamClientInterceptor: "intercept_stream_stream",
+}
 
 
 def _aio_token_interceptors(token: str) -> list:
-    """One interceptor per call kind: an asyncio channel files each interceptor under the first kind
-    it implements only."""
-    return [cls(token) for cls in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)]
+    """One interceptor per call kind, each sending the token: an asyncio channel files an
+    interceptor under the first kind it implements only."""
+    return [
+        type(f"_Aio_{name}", (kind,), {name: _aio_send_token, "token": token})()
+        for kind, name in _AIO_KINDS.items()
+    ]
 
 
 class _SyncToken(
