@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared.cli.main import main as tandem_main
+from services.platform.cli.main import main as tandem_main
 from shared.store import BUILTIN, DEFAULT_MODEL, ModelStore
 from tests.redis_server import start_redis
 

@@ -81,7 +81,7 @@ class RayExecutor:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def launch(self, job: Job) -> str:
-        cmd = [sys.executable, "-m", "shared.cli.main", *trainer_command(job, self.address)[1:]]
+        cmd = [sys.executable, "-m", "services.platform.cli.main", *trainer_command(job, self.address)[1:]]
         env = dict(os.environ)
         if not self.address:  # its own local Ray, even when launched from inside a Ray actor
             env.pop("RAY_ADDRESS", None)

@@ -107,7 +107,16 @@ class Processes:
 
     def start(self, name: str, *args: str) -> str:
         port_file = self.dir / f"{name}-{len(self.procs)}.port"
-        cmd = [sys.executable, "-m", "shared.cli.main", "serve", name, "--port-file", str(port_file), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "services.platform.cli.main",
+            "serve",
+            name,
+            "--port-file",
+            str(port_file),
+            *args,
+        ]
         env = {**os.environ, "TANDEM_THREADS": str(self.threads)}
         logf = open(self.dir / f"{name}-{len(self.procs)}.log", "w")  # noqa: SIM115 - closed with the process
         self.procs.append(subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from shared.deploy.config import DEFAULT_CONFIG
+from services.platform.deploy.config import DEFAULT_CONFIG
 from tests.bench.common import emit, environment, log, model_path, parser
 
 
@@ -57,7 +57,7 @@ def tree_rss_mb(root_pid: int) -> float:
 def platform_once(config: Path) -> tuple[float, float]:
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli.main", "up", "--config", str(config)],
+        [sys.executable, "-m", "services.platform.cli.main", "up", "--config", str(config)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     ready = None
@@ -72,7 +72,9 @@ def platform_once(config: Path) -> tuple[float, float]:
         raise RuntimeError("tandem up did not become ready")
     time.sleep(2)  # let the idle Ray worker pool settle before measuring memory
     rss = tree_rss_mb(proc.pid)
-    subprocess.run([sys.executable, "-m", "shared.cli.main", "down"], capture_output=True, timeout=240)
+    subprocess.run(
+        [sys.executable, "-m", "services.platform.cli.main", "down"], capture_output=True, timeout=240
+    )
     proc.wait(120)
     return ready, rss
 

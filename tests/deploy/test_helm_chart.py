@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from shared.deploy.config import load_config
+from services.platform.deploy.config import load_config
 from tests.k8s_schemas import crd_schema, prune_nulls
 
 ROOT = Path(__file__).resolve().parents[2]

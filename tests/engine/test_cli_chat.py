@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from shared.cli.main import main as tandem_main
+from services.platform.cli.main import main as tandem_main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from services.platform.cli.main import main as tandem_main
 from shared import envs
-from shared.cli.main import main as tandem_main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.kernels import cpu_ops
 from shared.models.attention import causal_mask

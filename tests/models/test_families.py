@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.cli.main import main as tandem_main
+from services.platform.cli.main import main as tandem_main
 from shared.models.attention import VarlenAttention
 from shared.models.loader import load_model
 from tests.tiny_models import BASE, CASES, make_tiny

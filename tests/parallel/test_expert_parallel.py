@@ -9,7 +9,7 @@ import pytest
 import torch
 from ep_shard import run_group
 
-from shared.cli.main import main as tandem_main
+from services.platform.cli.main import main as tandem_main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.tokenizer import Tokenizer
 from tests.tiny_models import BASE, make_tiny

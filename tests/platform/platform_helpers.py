@@ -16,7 +16,7 @@ import yaml
 
 def tandem(*args, timeout=120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli.main", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "services.platform.cli.main", *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )  # fmt: skip
 
@@ -26,7 +26,7 @@ def start_platform(cfg_file: Path, env: dict[str, str] | None = None, args: tupl
     once ready: {"url", "proc", "log"}."""
     log = open(cfg_file.parent / "up.log", "w")  # noqa: SIM115 - closed by stop_platform
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli.main", "up", "--config", str(cfg_file), *args],
+        [sys.executable, "-m", "services.platform.cli.main", "up", "--config", str(cfg_file), *args],
         stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})},
     )  # fmt: skip
     url = None

@@ -27,7 +27,7 @@ from platform_helpers import (
     write_config,
 )
 
-from shared.cli.main import main as tandem_main
+from services.platform.cli.main import main as tandem_main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.prometheus_server import prometheus_binary, query, start_prometheus
 

@@ -24,7 +24,7 @@ from platform_helpers import (
     write_config,
 )
 
-from shared.cli.main import main
+from services.platform.cli.main import main
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from tandem.v1 import router_pb2, router_pb2_grpc
 

@@ -34,7 +34,7 @@ class ControllerProcess:
     def start(self) -> str:
         port_file = self.home / "port"
         port_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "shared.cli.main", "serve", "controller", "--store", str(self.store_root),
+        cmd = [sys.executable, "-m", "services.platform.cli.main", "serve", "controller", "--store", str(self.store_root),
                "--home", str(self.home), "--cpus", "1", "--port", str(self.port), "--port-file", str(port_file),
                "--threads-per-worker", "2", "--poll-interval", "0.3"]  # fmt: skip
         self.proc = subprocess.Popen(
@@ -210,7 +210,7 @@ def test_a_lora_job_survives_a_controller_restart_and_its_model_is_served_beside
 
 
 def tandem(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli.main", "train", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "services.platform.cli.main", "train", *args], capture_output=True,
                           text=True, timeout=timeout)  # fmt: skip
 
 
@@ -233,7 +233,7 @@ def test_the_cli_submits_follows_and_cancels_and_cancelling_stops_the_trainer(cl
     job_id = submitted.stdout.strip()
     wait_for(client, job_id, ("running",))
     assert trainer_processes(job_id)
-    follower = subprocess.Popen([sys.executable, "-m", "shared.cli.main", "train", "logs", *ctl, job_id, "--follow"],
+    follower = subprocess.Popen([sys.executable, "-m", "services.platform.cli.main", "train", "logs", *ctl, job_id, "--follow"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     cancelled = tandem("cancel", *ctl, job_id)
     assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"{job_id} cancelled"

@@ -241,7 +241,7 @@ def test_sigterm_drains_the_gateway_process(stack):
     import sys
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli.main", "serve", "gateway", "--port", "0", "--tokenizer",
+        [sys.executable, "-m", "services.platform.cli.main", "serve", "gateway", "--port", "0", "--tokenizer",
          stack["tokenizer"], "--router", stack["router"]],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

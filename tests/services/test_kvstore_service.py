@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from services.kvstore.server import CHUNK_BYTES, start_server
-from shared.cli.main import main
+from services.platform.cli.main import main
 from shared.kvstore import KVStore
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.cli.main import build_parser, main
-from shared.cli.serve import _apply_config
+from services.platform.cli.main import build_parser, main
+from services.platform.cli.serve import _apply_config
 
 
 def test_config_file_fills_defaults_and_flags_win(tmp_path):

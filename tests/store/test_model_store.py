@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from shared.cli.main import main as tandem_main
+from services.platform.cli.main import main as tandem_main
 from shared.models.attention import VarlenAttention
 from shared.models.loader import load_model
 from shared.store import ModelStore, StoreError

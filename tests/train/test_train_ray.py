@@ -23,7 +23,10 @@ pytestmark = pytest.mark.slow
 
 def tandem(*args, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli.main", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "services.platform.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shared.cli.generate import add_engine_args, add_sampling_args, load_engine, sampling_params
+from services.platform.cli.generate import add_engine_args, add_sampling_args, load_engine, sampling_params
 
 
 def register(sub: argparse._SubParsersAction) -> None:

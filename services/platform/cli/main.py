@@ -10,13 +10,13 @@ import argparse
 import logging
 import sys
 
-from shared.cli import chat as chat_cmd
-from shared.cli import generate as generate_cmd
-from shared.cli import keys as keys_cmd
-from shared.cli import models as models_cmd
-from shared.cli import platform as platform_cmd
-from shared.cli import serve as serve_cmd
-from shared.cli import train as train_cmd
+from services.platform.cli import chat as chat_cmd
+from services.platform.cli import generate as generate_cmd
+from services.platform.cli import keys as keys_cmd
+from services.platform.cli import models as models_cmd
+from services.platform.cli import platform as platform_cmd
+from services.platform.cli import serve as serve_cmd
+from services.platform.cli import train as train_cmd
 
 
 def build_parser() -> argparse.ArgumentParser:

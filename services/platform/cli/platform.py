@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from services.gateway.auth import exposure_warning, plain_keys
+from services.platform.deploy.config import ConfigError, load_config
 from shared import envs
-from shared.deploy.config import ConfigError, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _ray_init(address: str | None, num_cpus: float | None = None):
     import ray
 
-    from shared.deploy.actors import NAMESPACE
+    from services.platform.deploy.actors import NAMESPACE
 
     kwargs = dict(namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
     if address:
@@ -64,7 +64,7 @@ def _controller(address: str):
         ray, _ = _ray_init(address)
     except (ConnectionError, RuntimeError) as e:
         raise ValueError(f"no Ray cluster to join at '{address}' (is `tandem up` running?): {e}") from e
-    from shared.deploy.actors import CONTROLLER
+    from services.platform.deploy.actors import CONTROLLER
 
     try:
         return ray, ray.get_actor(CONTROLLER)
@@ -91,7 +91,7 @@ def cmd_up(args) -> int:
     num_cpus = None if args.address else max(os.cpu_count() or 1, math.ceil(wanted) + 4)
     started = time.monotonic()
     ray, dashboard = _ray_init(args.address, num_cpus)
-    from shared.deploy.actors import CONTROLLER, Controller
+    from services.platform.deploy.actors import CONTROLLER, Controller
 
     try:
         ray.get_actor(CONTROLLER)

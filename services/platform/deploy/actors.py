@@ -22,8 +22,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from services.platform.deploy.config import DeploymentConfig, Resources
 from shared import envs
-from shared.deploy.config import DeploymentConfig, Resources
 from shared.telemetry.logs import configure_logging
 
 log = logging.getLogger("tandem.deploy")
@@ -314,7 +314,7 @@ def actor_options(res: Resources) -> dict:
 @ray.remote
 class Controller:
     def __init__(self, config: dict):
-        from shared.deploy.config import _build
+        from services.platform.deploy.config import _build
 
         self.cfg: DeploymentConfig = _build(DeploymentConfig, config, "")
         self.state = "starting"

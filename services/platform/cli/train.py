@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     val = tsub.add_parser("validate", help="check a job spec and its dataset without training")
     val.add_argument("--config", type=Path, required=True)
     val.set_defaults(func=cmd_validate)
-    from shared.cli import train_jobs
+    from services.platform.cli import train_jobs
 
     train_jobs.register(tsub)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 ROLES = ("tokenizer", "kvstore", "router", "gateway", "controller", "prefill", "decode")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"
 
 
 class ConfigError(ValueError):
