@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.engine.sampling_params import SamplingParams
+from shared.core.sampling_params import SamplingParams
 
 
 class OpenAIError(Exception):

@@ -14,7 +14,7 @@ import asyncio
 import grpc
 
 from shared.kvstore import BlockMeta, KVStore, StoreError
-from shared.kvstore.client import CHUNK_BYTES
+from shared.kvstore.store import CHUNK_BYTES
 from shared.telemetry.metrics import Snapshot, counter, family, gauge
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc

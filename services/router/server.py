@@ -7,7 +7,7 @@ Workers come from config; each reports its role (monolithic, prefill, decode) an
 GetLoad, polled every `health_interval` seconds (a worker that fails is skipped until it answers
 again), and streams its prefix cache's changes (KVEvents) into the router's prefix index: per
 worker, the set of block keys it caches. A request's block keys are computed here with the same
-hash chain the engines use (shared/engine/kv_hash.py), so "how much of this prompt does worker w
+hash chain the engines use (shared/core/kv_hash.py), so "how much of this prompt does worker w
 hold" is a few set lookups.
 
 Policies pick among candidate workers:
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from shared.engine.kv_hash import prompt_block_keys
+from shared.core.kv_hash import prompt_block_keys
 from shared.kvstore.client import KVStoreClient
 from shared.rpc.interceptors import REQUEST_ID_KEY
 from shared.rpc.security import channel as open_channel

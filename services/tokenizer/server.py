@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from shared.engine.sampling_params import SamplingParams
+from shared.core.sampling_params import SamplingParams
 from shared.store import ModelStore, StoreError
 from shared.tokenizer import ChatTemplateError, Tokenizer
 from shared.tokenizer.detokenizer import IncrementalDetokenizer

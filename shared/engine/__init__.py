@@ -2,10 +2,10 @@
 continuous-batching scheduler with chunked prefill and preemption, a model runner and a sampler;
 synchronous (LLMEngine) and asyncio (AsyncLLMEngine) front ends; KV handoff for disaggregation."""
 
+from shared.core.sampling_params import SamplingParams
 from shared.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from shared.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from shared.engine.kv_transfer import KVHandoff
-from shared.engine.sampling_params import SamplingParams
 
 __all__ = [
     "AsyncLLMEngine",

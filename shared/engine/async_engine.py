@@ -30,9 +30,9 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from shared.core.sampling_params import SamplingParams
 from shared.engine.engine import LLMEngine, RequestOutput
 from shared.engine.kv_transfer import KVHandoff
-from shared.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("tandem.engine")
 

@@ -31,14 +31,15 @@ from pathlib import Path
 
 import torch
 
+from shared.core.kv_hash import prompt_block_keys
+from shared.core.logprobs import TokenLogprob
+from shared.core.sampling_params import SamplingParams
 from shared.engine.block_pool import BlockPool
 from shared.engine.kv_cache_manager import KVCacheManager
-from shared.engine.kv_hash import prompt_block_keys
 from shared.engine.kv_transfer import KVHandoff
 from shared.engine.model_runner import ModelRunner, kv_bytes_per_token
-from shared.engine.request import Request, RequestStatus, TokenLogprob
+from shared.engine.request import Request, RequestStatus
 from shared.engine.sampler import Sampler
-from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler, SchedulerConfig
 from shared.models.loader import load_model
 from shared.models.lora import AdapterError, LoraBank

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from shared.core.kv_hash import chain_hashes, kv_extras
 from shared.engine.block_pool import BlockPool
-from shared.engine.kv_hash import chain_hashes, kv_extras
 from shared.engine.request import Request
 
 

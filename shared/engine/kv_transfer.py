@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.engine.request import TokenLogprob
+from shared.core.logprobs import TokenLogprob
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

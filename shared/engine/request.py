@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.engine.sampling_params import SamplingParams
+from shared.core.logprobs import TokenLogprob
+from shared.core.sampling_params import SamplingParams
 
 _arrivals = itertools.count()
 
@@ -38,13 +39,6 @@ class RequestStatus(enum.Enum):
             RequestStatus.FINISHED_ABORTED,
             RequestStatus.FINISHED_HANDOFF,
         )
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # the top-n alternatives (token id, logprob)
 
 
 @dataclass(eq=False)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from shared.engine.request import Request, TokenLogprob
+from shared.core.logprobs import TokenLogprob
+from shared.engine.request import Request
 
 
 class Sampler:

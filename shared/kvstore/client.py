@@ -6,20 +6,21 @@
     payload = await store.get_blocks(keys, layout)         # the same tensor back
     lease_id, pinned = await store.lease(keys, ttl_s=30); await store.release(lease_id)
 
-Blocks travel as a header then data chunks of at most CHUNK_BYTES; a payload tensor is turned into
+Blocks travel as a header then data chunks of at most CHUNK_BYTES (store.py); a payload tensor is turned into
 bytes once per block on the way out and viewed (not copied again) on the way in.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from shared.engine.kv_transfer import dtype_name, from_wire
+from shared.kvstore.store import CHUNK_BYTES
+
+if TYPE_CHECKING:
+    import torch
 from shared.rpc.security import channel
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc
-
-CHUNK_BYTES = 2**20  # the service's chunk limit: well under gRPC's default 4 MiB message size
 
 
 class KVStoreClient:
@@ -41,6 +42,10 @@ class KVStoreClient:
 
     async def put_blocks(self, keys: list[bytes], payload: torch.Tensor, layout: str) -> int:
         """Store payload[i] under keys[i]; returns how many blocks were stored."""
+        import torch  # (the tensor paths only: the router uses this client without torch)
+
+        from shared.engine.kv_transfer import dtype_name
+
         if not keys:
             return 0
         if payload.shape[0] != len(keys):
@@ -62,6 +67,10 @@ class KVStoreClient:
     async def get_blocks(self, keys: list[bytes], layout: str) -> torch.Tensor:
         """The blocks under `keys`, stacked: [len(keys), *block_shape]. Raises grpc.aio.AioRpcError
         (NOT_FOUND, FAILED_PRECONDITION for another layout) when one is missing or does not fit."""
+        import torch
+
+        from shared.engine.kv_transfer import from_wire
+
         blocks: list[torch.Tensor] = []
         header: pb.BlockHeader | None = None
         buf = bytearray()

@@ -1,6 +1,6 @@
 """KVStore: content-addressed KV blocks, a memory tier over an optional Redis tier.
 
-A block is stored under its chain key (shared/engine/kv_hash.py), with a header naming its KV layout,
+A block is stored under its chain key (shared/core/kv_hash.py), with a header naming its KV layout,
 dtype and shape, and its payload as raw bytes. Tiers:
 
   memory   an LRU dict within a byte budget; a put evicts least recently used blocks that are not
@@ -32,6 +32,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 REDIS_PREFIX = b"tandem:kv:"
+CHUNK_BYTES = 2**20  # a block travels as a header then data chunks of at most this (the wire format)
 MAX_LEASE_TTL = 3600.0  # seconds a handoff may pin its blocks
 REDIS_TTL = 7 * 24 * 3600  # seconds a block stays in Redis after its last put
 REDIS_RETRY_S = 5.0  # after a Redis failure, the store uses its memory tier alone this long

@@ -6,8 +6,8 @@ and friends; services convert at their edges and work with dataclasses inside.
 
 from __future__ import annotations
 
-from shared.engine.request import TokenLogprob
-from shared.engine.sampling_params import SamplingParams
+from shared.core.logprobs import TokenLogprob
+from shared.core.sampling_params import SamplingParams
 from tandem.v1 import common_pb2 as pb
 
 FINISH_REASONS = {

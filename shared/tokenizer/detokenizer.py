@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from tokenizers.decoders import DecodeStream
 
-from shared.engine.sampling_params import SamplingParams
+from shared.core.sampling_params import SamplingParams
 from shared.tokenizer.tokenizer import Tokenizer
 
 #: prompt tokens given to the decoder as context

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from shared.core.sampling_params import SamplingParams
 from shared.engine.block_pool import BlockPool
 from shared.engine.kv_cache_manager import KVCacheManager
 from shared.engine.request import Request, RequestStatus
-from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler, SchedulerConfig
 
 

@@ -45,3 +45,18 @@ def test_a_service_imports_no_other_service():
             if parts[0] == "services" and len(parts) > 1 and parts[1] != own:
                 wrong.append(f"{p.relative_to(ROOT)}: {m}")
     assert not wrong, wrong
+
+
+def test_the_router_gateway_and_kv_store_start_without_torch():
+    """They need SamplingParams, the block keys and TokenLogprob (shared/core), not the engine: a
+    process importing them never loads torch (≈0.3 GB each)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, services.router.server, services.gateway.app, services.kvstore.server, shared.core.kv_hash; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('shared.engine')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

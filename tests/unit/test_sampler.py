@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
+from shared.core.sampling_params import SamplingParams
 from shared.engine.request import Request
 from shared.engine.sampler import Sampler
-from shared.engine.sampling_params import SamplingParams
 
 LOGITS = torch.log(torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]))
 
