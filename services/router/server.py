@@ -440,7 +440,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         rest = common_pb2.GenerateRequest()
         rest.CopyFrom(request)
         rest.prompt_token_ids.extend(first_ids)
-        if rest.params.max_tokens:
+        if rest.params.HasField("max_tokens"):
             rest.params.max_tokens -= len(first_ids)
         rest.params.min_tokens = max(0, rest.params.min_tokens - len(first_ids))
         async for chunk in self._stream(worker, rest, timeout):

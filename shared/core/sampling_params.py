@@ -16,7 +16,7 @@ INT32_MAX = 2**31 - 1
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to the context length (the engine resolves it)
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = off
@@ -51,7 +51,7 @@ class SamplingParams:
                 bad(name, f"must be a finite number, got {getattr(self, name)}")
         for name, low, high in (("max_tokens", 1, INT32_MAX), ("min_tokens", 0, INT32_MAX), ("top_k", -1, INT32_MAX),
                                 ("priority", -INT32_MAX, INT32_MAX)):  # fmt: skip
-            if not low <= getattr(self, name) <= high:
+            if getattr(self, name) is not None and not low <= getattr(self, name) <= high:
                 bad(name, f"must be in [{low}, {high}], got {getattr(self, name)}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             bad("seed", f"must fit in 64 bits, got {self.seed}")
@@ -71,7 +71,9 @@ class SamplingParams:
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, f"must be in [-2, 2], got {getattr(self, name)}")
-        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+        if self.min_tokens < 0 or self.min_tokens > (
+            self.max_tokens if self.max_tokens is not None else INT32_MAX
+        ):
             bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad("logprobs", f"must be in [0, 20], got {self.logprobs}")

@@ -23,6 +23,7 @@ run of them, so a worker can tell what it has and what to fetch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import OrderedDict
@@ -173,6 +174,11 @@ class LLMEngine:
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt contains token ids outside the vocabulary of {vocab}")
         params.validate(vocab)
+        if params.max_tokens is None:  # up to the context length
+            if len(prompt_token_ids) >= self.max_model_len:
+                raise ValueError(f"the prompt ({len(prompt_token_ids)} tokens) fills the context length of "
+                                 f"{self.max_model_len}")  # fmt: skip
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_token_ids))
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
