@@ -56,6 +56,7 @@ from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worke
 log = logging.getLogger("tandem.router")
 SERVICE_NAME = "tandem.v1.Router"
 POLICIES = ("round_robin", "least_loaded", "prefix_aware")
+DEFAULT_POLICY = "prefix_aware"  # the one default: `tandem serve router`, the deploy config and here
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 #: a decode that fails these before its first chunk is continued without the handoff (see _continue)
 HANDOFF_RETRYABLE = {*RETRYABLE, grpc.StatusCode.FAILED_PRECONDITION}
@@ -110,7 +111,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(
         self,
         workers: list[str],
-        policy: str = "least_loaded",
+        policy: str = DEFAULT_POLICY,
         health_interval: float = 1.0,
         health_timeout: float = 2.0,
         request_timeout: float = 600.0,

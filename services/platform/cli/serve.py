@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from services.router.server import DEFAULT_POLICY, POLICIES
 from shared import envs
 from shared.store import DEFAULT_MODEL, ModelStore
 from shared.telemetry.logs import configure_logging
@@ -68,9 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = roles.add_parser("router", help="pick a worker per request, forward streams")
     common(q)
     q.add_argument("--worker", action="append", required=False, help="worker HOST:PORT (repeatable)")
-    q.add_argument(
-        "--policy", default="least_loaded", choices=["round_robin", "least_loaded", "prefix_aware"]
-    )
+    q.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES)
     q.add_argument("--kvstore", help="KV-cache store HOST:PORT (prefix lookups, lease clean-up)")
     q.add_argument(
         "--disagg-threshold", type=int, default=256,

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from services.router.server import DEFAULT_POLICY, POLICIES
+
 ROLES = ("tokenizer", "kvstore", "router", "gateway", "controller", "prefill", "decode")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"
 
@@ -42,7 +44,7 @@ class Resources:
 
 @dataclass
 class RouterConfig:
-    policy: str = "prefix_aware"
+    policy: str = DEFAULT_POLICY
     disagg_threshold: int = 256
     balance_threshold: int = 4
     health_interval: float = 1.0
@@ -198,8 +200,6 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
         raise ConfigError(f"router.max_inflight: must be at least 1, got {cfg.router.max_inflight}")
     if cfg.bind not in ("loopback", "node"):
         raise ConfigError(f"bind: must be loopback or node, got '{cfg.bind}'")
-    from services.router.server import POLICIES
-
     if cfg.router.policy not in POLICIES:
         raise ConfigError(f"router.policy: must be one of {', '.join(POLICIES)}, got '{cfg.router.policy}'")
     for name in ("disagg_threshold", "balance_threshold"):
