@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from shared.core.dtypes import DTYPE_NAMES, torch_dtype
 from shared.core.kv_hash import prompt_block_keys
 from shared.core.logprobs import TokenLogprob
 from shared.core.sampling_params import SamplingParams
@@ -50,8 +51,6 @@ from shared.tokenizer.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("tandem.engine")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -69,9 +68,9 @@ class EngineConfig:
     max_loras: int = 8  # LoRA adapters held at once (the least recently used idle one makes room)
 
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{self.dtype}'")
-        return DTYPES[self.dtype]
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got '{self.dtype}'")
+        return torch_dtype(self.dtype)
 
 
 @dataclass(frozen=True)

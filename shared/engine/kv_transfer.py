@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.core.dtypes import DTYPE_NAMES, torch_dtype
 from shared.core.logprobs import TokenLogprob
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)

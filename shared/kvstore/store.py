@@ -31,6 +31,8 @@ import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
+from shared.core.dtypes import ITEM_BYTES
+
 REDIS_PREFIX = b"tandem:kv:"
 CHUNK_BYTES = 2**20  # a block travels as a header then data chunks of at most this (the wire format)
 MAX_LEASE_TTL = 3600.0  # seconds a handoff may pin its blocks
@@ -309,13 +311,10 @@ class KVStore:
             self.counters["lease_expiries"] += 1
 
 
-_ITEM = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def _nbytes(meta: BlockMeta) -> int:
-    if meta.dtype not in _ITEM:
-        raise StoreError("invalid", f"unknown dtype '{meta.dtype}' (known: {sorted(_ITEM)})")
-    n = _ITEM[meta.dtype]
+    if meta.dtype not in ITEM_BYTES:
+        raise StoreError("invalid", f"unknown dtype '{meta.dtype}' (known: {sorted(ITEM_BYTES)})")
+    n = ITEM_BYTES[meta.dtype]
     for d in meta.shape:
         if d < 0:
             raise StoreError("invalid", f"negative dimension in shape {meta.shape}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from shared import envs
+from shared.core.dtypes import DTYPE_NAMES
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.store import DEFAULT_MODEL, ModelStore
 
@@ -24,7 +25,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--store", type=Path, default=None, help="store directory (default: $TANDEM_HOME/models)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:

@@ -20,6 +20,7 @@ import yaml
 
 from services.router.server import DEFAULT_POLICY, POLICIES
 from shared import envs
+from shared.core.dtypes import DTYPE_NAMES
 from shared.store import DEFAULT_MODEL, ModelStore
 from shared.telemetry.logs import configure_logging
 
@@ -55,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--lease-ttl", type=float, default=60.0, help="seconds a handoff's blocks stay pinned")
     q.add_argument("--store", type=Path)
     q.add_argument("--device", default="cpu")
-    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    q.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     q.add_argument("--max-num-seqs", type=int, default=64)
     q.add_argument("--max-num-batched-tokens", type=int, default=2048)
     q.add_argument("--kv-cache-mb", type=int, default=512)

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from services.router.server import DEFAULT_POLICY, POLICIES
+from shared.core.dtypes import DTYPE_NAMES
 
 ROLES = ("tokenizer", "kvstore", "router", "gateway", "controller", "prefill", "decode")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"
@@ -224,7 +225,7 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
         raise ConfigError(f"training.executor: must be ray or kubernetes, got '{cfg.training.executor}'")
     if cfg.engine.kv_cache_mb < 1:
         raise ConfigError(f"engine.kv_cache_mb: must be positive, got {cfg.engine.kv_cache_mb}")
-    if cfg.engine.dtype not in ("float32", "bfloat16", "float16"):
+    if cfg.engine.dtype not in DTYPE_NAMES:
         raise ConfigError(f"engine.dtype: must be float32, bfloat16 or float16, got '{cfg.engine.dtype}'")
     for role, res in cfg.resources.items():
         if res.num_cpus < 0 or res.num_gpus < 0 or res.threads < 1:
