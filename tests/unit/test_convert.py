@@ -64,3 +64,26 @@ def test_an_unset_max_tokens_runs_to_the_context_length(tmp_path):
     assert len(out.output_token_ids) == 256 - 3 and out.finish_reason == "length"
     with pytest.raises(ValueError, match="fills the context length of 256"):
         engine.generate([[1] * 256], params)
+
+
+def test_the_cli_has_a_flag_per_field_and_they_round_trip():
+    import argparse
+
+    from services.platform.cli.generate import NOT_FLAGS, add_sampling_args, sampling_params
+
+    parser = argparse.ArgumentParser()
+    add_sampling_args(parser, max_tokens=64, temperature=0.7)
+    argv = []
+    for f in dataclasses.fields(SamplingParams):
+        value, flag = getattr(EVERY_FIELD, f.name), "--" + f.name.replace("_", "-")
+        if f.name in NOT_FLAGS:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            argv += [a for v in value for a in (flag, str(v))]
+        else:
+            argv += [flag, str(value)]
+    want = dataclasses.replace(EVERY_FIELD, logit_bias=())
+    assert sampling_params(parser.parse_args(argv), vocab_size=100) == want
+    assert sampling_params(parser.parse_args([]), 100) == SamplingParams(max_tokens=64, temperature=0.7)

@@ -7,6 +7,7 @@ logs go to stderr. The sampling flags and the engine setup are shared with `tand
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -28,30 +29,38 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
 
 
+#: SamplingParams fields that are not flags (a token -> bias map)
+NOT_FLAGS = ("logit_bias",)
+
+
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
-    p.add_argument("--max-tokens", type=int, default=max_tokens)
-    p.add_argument("--temperature", type=float, default=temperature)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--ignore-eos", action="store_true")
+    """One flag per SamplingParams field (--top-k for top_k ...), typed and defaulted by the dataclass;
+    repeatable for the tuple fields; --x / --no-x for the booleans."""
+    defaults = {"max_tokens": max_tokens, "temperature": temperature}
+    for f in dataclasses.fields(SamplingParams):
+        if f.name in NOT_FLAGS:
+            continue
+        flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
+        kind = (
+            int
+            if "int" in f.type.split("|")[0] or f.type.startswith("tuple[int")
+            else str
+            if "str" in f.type
+            else float
+        )
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, action="append", type=kind, default=[], help="repeatable")
+        else:
+            p.add_argument(flag, type=kind, default=default)
 
 
 def sampling_params(args, vocab_size: int) -> SamplingParams:
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop),
-        seed=args.seed,
-        ignore_eos=args.ignore_eos,
-    )
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams) if f.name not in NOT_FLAGS
+    }
+    params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     params.validate(vocab_size)
     return params
 
