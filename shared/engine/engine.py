@@ -167,27 +167,7 @@ class LLMEngine:
             raise ValueError(f"LoRA adapter '{lora}' is not loaded")
         if request_id in self.requests:
             raise ValueError(f"request_id '{request_id}' is already in use")
-        if not prompt_token_ids:
-            raise ValueError("prompt must contain at least one token")
-        vocab = self.model.config.vocab_size
-        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
-            raise ValueError(f"prompt contains token ids outside the vocabulary of {vocab}")
-        params.validate(vocab)
-        if params.max_tokens is None:  # up to the context length
-            if len(prompt_token_ids) >= self.max_model_len:
-                raise ValueError(f"the prompt ({len(prompt_token_ids)} tokens) fills the context length of "
-                                 f"{self.max_model_len}")  # fmt: skip
-            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_token_ids))
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the model's context length of {self.max_model_len}"
-            )
-        if self.kv.blocks_needed(total) > self.pool.num_blocks:
-            raise ValueError(
-                f"request needs {self.kv.blocks_needed(total)} KV blocks; the cache has {self.pool.num_blocks}"
-            )
+        params = self._fitted(prompt_token_ids, params)
         if prefill_only and kv_handoff is not None:
             raise ValueError("a request is either prefill-only or continues from imported KV, not both")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
@@ -217,6 +197,32 @@ class LLMEngine:
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
+
+    def _fitted(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """The params, validated, with max_tokens resolved (None: up to the context length), once
+        the prompt and its tokens are known to fit the vocabulary, the context and the KV cache."""
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        vocab = self.model.config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt contains token ids outside the vocabulary of {vocab}")
+        params.validate(vocab)
+        if params.max_tokens is None:
+            if len(prompt_token_ids) >= self.max_model_len:
+                raise ValueError(f"the prompt ({len(prompt_token_ids)} tokens) fills the context length of "
+                                 f"{self.max_model_len}")  # fmt: skip
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(prompt_token_ids))
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the model's context length of {self.max_model_len}"
+            )
+        if self.kv.blocks_needed(total) > self.pool.num_blocks:
+            raise ValueError(
+                f"request needs {self.kv.blocks_needed(total)} KV blocks; the cache has {self.pool.num_blocks}"
+            )
+        return params
 
     def _check_handoff(self, request: Request, handoff: KVHandoff) -> None:
         if handoff.layout != self.layout:
