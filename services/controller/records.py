@@ -21,7 +21,9 @@ STATES = ("validating_files", "queued", "running", *TERMINAL)
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(12)}"
+    """A unique id that sorts by creation time (microseconds, then random): the queue's FIFO order
+    among jobs created within the same second (created_at has whole seconds, as in OpenAI's API)."""
+    return f"{prefix}-{time.time_ns() // 1000:013x}{secrets.token_hex(6)}"
 
 
 def now() -> int:

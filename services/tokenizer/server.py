@@ -39,6 +39,15 @@ async def off_loop(size: int, fn, *args, **kwargs):
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
+async def encode(tok: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """Token ids of `text`; a large one on a thread through `encode_batch`: the `tokenizers` binding
+    holds the GIL for a whole `encode` call (measured: an 8 s stall of every other caller for a
+    9 MB prompt) but lets it go inside `encode_batch`."""
+    if len(text) < OFF_LOOP_CHARS:
+        return tok.encode(text, add_special_tokens=add_special_tokens)
+    return (await asyncio.to_thread(tok.encode_batch, [text], add_special_tokens))[0]
+
+
 class ServedTokenizer:
     def __init__(self, name: str, path: Path, config_dir: Path | None = None):
         self.name = name
@@ -98,11 +107,11 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                 )
             except ChatTemplateError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chat template: {e}")
-            ids = await off_loop(len(prompt), tok.encode, prompt, add_special_tokens=False)
+            ids = await encode(tok, prompt, add_special_tokens=False)
             return pb.TokenizeResponse(token_ids=ids, prompt=prompt)
         if kind == "text":
             special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-            ids = await off_loop(len(request.text), tok.encode, request.text, add_special_tokens=special)
+            ids = await encode(tok, request.text, add_special_tokens=special)
             return pb.TokenizeResponse(token_ids=ids)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give either text or chat messages")
 

@@ -326,7 +326,7 @@ def test_every_service_serves_prometheus_metrics_with_vllm_names(stack, client):
     tok = (("grpc_code", "OK"), ("grpc_method", "Tokenize"), ("grpc_service", "tandem.v1.Tokenizer"))
     assert tokenizer[("tandem:grpc_server_handled_total", tok)] >= 1
     router = samples(httpx.get(f"http://{stack['router_metrics']}/metrics").text)
-    assert router[("tandem:router_decisions_total", (("policy", "least_loaded"), ("prefill", "local")))] >= 1
+    assert router[("tandem:router_decisions_total", (("policy", "prefix_aware"), ("prefill", "local")))] >= 1
     assert router[("tandem:router_workers", (("healthy", "true"), ("role", "monolithic")))] == 1
 
 

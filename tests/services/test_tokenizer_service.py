@@ -71,17 +71,23 @@ def test_health(stub):
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_huge_prompt_does_not_stall_other_callers(stub):
+def test_a_huge_prompt_does_not_stall_other_callers(store_root, default_model_dir):
     """A multi-megabyte prompt is tokenized on a thread: while it runs, small calls still answer
-    at once instead of queueing behind it on the service's event loop. (The huge call comes from
-    another process, so this one's GIL does not blur the measurement.)"""
+    at once instead of queueing behind it on the service's event loop. The service runs as its own
+    `tandem serve tokenizer` process and the huge call comes from another one, so no thread of
+    the test process blurs the measurement."""
     import subprocess
     import sys
     import time
 
-    s, channel = stub
-    address = channel._channel.target().decode()
-    big = subprocess.Popen([sys.executable, "-c", f"""
+    from tests.bench.common import Processes
+
+    procs = Processes(threads=1)
+    try:
+        address = procs.start("tokenizer", "--store", str(store_root))
+        small = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel(address))
+        small.CountTokens(pb.TokenizeRequest(text="warm up"), timeout=60)
+        big = subprocess.Popen([sys.executable, "-c", f"""
 import grpc
 from tandem.v1 import tokenizer_pb2 as pb, tokenizer_pb2_grpc
 stub = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel({address!r}, options=[
@@ -89,11 +95,13 @@ stub = tokenizer_pb2_grpc.TokenizerStub(grpc.insecure_channel({address!r}, optio
 text = "The quick brown fox jumps over the lazy dog. " * 200_000
 print(len(stub.Tokenize(pb.TokenizeRequest(text=text), timeout=300).token_ids))
 """], stdout=subprocess.PIPE, text=True)  # fmt: skip
-    latencies = []
-    while big.poll() is None:
-        t = time.perf_counter()
-        s.CountTokens(pb.TokenizeRequest(text="hello"), timeout=60)
-        latencies.append(time.perf_counter() - t)
-        time.sleep(0.02)
-    assert int(big.stdout.read()) > 2_000_000
-    assert len(latencies) > 10 and max(latencies) < 0.5, (len(latencies), max(latencies))
+        latencies = []
+        while big.poll() is None:
+            t = time.perf_counter()
+            small.CountTokens(pb.TokenizeRequest(text="hello"), timeout=60)
+            latencies.append(time.perf_counter() - t)
+            time.sleep(0.02)
+        assert int(big.stdout.read()) > 2_000_000
+        assert len(latencies) > 10 and max(latencies) < 1.0, (len(latencies), max(latencies))
+    finally:
+        procs.down()

@@ -117,3 +117,10 @@ def test_admission_follows_priority_then_arrival_and_never_skips_the_head(tmp_pa
         assert c.get_job("small").status == "queued"
 
     asyncio.run(run())
+
+
+def test_ids_sort_by_creation_so_jobs_of_the_same_second_keep_their_order():
+    from services.controller.records import new_id
+
+    ids = [new_id("ftjob") for _ in range(200)]  # within one second: created_at ties, the id decides
+    assert ids == sorted(ids) and len(set(ids)) == 200
