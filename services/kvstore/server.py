@@ -1,6 +1,6 @@
 """The KV-cache store service (`tandem serve kvstore`): shared/kvstore's KVStore behind gRPC.
 
-Put and Get stream blocks as a header followed by data chunks of at most CHUNK_BYTES. Status codes:
+Put and Get stream blocks in the wire format of shared/kvstore/wire.py. Status codes:
 an unknown key NOT_FOUND, a block of another layout than asked FAILED_PRECONDITION, a malformed
 stream (data before a header, sizes that do not add up, a chunk over the limit, a payload that does
 not match its dtype and shape) INVALID_ARGUMENT, a memory tier full of pinned blocks
@@ -13,8 +13,7 @@ import asyncio
 
 import grpc
 
-from shared.kvstore import BlockMeta, KVStore, StoreError
-from shared.kvstore.store import CHUNK_BYTES
+from shared.kvstore import BlockMeta, KVStore, StoreError, wire
 from shared.telemetry.metrics import Snapshot, counter, family, gauge
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc
@@ -77,65 +76,20 @@ class KVStoreService(kvstore_pb2_grpc.KVStoreServicer):
 
     async def Put(self, request_iterator, context):
         stored = 0
-        header: pb.BlockHeader | None = None
-        buf = bytearray()
-
-        async def finish():
-            nonlocal stored, header
-            if len(buf) != header.nbytes:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"block {header.key.hex()[:16]}…: {len(buf)} bytes sent, header says {header.nbytes}",
-                )
-            meta = BlockMeta(header.layout, header.dtype, tuple(header.shape))
-            await self._call(context, self.store.put, header.key, meta, bytes(buf))
-            stored += 1
-            header = None
-            buf.clear()
-
-        async for chunk in request_iterator:
-            if chunk.WhichOneof("part") == "header":
-                if header is not None:
-                    await finish()
-                if not chunk.header.key:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a block header needs a key")
-                if chunk.header.nbytes > MAX_BLOCK_BYTES:
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"a block of {chunk.header.nbytes} bytes is over the limit of {MAX_BLOCK_BYTES}",
-                    )
-                header = chunk.header
-            elif chunk.WhichOneof("part") == "data":
-                if header is None:
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, "data chunk before any block header"
-                    )
-                if len(chunk.data) > CHUNK_BYTES:
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"oversized chunk: {len(chunk.data)} bytes, the limit is {CHUNK_BYTES}",
-                    )
-                buf += chunk.data
-                if len(buf) > header.nbytes:  # more than announced: stop buffering now
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"block {header.key.hex()[:16]}…: more than the {header.nbytes} bytes its header says",
-                    )
-        if header is not None:
-            await finish()
+        try:
+            async for header, data in wire.blocks(request_iterator, MAX_BLOCK_BYTES):
+                meta = BlockMeta(header.layout, header.dtype, tuple(header.shape))
+                await self._call(context, self.store.put, header.key, meta, bytes(data))
+                stored += 1
+        except wire.WireError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.PutResponse(stored=stored)
 
     async def Get(self, request, context):
         for key in request.keys:
             meta, data = await self._call(context, self.store.get, key, request.layout or None)
-            yield pb.BlockChunk(
-                header=pb.BlockHeader(
-                    key=key, layout=meta.layout, dtype=meta.dtype, shape=list(meta.shape), nbytes=len(data)
-                )
-            )
-            view = memoryview(data)
-            for i in range(0, len(data), CHUNK_BYTES):
-                yield pb.BlockChunk(data=bytes(view[i : i + CHUNK_BYTES]))
+            for chunk in wire.frames(key, meta.layout, meta.dtype, meta.shape, data):
+                yield chunk
 
     async def Delete(self, request, context):
         return pb.DeleteResponse(deleted=await self._call(context, self.store.delete, list(request.keys)))

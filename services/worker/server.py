@@ -266,7 +266,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def _publish(self, handoff: KVHandoff) -> common_pb2.KVHandle:
         """Put the prompt's new full blocks in the store, lease them, and describe the handoff."""
-        keys = list(handoff.block_hashes)
+        keys = list(handoff.block_keys)
         lease_id = ""
         if self.store is not None and keys:
             layout = self.engine.engine.layout
@@ -334,7 +334,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return KVHandoff(
             num_tokens=handle.num_tokens,
             payload=payload,
-            block_hashes=tuple(keys),
+            block_keys=tuple(keys),
             first_token=handle.first_token,
             first_logprob=logprob_from_proto(handle.first_logprob)
             if handle.HasField("first_logprob")

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from shared.core.kv_hash import BlockKey
 from shared.core.sampling_params import SamplingParams
 from shared.engine.engine import LLMEngine, RequestOutput
 from shared.engine.kv_transfer import KVHandoff
@@ -166,7 +167,7 @@ class AsyncLLMEngine:
         await self.call(snapshot)
         return q
 
-    def _add_subscriber(self, q: asyncio.Queue, keys: list[bytes]) -> None:
+    def _add_subscriber(self, q: asyncio.Queue, keys: list[BlockKey]) -> None:
         q.put_nowait(("reset", keys))
         self.kv_subscribers.add(q)
 
@@ -287,7 +288,7 @@ class AsyncLLMEngine:
         except RuntimeError:  # the event loop is gone
             pass
 
-    def _dispatch_kv_events(self, stored: list[bytes], removed: list[bytes]) -> None:
+    def _dispatch_kv_events(self, stored: list[BlockKey], removed: list[BlockKey]) -> None:
         for q in self.kv_subscribers:
             q.put_nowait(("delta", (stored, removed)))
 

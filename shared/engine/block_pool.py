@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from shared.core.kv_hash import BlockKey
+
 
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int):
@@ -35,13 +37,13 @@ class BlockPool:
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.hits = 0  # blocks served from the cache, for metrics
         self.evictions = 0
-        self.events: list[tuple[str, bytes]] | None = None
+        self.events: list[tuple[str, BlockKey]] | None = None
 
     def record_events(self) -> None:
         if self.events is None:
             self.events = []
 
-    def drain_events(self) -> list[tuple[str, bytes]]:
+    def drain_events(self) -> list[tuple[str, BlockKey]]:
         events, self.events = self.events or [], ([] if self.events is not None else None)
         return events
 
@@ -67,7 +69,7 @@ class BlockPool:
             ids.append(block)
         return ids
 
-    def lookup(self, keys: list[bytes]) -> list[int]:
+    def lookup(self, keys: list[BlockKey]) -> list[int]:
         found = []
         for key in keys:
             block = self.cached.get(key)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from shared.core.dtypes import DTYPE_NAMES, torch_dtype
-from shared.core.kv_hash import prompt_block_keys
+from shared.core.kv_hash import BlockKey, prompt_block_keys
 from shared.core.logprobs import TokenLogprob
 from shared.core.sampling_params import SamplingParams
 from shared.engine.block_pool import BlockPool
@@ -254,7 +254,7 @@ class LLMEngine:
 
     def prompt_keys(
         self, prompt_token_ids: list[int], cache_salt: str | None = None, lora: str | None = None
-    ) -> list[bytes]:
+    ) -> list[BlockKey]:
         """Chain keys of the prompt's full blocks, as this engine's prefix cache names them."""
         return prompt_block_keys(
             prompt_token_ids, self.config.block_size, self.model_id, self.layout, cache_salt, lora
@@ -292,11 +292,11 @@ class LLMEngine:
             self.runner.loras.unload(name)
             log.info("unloaded LoRA adapter '%s'", name)
 
-    def cached_prefix_len(self, keys: list[bytes]) -> int:
+    def cached_prefix_len(self, keys: list[BlockKey]) -> int:
         """How many leading keys this engine's prefix cache holds (a snapshot)."""
         return len(self.pool.lookup(keys)) if self.config.enable_prefix_caching else 0
 
-    def read_cached(self, keys: list[bytes]) -> torch.Tensor:
+    def read_cached(self, keys: list[BlockKey]) -> torch.Tensor:
         """A copy of the KV of the longest locally cached run of `keys`: [blocks, *block_shape]. A
         runner that cannot read its blocks back (an expert-parallel group: they live on the shards)
         gives none, so callers take them from the KV store instead."""
@@ -383,7 +383,7 @@ class LLMEngine:
         return KVHandoff(
             num_tokens=n,
             payload=self.runner.read_blocks(blocks),
-            block_hashes=tuple(self.kv.block_keys(request)[: n // self.config.block_size]),
+            block_keys=tuple(self.kv.block_keys(request)[: n // self.config.block_size]),
             first_token=token,
             first_logprob=logprob,
             rng_state=request.generator.get_state(),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shared.core.kv_hash import chain_hashes, kv_extras
+from shared.core.kv_hash import BlockKey, chain_keys, kv_extras
 from shared.engine.block_pool import BlockPool
 from shared.engine.request import Request
 
@@ -30,16 +30,14 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def block_keys(self, request: Request) -> list[bytes]:
+    def block_keys(self, request: Request) -> list[BlockKey]:
         """Chain keys of the request's full blocks (computed on demand, cached on the request)."""
         return self._keys(request)
 
-    def _keys(self, request: Request) -> list[bytes]:
+    def _keys(self, request: Request) -> list[BlockKey]:
         extras = kv_extras(self.model_id, self.layout, request.lora, request.params.cache_salt)
-        request.block_hashes = chain_hashes(
-            request.all_token_ids, self.block_size, extras, request.block_hashes
-        )
-        return request.block_hashes
+        request.block_keys = chain_keys(request.all_token_ids, self.block_size, extras, request.block_keys)
+        return request.block_keys
 
     def computed_prefix(self, request: Request) -> list[int]:
         """Cached blocks for the request's leading full blocks; at least one token is left to compute

@@ -6,7 +6,7 @@ needs to continue it exactly as if one engine had run it:
   payload        the KV of every prompt token: [blocks, layers, 2 (K, V), K heads, B, D], one
                  contiguous tensor — the KV block payload of ARCHITECTURE.md. payload[i] is block i;
                  the last block may be partial (`num_tokens` says how many positions are real).
-  block_hashes   the chain keys of the full blocks (the partial tail has none and is never shared)
+  block_keys   the chain keys of the full blocks (the partial tail has none and is never shared)
   first_token    the sampled token (and its logprob, if asked for)
   rng_state      the request generator's state after sampling it, so seeded sampling continues the
                  same random stream on the decode side
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from shared.core.dtypes import DTYPE_NAMES, torch_dtype
+from shared.core.kv_hash import BlockKey
 from shared.core.logprobs import TokenLogprob
 
 _DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
@@ -31,7 +32,7 @@ _DTYPES = {name: torch_dtype(name) for name in DTYPE_NAMES}
 class KVHandoff:
     num_tokens: int  # prompt tokens whose KV is in the payload
     payload: torch.Tensor  # [blocks, layers, 2, K, B, D]
-    block_hashes: tuple[bytes, ...]
+    block_keys: tuple[BlockKey, ...]
     first_token: int
     first_logprob: TokenLogprob | None
     rng_state: torch.Tensor  # torch.Generator.get_state() of the request after the first token

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shared.core.kv_hash import BlockKey
 from shared.core.logprobs import TokenLogprob
 from shared.core.sampling_params import SamplingParams
 
@@ -53,7 +54,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first schedule
     block_ids: list[int] = field(default_factory=list)
     lora: str | None = None  # the LoRA adapter its tokens run with (multi-LoRA serving); None: the base
-    block_hashes: list[bytes] = field(default_factory=list)  # of the full blocks of all_token_ids
+    block_keys: list[BlockKey] = field(default_factory=list)  # of the full blocks of all_token_ids
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     arrival: float = field(default_factory=time.monotonic)

@@ -6,21 +6,22 @@
     payload = await store.get_blocks(keys, layout)         # the same tensor back
     lease_id, pinned = await store.lease(keys, ttl_s=30); await store.release(lease_id)
 
-Blocks travel as a header then data chunks of at most CHUNK_BYTES (store.py); a payload tensor is turned into
-bytes once per block on the way out and viewed (not copied again) on the way in.
+Blocks travel in the store's wire format (wire.py); a payload tensor is turned into bytes once per
+block on the way out and viewed (not copied again) on the way in.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from shared.kvstore.store import CHUNK_BYTES
-
-if TYPE_CHECKING:
-    import torch
+from shared.core.kv_hash import BlockKey
+from shared.kvstore import wire
 from shared.rpc.security import channel
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc
+
+if TYPE_CHECKING:
+    import torch
 
 
 class KVStoreClient:
@@ -33,14 +34,14 @@ class KVStoreClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def lookup(self, keys: list[bytes]) -> tuple[int, int]:
+    async def lookup(self, keys: list[BlockKey]) -> tuple[int, int]:
         """How many leading keys the store has: (in memory, in any tier)."""
         if not keys:
             return 0, 0
         resp = await self.stub.Lookup(pb.LookupRequest(keys=keys), timeout=self.timeout)
         return resp.memory, resp.any_tier
 
-    async def put_blocks(self, keys: list[bytes], payload: torch.Tensor, layout: str) -> int:
+    async def put_blocks(self, keys: list[BlockKey], payload: torch.Tensor, layout: str) -> int:
         """Store payload[i] under keys[i]; returns how many blocks were stored."""
         import torch  # (the tensor paths only: the router uses this client without torch)
 
@@ -55,44 +56,26 @@ class KVStoreClient:
 
         def chunks():
             for key, block in zip(keys, payload, strict=True):
-                data = block.view(torch.uint8).numpy().tobytes()
-                header = pb.BlockHeader(key=key, layout=layout, dtype=dtype, shape=shape, nbytes=len(data))
-                yield pb.BlockChunk(header=header)
-                view = memoryview(data)
-                for i in range(0, len(data), CHUNK_BYTES):
-                    yield pb.BlockChunk(data=bytes(view[i : i + CHUNK_BYTES]))
+                yield from wire.frames(key, layout, dtype, shape, block.view(torch.uint8).numpy().tobytes())
 
         return (await self.stub.Put(chunks(), timeout=self.timeout)).stored
 
-    async def get_blocks(self, keys: list[bytes], layout: str) -> torch.Tensor:
+    async def get_blocks(self, keys: list[BlockKey], layout: str) -> torch.Tensor:
         """The blocks under `keys`, stacked: [len(keys), *block_shape]. Raises grpc.aio.AioRpcError
         (NOT_FOUND, FAILED_PRECONDITION for another layout) when one is missing or does not fit."""
         import torch
 
         from shared.engine.kv_transfer import from_wire
 
-        blocks: list[torch.Tensor] = []
-        header: pb.BlockHeader | None = None
-        buf = bytearray()
-
-        def finish():
-            blocks.append(from_wire(header.dtype, tuple(header.shape), buf))
-
         call = self.stub.Get(pb.GetRequest(keys=keys, layout=layout), timeout=self.timeout)
-        async for chunk in call:
-            if chunk.WhichOneof("part") == "header":
-                if header is not None:
-                    finish()
-                header, buf = chunk.header, bytearray()
-            else:
-                buf += chunk.data
-        if header is not None:
-            finish()
+        blocks = [
+            from_wire(header.dtype, tuple(header.shape), data) async for header, data in wire.blocks(call)
+        ]
         if len(blocks) != len(keys):
             raise ValueError(f"asked the store for {len(keys)} blocks, got {len(blocks)}")
         return torch.stack(blocks) if blocks else torch.empty(0)
 
-    async def lease(self, keys: list[bytes], ttl_s: float) -> tuple[str, int]:
+    async def lease(self, keys: list[BlockKey], ttl_s: float) -> tuple[str, int]:
         """(lease id, how many of `keys`, from the first, are pinned)."""
         resp = await self.stub.Lease(pb.LeaseRequest(keys=keys, ttl_s=ttl_s), timeout=self.timeout)
         return resp.lease_id, resp.pinned

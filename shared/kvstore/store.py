@@ -32,9 +32,9 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 from shared.core.dtypes import ITEM_BYTES
+from shared.core.kv_hash import BlockKey
 
 REDIS_PREFIX = b"tandem:kv:"
-CHUNK_BYTES = 2**20  # a block travels as a header then data chunks of at most this (the wire format)
 MAX_LEASE_TTL = 3600.0  # seconds a handoff may pin its blocks
 REDIS_TTL = 7 * 24 * 3600  # seconds a block stays in Redis after its last put
 REDIS_RETRY_S = 5.0  # after a Redis failure, the store uses its memory tier alone this long
@@ -88,7 +88,7 @@ class KVStore:
         self.memory_bytes = memory_bytes
         self.redis_ttl = redis_ttl
         self.clock = clock
-        self.memory: OrderedDict[bytes, tuple[BlockMeta, bytes]] = OrderedDict()
+        self.memory: OrderedDict[BlockKey, tuple[BlockMeta, bytes]] = OrderedDict()
         self.used = 0
         self.leases: dict[str, tuple[float, tuple[bytes, ...]]] = {}  # id -> (expiry, keys)
         self.pins: dict[bytes, int] = {}
@@ -128,7 +128,7 @@ class KVStore:
         with self.lock:
             self._remember(key, meta, data)
 
-    def get(self, key: bytes, layout: str | None = None) -> tuple[BlockMeta, bytes]:
+    def get(self, key: BlockKey, layout: str | None = None) -> tuple[BlockMeta, bytes]:
         with self.lock:
             self._sweep()
             self.counters["gets"] += 1
@@ -153,7 +153,7 @@ class KVStore:
             raise StoreError("layout", f"block {key.hex()[:16]}… has layout '{meta.layout}', not '{layout}'")
         return meta, data
 
-    def lookup(self, keys: list[bytes]) -> tuple[int, int]:
+    def lookup(self, keys: list[BlockKey]) -> tuple[int, int]:
         """How many leading keys are present: (in memory, in memory or Redis)."""
         with self.lock:
             self._sweep()
@@ -178,7 +178,7 @@ class KVStore:
                 anywhere += 1
         return in_memory, anywhere
 
-    def delete(self, keys: list[bytes]) -> int:
+    def delete(self, keys: list[BlockKey]) -> int:
         with self.lock:
             deleted = 0
             for key in keys:
@@ -199,7 +199,7 @@ class KVStore:
 
     # -- leases ----------------------------------------------------------------------------------
 
-    def lease(self, keys: list[bytes], ttl: float) -> tuple[str, int]:
+    def lease(self, keys: list[BlockKey], ttl: float) -> tuple[str, int]:
         """Pin the longest prefix of `keys` that the memory tier holds, for `ttl` seconds; returns (lease
         id, length of that prefix). A handoff names only the pinned blocks and sends the rest inline:
         a block after a gap (or only in Redis) could be gone by the time the decode worker reads it."""

@@ -63,7 +63,7 @@ def test_prefill_export_import_decode_equals_monolithic(engine, decode_engine, p
     assert last.finished and last.finish_reason == "handoff" and last.kv_handoff is not None
     handoff = last.kv_handoff
     assert handoff.num_tokens == len(prompt) and handoff.payload.shape[0] == -(-len(prompt) // 16)
-    assert len(handoff.block_hashes) == len(prompt) // 16
+    assert len(handoff.block_keys) == len(prompt) // 16
     # through the wire form: dtype name, shape, raw bytes
     dtype, shape, data = to_wire(handoff.payload)
     assert len(data) == handoff.payload.numel() * 4
