@@ -3,108 +3,44 @@
     tandem serve router --worker HOST:PORT [--worker ...] [--policy prefix_aware]
                         [--kvstore HOST:PORT] [--disagg-threshold 256] [--balance-threshold 4]
 
-Workers come from config; each reports its role (monolithic, prefill, decode) and load through
-GetLoad, polled every `health_interval` seconds (a worker that fails is skipped until it answers
-again), and streams its prefix cache's changes (KVEvents) into the router's prefix index: per
-worker, the set of block keys it caches. A request's block keys are computed here with the same
-hash chain the engines use (shared/core/kv_hash.py), so "how much of this prompt does worker w
-hold" is a few set lookups.
-
-Policies pick among candidate workers:
-  round_robin    in turn
-  least_loaded   fewest requests running there (counted by the router as they start and end)
-  prefix_aware   the worker holding the longest prefix of the prompt, unless its load exceeds the
-                 least loaded candidate's by more than `balance_threshold` requests — then the least
-                 loaded (affinity must not pile everything on one overloaded worker)
-
-Disaggregation: the request's decode worker is picked among monolithic/decode workers. If a prefill
-worker is healthy and the part of the prompt that neither the decode worker nor the KV store holds
-is longer than `disagg_threshold` tokens, a prefill worker (picked by the same policy) prefills it
-(`prefill_only`), its first token goes to the caller at once, and the decode worker continues from
-the KV handle; otherwise the decode worker prefills locally.
+Three parts: worker_pool.py knows the workers (health, load, the prefix index fed by their KV
+events), placement.py decides where a request runs (policy, remote prefill or not), and this thin
+server forwards the calls.
 
 The decision (policy, prefill worker, decode worker, cached tokens it expects) is logged and sent as
-the `x-tandem-route` initial metadata, which the gateway returns as a response header. A worker that
-fails before the first token (down, UNAVAILABLE, RESOURCE_EXHAUSTED) is retried elsewhere (a failed
-prefill, or a handoff too large to send, falls back to a local prefill). A decode that cannot take
-the handoff after the first token went out is continued as a new request whose prompt ends with that
-token (on the same worker, or another when it is down). After that an error passes to the caller. Every call
-has a deadline; a caller that goes away cancels the worker calls (aborting the request there) and the
-router releases a handoff's store lease that no decode collected.
+the `x-tandem-route` initial metadata, which the gateway returns as a response header when asked to.
+A remote prefill's first token goes to the caller at once, and the decode worker continues from the
+KV handle. A worker that fails before the first token (down, UNAVAILABLE, RESOURCE_EXHAUSTED) is
+retried elsewhere (a failed prefill, or a handoff too large to send, falls back to a local prefill).
+A decode that cannot take the handoff after the first token went out is continued as a new request
+whose prompt ends with that token (on the same worker, or another when it is down). After that an
+error passes to the caller. Every call has a deadline; a caller that goes away cancels the worker
+calls (aborting the request there) and the router releases a handoff's store lease that no decode
+collected. At most `max_inflight` calls are served at once; more are refused (RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import itertools
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from shared.core.kv_hash import prompt_block_keys
+from services.router.placement import DEFAULT_POLICY, Placement, Route
+from services.router.worker_pool import WorkerHandle, WorkerPool
 from shared.kvstore.client import KVStoreClient
 from shared.rpc.interceptors import REQUEST_ID_KEY
-from shared.rpc.security import channel as open_channel
 from shared.telemetry.logs import request_id_var
 from shared.telemetry.metrics import Snapshot, family, metric_name
-from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 log = logging.getLogger("tandem.router")
 SERVICE_NAME = "tandem.v1.Router"
-POLICIES = ("round_robin", "least_loaded", "prefix_aware")
-DEFAULT_POLICY = "prefix_aware"  # the one default: `tandem serve router`, the deploy config and here
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
 #: a decode that fails these before its first chunk is continued without the handoff (see _continue)
 HANDOFF_RETRYABLE = {*RETRYABLE, grpc.StatusCode.FAILED_PRECONDITION}
 ROUTE_HEADER = "x-tandem-route"
-
-
-@dataclass
-class WorkerHandle:
-    address: str
-    channel: grpc.aio.Channel
-    stub: worker_pb2_grpc.WorkerStub
-    healthy: bool = False
-    load: worker_pb2.LoadReport | None = None
-    requests: set[str] = field(default_factory=set)  # this router's requests running there now
-    cached: set[bytes] = field(default_factory=set)  # block keys in its prefix cache (KV events)
-    events_task: asyncio.Task | None = None
-
-    @property
-    def role(self) -> str:
-        return self.load.role if self.load is not None else "monolithic"
-
-    @property
-    def score(self) -> int:
-        """Load: the requests this router has running there, counted as they start and end (the
-        worker's own report lags by up to a health interval)."""
-        return len(self.requests)
-
-    def match(self, keys: list[bytes]) -> int:
-        """Leading blocks of `keys` this worker caches."""
-        n = 0
-        while n < len(keys) and keys[n] in self.cached:
-            n += 1
-        return n
-
-
-@dataclass
-class Route:
-    policy: str
-    decode: WorkerHandle
-    prefill: WorkerHandle | None = None
-    cached_tokens: int = 0
-
-    def header(self) -> str:
-        prefill = self.prefill.address if self.prefill else ""
-        return (
-            f"policy={self.policy};prefill={prefill};decode={self.decode.address};"
-            f"cached_tokens={self.cached_tokens}"
-        )
 
 
 class RouterService(router_pb2_grpc.RouterServicer):
@@ -122,180 +58,53 @@ class RouterService(router_pb2_grpc.RouterServicer):
         max_inflight: int = 1024,
         registry: CollectorRegistry | None = None,
     ):
-        if not workers:
-            raise ValueError("the router needs at least one worker address (--worker HOST:PORT)")
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got '{policy}'")
-        if disagg_threshold < 0 or balance_threshold < 0:
-            raise ValueError("disagg_threshold and balance_threshold must not be negative")
         if max_inflight < 1:
             raise ValueError(f"max_inflight must be at least 1, got {max_inflight}")
+        self.placement = Placement(policy, disagg_threshold, balance_threshold)
+        self.pool = WorkerPool(workers, health_interval, health_timeout)
         self.max_inflight = max_inflight
         self.inflight = 0  # Generate calls being served (admission: at most max_inflight)
-        self.policy = policy
-        self.health_interval = health_interval
         self.health_timeout = health_timeout
         self.request_timeout = request_timeout
         self.max_attempts = max_attempts
-        self.disagg_threshold = disagg_threshold
-        self.balance_threshold = balance_threshold
         self.store = KVStoreClient(kvstore, timeout=health_timeout) if kvstore else None
-        self.workers = [self._handle(address) for address in workers]
-        self.retired: list[WorkerHandle] = []  # removed by set_workers, finishing their requests
-        self._rr: dict[str, itertools.count] = collections.defaultdict(
-            itertools.count
-        )  # a turn per pick kind
-        self._health_task: asyncio.Task | None = None
-        self._started = False
         self.metrics = RouterMetrics(registry if registry is not None else CollectorRegistry(), self)
 
-    @staticmethod
-    def _handle(address: str) -> WorkerHandle:
-        channel = open_channel(address)
-        return WorkerHandle(address, channel, worker_pb2_grpc.WorkerStub(channel))
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return self.pool.workers
+
+    @property
+    def retired(self) -> list[WorkerHandle]:
+        return self.pool.retired
 
     def set_workers(self, addresses: list[str]) -> None:
-        """Serve exactly these workers from now on. New ones join after their first health check;
-        removed ones get no new requests, finish the ones they run, and are then let go of."""
-        if not addresses:
-            raise ValueError("the router needs at least one worker")
-        current = {w.address: w for w in self.workers}
-        workers = []
-        for address in dict.fromkeys(addresses):
-            w = current.pop(address, None)
-            if w is None:
-                w = self._handle(address)
-                if self._started:
-                    asyncio.ensure_future(self._check(w))
-                    w.events_task = asyncio.create_task(self._follow_kv_events(w))
-                log.info("worker %s added", address)
-            workers.append(w)
-        for w in current.values():
-            log.info("worker %s removed; draining %d request(s)", w.address, len(w.requests))
-            if w.events_task is not None:
-                w.events_task.cancel()
-            self.retired.append(w)
-        self.workers = workers
-
-    # -- worker health, load and prefix index ------------------------------------------------------
+        self.pool.set_workers(addresses)
 
     async def start(self) -> None:
-        self._started = True
-        await self.check_workers()
-        self._health_task = asyncio.create_task(self._health_loop())
-        for w in self.workers:
-            w.events_task = asyncio.create_task(self._follow_kv_events(w))
+        await self.pool.start()
 
     async def close(self) -> None:
-        tasks = [t for t in [self._health_task, *(w.events_task for w in self.workers)] if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for w in [*self.workers, *self.retired]:
-            await w.channel.close()
+        await self.pool.close()
         if self.store is not None:
             await self.store.close()
 
-    async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.health_interval)
-            await self.check_workers()
-
-    async def check_workers(self) -> None:
-        await asyncio.gather(*(self._check(w) for w in self.workers))
-        for w in [w for w in self.retired if not w.requests]:  # drained: let go
-            self.retired.remove(w)
-            await w.channel.close()
-
-    async def _check(self, w: WorkerHandle) -> None:
-        try:
-            w.load = await w.stub.GetLoad(worker_pb2.LoadRequest(), timeout=self.health_timeout)
-            if not w.healthy:
-                log.info("worker %s is up (%s, %s)", w.address, w.load.worker_id, w.load.role)
-            w.healthy = True
-        except grpc.aio.AioRpcError as e:
-            if w.healthy:
-                log.warning("worker %s is down: %s", w.address, e.code().name)
-            w.healthy = False
-
-    async def _follow_kv_events(self, w: WorkerHandle) -> None:
-        """Mirror a worker's prefix cache; start over (from its snapshot) after any break."""
-        while True:
-            try:
-                async for batch in w.stub.KVEvents(worker_pb2.KVEventsRequest()):
-                    if batch.reset:
-                        w.cached = set(batch.stored)
-                    else:
-                        w.cached.difference_update(batch.removed)
-                        w.cached.update(batch.stored)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    return
-            w.cached = set()
-            await asyncio.sleep(self.health_interval)
-
-    # -- placement ---------------------------------------------------------------------------------
-
-    def block_keys(self, prompt: list[int], cache_salt: str, model: str = "") -> list[bytes]:
-        """The prompt's block keys as the workers name them (from any worker's reported layout); a
-        request for a LoRA fine-tune of the workers' model has the adapter in its keys."""
-        for w in self.workers:
-            if w.load is not None and w.load.kv_layout and w.load.block_size:
-                lora = model if model and model != w.load.model else None
-                return prompt_block_keys(
-                    prompt, w.load.block_size, w.load.model, w.load.kv_layout, cache_salt or None, lora
-                )
-        return []
-
-    def pick(
-        self, candidates: list[WorkerHandle], keys: list[bytes] = (), kind: str = "decode"
-    ) -> WorkerHandle | None:
-        if not candidates:
-            return None
-        if self.policy == "round_robin":  # decode and prefill picks take turns apart (a shared turn
-            # would send every request to the same decode worker when both roles have two)
-            return candidates[next(self._rr[kind]) % len(candidates)]
-        least = min(candidates, key=lambda w: (w.score, -w.match(keys)))
-        if self.policy == "least_loaded" or not keys:
-            return least
-        best = max(candidates, key=lambda w: (w.match(keys), -w.score))
-        if best.match(keys) == 0 or best.score - least.score > self.balance_threshold:
-            return least
-        return best
-
-    def candidates(self, roles: tuple[str, ...], exclude: set[str]) -> list[WorkerHandle]:
-        return [w for w in self.workers if w.healthy and w.role in roles and w.address not in exclude]
-
     async def place(self, request, exclude: set[str]) -> Route | None:
-        decoders = self.candidates(("monolithic", "decode"), exclude) or self.candidates(
-            ("prefill",), exclude
-        )
-        prefillers = self.candidates(("prefill",), exclude)
-        keys = self.block_keys(list(request.prompt_token_ids), request.params.cache_salt, request.model)
-        decode = self.pick(decoders, keys)
-        if decode is None:
-            return None
-        route = Route(self.policy, decode)
-        local = decode.match(keys)
-        route.cached_tokens = min(local * self._block_size(), len(request.prompt_token_ids))
-        if not prefillers or decode.role == "prefill":
-            return route
-        in_store = 0
-        if self.store is not None and keys:
+        prompt = request.prompt_token_ids
+        keys = self.pool.block_keys(prompt, request.params.cache_salt, request.model)
+
+        async def in_store() -> int:
+            if self.store is None:
+                return 0
             try:
-                _, in_store = await self.store.lookup(keys)
+                return (await self.store.lookup(keys))[1]
             except grpc.aio.AioRpcError as e:
                 log.warning("KV store lookup failed: %s", e.code().name)
-        cached = max(local, in_store) * self._block_size()
-        if len(request.prompt_token_ids) - cached > self.disagg_threshold:
-            route.prefill = self.pick(prefillers, keys, kind="prefill")
-            route.cached_tokens = min(
-                max(route.prefill.match(keys), in_store) * self._block_size(), len(request.prompt_token_ids)
-            )
-        return route
+                return 0
 
-    def _block_size(self) -> int:
-        return next((w.load.block_size for w in self.workers if w.load is not None and w.load.block_size), 16)
+        return await self.placement.place(
+            self.pool.workers, keys, len(prompt), self.pool.block_size(), exclude, in_store
+        )
 
     # -- RPCs ------------------------------------------------------------------------------------
 
@@ -322,7 +131,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         for attempt in range(self.max_attempts):
             route = await self.place(request, tried)
             if route is None and not tried:  # maybe everything just came back: look once more
-                await self.check_workers()
+                await self.pool.check()
                 route = await self.place(request, tried)
             if route is None:
                 if last_error is not None:  # e.g. every worker's queue is full: say so
@@ -466,7 +275,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
 
     async def Abort(self, request, context):
         aborted = False
-        for w in [*self.workers, *self.retired]:
+        for w in self.pool.everyone():
             if request.request_id in w.requests:
                 try:
                     aborted |= (await w.stub.Abort(request, timeout=self.health_timeout)).aborted
@@ -539,7 +348,7 @@ class RouterMetrics:
             workers.add_metric([role, healthy], n)
         in_flight = family("gauge", "router_requests_in_flight", "Requests the router is forwarding, by worker.",
                            ["worker", "role"])  # fmt: skip
-        for w in [*self.router.workers, *self.router.retired]:
+        for w in self.router.pool.everyone():
             in_flight.add_metric([w.address, w.role], len(w.requests))
         return [workers, in_flight]
 

@@ -6,7 +6,6 @@ spreads under load; cancellation and uncollected leases leave every pool and the
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
@@ -15,7 +14,7 @@ import pytest
 import redis
 
 from services.kvstore.server import start_server as start_store
-from services.router.server import ROUTE_HEADER, RouterService
+from services.router.server import ROUTE_HEADER
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.kvstore import KVStore
 from shared.rpc.convert import params_to_proto
@@ -340,7 +339,7 @@ def test_prefix_aware_routing_follows_kv_events_and_spreads_under_load(
     deadline = time.monotonic() + 5
     while not handle.cached and time.monotonic() < deadline:  # KV events reach the router
         time.sleep(0.05)
-    assert handle.match(router.block_keys(prompts[1], "")) >= 10
+    assert handle.match(router.pool.block_keys(prompts[1], "")) >= 10
     for i in (1, 2, 3):  # shared prefix: the same worker, which computes only the suffix
         route, chunks = run(stub, request(f"pa{i}", prompts[i], max_tokens=2))
         assert chunks[0].worker == holder and f"decode={holder}" in route
@@ -354,27 +353,3 @@ def test_prefix_aware_routing_follows_kv_events_and_spreads_under_load(
     for c in calls:
         c.cancel()
     assert all(idle(w[1]) for w in workers)
-
-
-def test_prefix_aware_pick_balances_affinity_and_load():
-    asyncio.run(_pick_checks())
-
-
-async def _pick_checks():  # gRPC aio channels need a running loop
-    router = RouterService(["a:1", "b:1"], policy="prefix_aware", balance_threshold=2)
-    a, b = router.workers
-    for w in (a, b):
-        w.healthy = True
-    keys = [b"k0", b"k1", b"k2"]
-    a.cached = {b"k0", b"k1"}
-    b.cached = {b"k0"}
-    assert router.pick([a, b], keys) is a
-    a.requests = {"r1", "r2"}  # within the threshold: affinity wins
-    assert router.pick([a, b], keys) is a
-    a.requests.add("r3")  # beyond it: the least loaded
-    assert router.pick([a, b], keys) is b
-    a.requests.clear()
-    assert router.pick([a, b], [b"other"]) is a  # no match anywhere: least loaded (ties: first)
-    a.requests.add("r1")
-    assert router.pick([a, b], [b"other"]) is b
-    await router.close()

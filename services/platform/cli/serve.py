@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from services.router.server import DEFAULT_POLICY, POLICIES
+from services.router.placement import DEFAULT_POLICY, POLICIES
 from shared import envs
 from shared.core.dtypes import DTYPE_NAMES
 from shared.store import DEFAULT_MODEL, ModelStore

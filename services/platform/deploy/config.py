@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from services.router.server import DEFAULT_POLICY, POLICIES
+from services.router.placement import DEFAULT_POLICY, POLICIES
 from shared.core.dtypes import DTYPE_NAMES
 
 ROLES = ("tokenizer", "kvstore", "router", "gateway", "controller", "prefill", "decode")
