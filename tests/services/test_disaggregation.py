@@ -304,23 +304,23 @@ def test_handoffs_that_the_store_cannot_hold_or_the_decode_cannot_take_still_ans
     assert "prefill=127.0.0.1" in route and chunks[0].worker != chunks[-1].worker  # a real handoff
     assert metrics.handoff_fallbacks._value.get() == 0  # the decode took it: no block it needed was gone
 
-    cramped["prefill"].max_inline_bytes = 2**20
+    cramped["prefill"].kv.max_inline_bytes = 2**20
     try:
         ask("too-large")
     finally:
-        cramped["prefill"].max_inline_bytes = 60 * 2**20
+        cramped["prefill"].kv.max_inline_bytes = 60 * 2**20
     assert metrics.prefill_fallbacks._value.get() == 1
 
     decode = cramped["decode"]
 
     async def lost(handle):  # as when the store lost the blocks between the prefill and the decode
-        decode._import = real_import
+        decode.kv._import = real_import
         raise grpc.aio.AioRpcError(grpc.StatusCode.FAILED_PRECONDITION, None, None, "block gone")
 
-    real_import = decode._import
-    decode._import = lost
+    real_import = decode.kv._import
+    decode.kv._import = lost
     route, chunks = ask("lost")
-    assert decode._import == real_import and metrics.handoff_fallbacks._value.get() == 1
+    assert decode.kv._import == real_import and metrics.handoff_fallbacks._value.get() == 1
     assert all(idle(w) for w in (cramped["prefill"], decode)) and cramped["kv"].pinned == 0
 
 
