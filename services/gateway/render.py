@@ -11,7 +11,7 @@ from shared.rpc.convert import FINISH_REASON_NAMES
 from tandem.v1 import common_pb2
 
 if TYPE_CHECKING:
-    from services.gateway.app import Gateway
+    from services.gateway.gateway import Gateway
 
 
 def stop_reason(chunk: common_pb2.TokenChunk):
@@ -131,3 +131,47 @@ async def stream_completion(
     except OpenAIError as e:
         yield sse(e.body())
     yield "data: [DONE]\n\n"
+
+
+def chat_response(base: dict, body: ChatCompletionRequest, choices, strings: dict[int, str]) -> dict:
+    """A whole chat completion (choices: the gateway's collected Choice list)."""
+    return {
+        **base,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": chat_logprobs_json(c.logprobs, strings) if body.logprobs else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in choices
+        ],
+        "usage": usage_json([choices[0].usage], sum(len(c.token_ids) for c in choices)),
+    }
+
+
+def completion_response(
+    base: dict, body: CompletionRequest, choices, strings: dict[int, str], num_prompts: int
+) -> dict:
+    """A whole text completion of `num_prompts` prompts, `body.n` choices each."""
+    return {
+        **base,
+        "object": "text_completion",
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": completion_logprobs_json(c.logprobs, strings, 0)
+                if body.logprobs is not None
+                else None,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in choices
+        ],
+        "usage": usage_json(
+            [choices[pi * body.n].usage for pi in range(num_prompts)], sum(len(c.token_ids) for c in choices)
+        ),
+    }
