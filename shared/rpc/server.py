@@ -3,7 +3,10 @@
     server = GrpcServer("tokenizer", host, port)         # port 0: the OS picks a free one
     server.add(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, servicer, "tandem.v1.Tokenizer")
     await server.start()                                  # server.port is the bound port
-    await server.serve_until_signal(on_drain=...)         # SIGTERM / SIGINT: drain, then stop
+    await server.stop(on_drain=...)                       # drain, then stop
+
+Each service's `main.build(cfg)` returns its started server as a `Running` (address, servicer, stop,
+serve_until_signal), so the platform layer starts every service the same way.
 
 Every server carries the standard gRPC health service (SERVING while up, NOT_SERVING while draining);
 server reflection (so `grpcurl` can list and call it) only with TANDEM_GRPC_REFLECTION=1. The
@@ -21,6 +24,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -108,10 +112,58 @@ class GrpcServer:
             await asyncio.to_thread(self.metrics.stop)
         log.info("%s stopped", self.name)
 
-    async def serve_until_signal(self, on_drain: Callable[[], Awaitable[None]] | None = None) -> None:
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Where a service listens; each service's `main.Config` extends it with its own options."""
+
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free one
+    metrics_port: int | None = 0  # its Prometheus /metrics (0: a free one; None: none)
+
+
+class Running:
+    """A started service, as each service's `main.build(cfg)` returns it: where it listens, its
+    servicer (for the platform's control calls, e.g. the router's worker list), and how it stops."""
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        metrics_address: str | None,
+        stop: Callable[[], Awaitable[None]],
+        service=None,
+        wait: Callable[[], Awaitable[None]] | None = None,
+    ):
+        self.name = name
+        self.address = address
+        self.metrics_address = metrics_address
+        self.service = service
+        self._stop = stop
+        self._wait = wait
+
+    @classmethod
+    def grpc(cls, server: GrpcServer, service=None, on_drain: Callable[[], Awaitable[None]] | None = None):
+        return cls(
+            server.name, server.address, server.metrics_address, lambda: server.stop(on_drain), service
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        """Drain (in-flight work finishes, new work is refused) and stop."""
+        await self._stop()
+
+    async def serve_until_signal(self) -> None:
+        """Serve in the foreground until SIGTERM / SIGINT, then drain and stop."""
+        if self._wait is not None:  # a server that takes the signals itself (uvicorn)
+            await self._wait()
+            return
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        await self.stop(on_drain)
+        await self.stop()

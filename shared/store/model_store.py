@@ -72,6 +72,13 @@ class ModelStore:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    @classmethod
+    def at(cls, root: str | Path | None = None) -> ModelStore:
+        """The store at `root`, or the default one ($TANDEM_MODELS) when none is given."""
+        from shared import envs
+
+        return cls(Path(root).expanduser() if root else envs.models_dir())
+
     # -- lookup -------------------------------------------------------------------------------
 
     def path(self, name: str) -> Path:

@@ -187,12 +187,12 @@ def test_down_leaves_no_process_behind(platform_up):
     "patch, field",
     [
         ({"resources": {"tokeniser": {"num_cpus": 1}}}, "resources.tokeniser: unknown role"),
-        ({"decode_workers": -1}, "decode_workers: must be a non-negative integer"),
+        ({"decode_workers": -1}, "decode_workers: Input should be greater than or equal to 0"),
         ({"kvstore": {"redis_url": "redis://127.0.0.1:1/0"}}, "kvstore.redis_url: cannot reach Redis"),
         ({"model": "no-such-model"}, "model: 'no-such-model' is not in the model store"),
-        ({"router": {"policy": "random"}}, "router.policy: must be one of"),
+        ({"router": {"policy": "random"}}, "router.policy: Input should be 'round_robin'"),
         ({"prefil_workers": 1}, "prefil_workers: unknown field"),
-        ({"ep_size": 0}, "ep_size: must be at least 1"),
+        ({"ep_size": 0}, "ep_size: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_config_fails_fast_naming_the_field(tmp_path, store_root, capsys, patch, field):

@@ -21,7 +21,7 @@ import yaml
 from services.router.placement import DEFAULT_POLICY, POLICIES
 from shared import envs
 from shared.core.dtypes import DTYPE_NAMES
-from shared.store import DEFAULT_MODEL, ModelStore
+from shared.store import DEFAULT_MODEL
 from shared.telemetry.logs import configure_logging
 
 
@@ -161,76 +161,67 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _announce(name: str, host: str, port: int, port_file: Path | None, metrics: str | None = None) -> None:
+def _announce(running, port_file: Path | None) -> None:
     if port_file:
-        port_file.write_text(str(port))
-    where = f"; metrics on http://{metrics}/metrics" if metrics else ""
-    print(f"{name} listening on {host}:{port}{where}", flush=True)
+        port_file.write_text(str(running.port))
+    where = f"; metrics on http://{running.metrics_address}/metrics" if running.metrics_address else ""
+    if running.name == "gateway":
+        where = ""  # (its /metrics is on the API port)
+    print(f"{running.name} listening on {running.address}{where}", flush=True)
+
+
+async def _serve(main, cfg, port_file: Path | None) -> None:
+    """Build the service from its config, announce it, and serve until SIGTERM / Ctrl-C."""
+    running = await main.build(cfg)
+    _announce(running, port_file)
+    await running.serve_until_signal()
+
+
+def _listen(args) -> dict:
+    return {"host": args.host, "port": args.port, "metrics_port": args.metrics_port}
 
 
 async def run_tokenizer(args) -> None:
-    from services.tokenizer.server import start_server
+    from services.tokenizer import main
 
-    store = ModelStore(args.store or envs.models_dir())
-    server = await start_server(store, args.model or [DEFAULT_MODEL], args.host, args.port, args.metrics_port)
-    _announce("tokenizer", args.host, server.port, args.port_file, server.metrics_address)
-    await server.serve_until_signal()
+    cfg = main.Config(**_listen(args), models=tuple(args.model or [DEFAULT_MODEL]), store=_path(args.store))
+    await _serve(main, cfg, args.port_file)
 
 
 async def run_worker(args) -> None:
-    from services.worker.server import start_server
-    from shared.engine import EngineConfig
+    from services.worker import main
 
     torch.set_num_threads(args.threads or envs.torch_threads(min(2, os.cpu_count() or 1)))
-    store = ModelStore(args.store or envs.models_dir())
-    info = store.get(args.model)
-    config = EngineConfig(
-        device=args.device,
-        dtype=args.dtype,
-        max_num_seqs=args.max_num_seqs,
+    cfg = main.Config(
+        **_listen(args), model=args.model, store=_path(args.store), role=args.role, kvstore=args.kvstore,
+        lease_ttl=args.lease_ttl, worker_id=args.worker_id, max_waiting=args.max_waiting, device=args.device,
+        dtype=args.dtype, kv_cache_mb=args.kv_cache_mb, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_bytes=args.kv_cache_mb * 2**20,
-    )
-    server, service = await start_server(
-        store.path(info.name), info.name, config, args.host, args.port,
-        worker_id=args.worker_id, max_waiting=args.max_waiting, role=args.role,
-        kvstore=args.kvstore, lease_ttl=args.lease_ttl, metrics_port=args.metrics_port,
     )  # fmt: skip
-    _announce("worker", args.host, server.port, args.port_file, server.metrics_address)
-    await server.serve_until_signal(service.close)
+    await _serve(main, cfg, args.port_file)
 
 
 async def run_router(args) -> None:
-    from services.router.server import start_server
+    from services.router import main
 
-    if not args.worker:
-        raise ValueError("the router needs at least one --worker HOST:PORT")
-    server, service = await start_server(
-        args.worker, args.host, args.port, policy=args.policy,
-        health_interval=args.health_interval, request_timeout=args.request_timeout,
-        kvstore=args.kvstore, disagg_threshold=args.disagg_threshold,
-        balance_threshold=args.balance_threshold, max_inflight=args.max_inflight, metrics_port=args.metrics_port,
+    cfg = main.Config(
+        **_listen(args), workers=tuple(args.worker or ()), policy=args.policy, kvstore=args.kvstore,
+        disagg_threshold=args.disagg_threshold, balance_threshold=args.balance_threshold,
+        health_interval=args.health_interval, request_timeout=args.request_timeout, max_inflight=args.max_inflight,
     )  # fmt: skip
-    _announce("router", args.host, server.port, args.port_file, server.metrics_address)
-    await server.serve_until_signal(service.close)
+    await _serve(main, cfg, args.port_file)
 
 
 async def run_kvstore(args) -> None:
-    from services.kvstore.server import start_server
-    from shared.kvstore import KVStore, StoreError
+    from services.kvstore import main
 
-    try:
-        store = KVStore(args.memory_mb * 2**20, args.redis)
-    except StoreError as e:
-        raise ValueError(str(e)) from e
-    server = await start_server(store, args.host, args.port, args.metrics_port)
-    _announce("kvstore", args.host, server.port, args.port_file, server.metrics_address)
-    await server.serve_until_signal()
+    await _serve(
+        main, main.Config(**_listen(args), memory_mb=args.memory_mb, redis_url=args.redis), args.port_file
+    )
 
 
 async def run_controller(args) -> None:
-    from services.controller.controller import Capacity
-    from services.controller.server import build_controller, start_server
+    from services.controller import main
 
     gpus = (
         args.gpus
@@ -249,55 +240,32 @@ async def run_controller(args) -> None:
                       "mount_path": str(envs.tandem_home())}  # fmt: skip
     elif args.executor == "kubernetes":
         raise ValueError("--executor kubernetes needs --k8s-namespace")
-    controller = build_controller(
-        args.home or envs.tandem_home() / "controller", args.store or envs.models_dir(), args.job_store,
-        args.executor, args.ray_address, Capacity(args.cpus or os.cpu_count() or 1, gpus),
-        args.threads_per_worker, kubernetes,
+    cfg = main.Config(
+        **_listen(args), home=_path(args.home), store=_path(args.store), job_store=args.job_store,
+        executor=args.executor, ray_address=args.ray_address, cpus=args.cpus or os.cpu_count() or 1, gpus=gpus,
+        threads_per_worker=args.threads_per_worker, kubernetes=kubernetes, poll_interval=args.poll_interval,
     )  # fmt: skip
-    server = await start_server(controller, args.host, args.port, args.poll_interval, args.metrics_port)
-    _announce("controller", args.host, server.port, args.port_file, server.metrics_address)
-    await server.serve_until_signal()
-    controller.store.close()
+    await _serve(main, cfg, args.port_file)
 
 
 async def run_gateway(args) -> None:
-    import uvicorn
-
-    from services.gateway.app import create_app
-    from services.gateway.auth import KeyRing, KeySpecError, exposure_warning
+    from services.gateway import main
+    from services.gateway.auth import exposure_warning
     from services.gateway.protocol import Limits
-    from services.gateway.server import DrainingServer
 
-    if not args.tokenizer or not args.router:
-        raise ValueError("the gateway needs --tokenizer HOST:PORT and --router HOST:PORT")
-    keys = [*args.api_key, *envs.api_keys()]
-    try:
-        KeyRing(keys)
-    except KeySpecError as e:
-        raise ValueError(str(e)) from e
-    warning = exposure_warning(args.host, keys)
+    warning = exposure_warning(args.host, [*args.api_key, *envs.api_keys()])
     if warning:
         print(warning, file=sys.stderr, flush=True)
     limits = Limits(max_body_bytes=args.max_body_mb * 2**20, max_upload_bytes=args.max_upload_mb * 2**20,
                     allow_priority=args.allow_priority, route_header=args.route_header,
                     request_timeout_s=args.request_timeout)  # fmt: skip
-    app = create_app(
-        args.tokenizer,
-        args.router,
-        args.model or [DEFAULT_MODEL],
-        keys,
-        controller=args.controller,
-        limits=limits,
-    )
-    # log_config=None: uvicorn's loggers go through the root handler (JSON lines with request ids)
-    server = DrainingServer(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="info", log_config=None),
-        grace=args.drain_grace,
-    )
-    task = asyncio.create_task(server.serve())  # SIGTERM / Ctrl-C: new requests 503, in-flight ones finish
-    while not server.started and not task.done():
-        await asyncio.sleep(0.05)
-    if server.started:
-        port = server.servers[0].sockets[0].getsockname()[1]
-        _announce("gateway", args.host, port, args.port_file)
-    await task
+    cfg = main.Config(
+        host=args.host, port=args.port, tokenizer=args.tokenizer or "", router=args.router or "",
+        models=tuple(args.model or [DEFAULT_MODEL]), controller=args.controller, api_keys=tuple(args.api_key),
+        limits=limits, drain_grace=args.drain_grace,
+    )  # fmt: skip
+    await _serve(main, cfg, args.port_file)
+
+
+def _path(p: Path | None) -> str | None:
+    return str(p) if p else None
