@@ -32,16 +32,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-
-from shared.models import model_class
-from shared.models.config import ConfigError
-from shared.models.loader import WeightError, check_checkpoint, checkpoint_files, read_config
-from shared.models.lora import AdapterError, adapter_pairs, read_adapter_config
 from shared.store.builtin import BUILTIN
 from shared.store.errors import StoreError
-from shared.store.gguf_import import import_gguf
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,159}$")  # ":" for fine-tunes (ft:base:suffix:job)
 _TOKENIZER_FILES = (
@@ -107,12 +99,16 @@ class ModelStore:
             raise StoreError(
                 f"'{name}' is neither a directory nor a built-in model (built-in: {', '.join(BUILTIN)})"
             )
+        from shared.store.gguf_import import import_gguf
+
         gguf_path = recipe.locate()
         return self._import(
             name, f"gguf:{recipe.pip_name}/{recipe.filename}", lambda d: import_gguf(gguf_path, d)
         )
 
     def import_gguf(self, path: Path, name: str) -> ModelInfo:
+        from shared.store.gguf_import import import_gguf
+
         return self._import(name, f"gguf:{Path(path).resolve()}", lambda d: import_gguf(Path(path), d))
 
     def import_checkpoint(self, src: Path, name: str | None = None) -> ModelInfo:
@@ -136,6 +132,12 @@ class ModelStore:
             raise StoreError(f"'{base}' is itself an adapter; train adapters on a full model")
 
         def describe(staging: Path) -> ModelInfo:
+            import torch
+
+            from shared.models import model_class
+            from shared.models.loader import read_config
+            from shared.models.lora import adapter_pairs, read_adapter_config
+
             cfg = read_adapter_config(staging)
             if cfg.get("base_model_name_or_path") != base:
                 raise StoreError(
@@ -167,6 +169,11 @@ class ModelStore:
         shutil.rmtree(self.path(name))
 
     def _import(self, name: str, source: str, build: Callable[[Path], None], describe=None) -> ModelInfo:
+        # (importing needs the model code and torch; finding models does not)
+        from shared.models.config import ConfigError
+        from shared.models.loader import WeightError, check_checkpoint
+        from shared.models.lora import AdapterError
+
         if not _NAME.match(name):
             raise StoreError(f"invalid model name '{name}': use letters, digits, '.', '_', '-' and ':'")
         if self.path(name).exists():
@@ -217,6 +224,8 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> None:
+    from shared.models.loader import WeightError, checkpoint_files
+
     if not (src / "config.json").is_file():
         raise StoreError(f"{src}: config.json is missing")
     try:
@@ -231,6 +240,10 @@ def _copy_checkpoint(src: Path, dst: Path) -> None:
 
 
 def _describe(path: Path, name: str, architecture: str, source: str) -> ModelInfo:
+    from safetensors import safe_open
+
+    from shared.models.loader import checkpoint_files
+
     params, dtypes = 0, Counter()
     for file in set(checkpoint_files(path).values()):
         with safe_open(str(file), "pt") as f:

@@ -47,14 +47,16 @@ def test_a_service_imports_no_other_service():
     assert not wrong, wrong
 
 
-def test_the_router_gateway_and_kv_store_start_without_torch():
+def test_the_router_gateway_kv_store_and_tokenizer_start_without_torch():
     """They need SamplingParams, the block keys and TokenLogprob (shared/core), not the engine: a
-    process importing them never loads torch (≈0.3 GB each)."""
+    process importing them (and building them: their main modules) never loads torch (≈0.3 GB each)."""
     import subprocess
     import sys
 
     code = (
-        "import sys, services.router.server, services.gateway.app, services.kvstore.server, shared.core.kv_hash; "
+        "import sys, services.router.main, services.router.server, services.gateway.main, services.gateway.app, "
+        "services.kvstore.main, services.kvstore.server, services.tokenizer.main, services.tokenizer.server, "
+        "services.controller.main, shared.core.kv_hash; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('shared.engine')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
