@@ -62,6 +62,13 @@ class ServiceActor:
         self.running = None  # shared.rpc.server.Running
         self.started_at = None
         self.lock = asyncio.Lock()
+        # an expert-parallel shard's part: the group's engine, the leader's runner or the follower's
+        # thread, a follower's metrics server, and whether the group broke (then it is restarted)
+        self.group_engine = None
+        self.group_runner = None
+        self.follower = None
+        self.follower_metrics = None
+        self.group_failed = False
 
     def pid(self) -> int:
         return os.getpid()
@@ -190,7 +197,7 @@ class ServiceActor:
         groups; empty otherwise)."""
         from shared.parallel.expert_parallel import moe_layers
 
-        engine = getattr(self, "group_engine", None)
+        engine = self.group_engine
         return [m.expert_tokens.tolist() for m in moe_layers(engine.model)] if engine is not None else []
 
     # -- control -----------------------------------------------------------------------------------
@@ -198,7 +205,7 @@ class ServiceActor:
     def healthy(self) -> bool:
         """False when this actor serves nothing any more (a failed engine, a follower whose group
         broke) — the controller then restarts it (its whole group)."""
-        if getattr(self, "group_failed", False):
+        if self.group_failed:
             return False
         if self.kind == "worker" and self.service is not None:
             return self.service.engine.dead is None and not self.service.stalled()  # (the watchdog)
@@ -229,7 +236,7 @@ class ServiceActor:
         if self.running is None:
             return
         await self.running.stop()
-        runner = getattr(self, "group_runner", None)
+        runner = self.group_runner
         if runner is not None:  # release the followers (best effort: one may be gone)
             try:
                 await asyncio.wait_for(asyncio.to_thread(runner.close), 10)
