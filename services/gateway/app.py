@@ -26,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.gateway import dashboard
+from services.gateway import dashboard, structured
 from services.gateway.clients import Backends
 from services.gateway.fine_tuning import ControllerClient, fine_tuning_router
 from services.gateway.gateway import Gateway, error_from_grpc, until_disconnected
@@ -126,11 +126,11 @@ def create_app(
             data.append(entry)
         return {"object": "list", "data": data}
 
-    async def generate(
-        body, request: Request, response: Response, info, prompts: list[list[int]], chat: bool
-    ):
+    async def generate(body, request: Request, response: Response, info, prompts: list[list[int]], structure):
         """The generation path chat and text completions share; only the rendering differs."""
-        headers, streams = await gw.plan(request, body, info, prompts, "messages" if chat else "prompt")
+        chat = isinstance(body, ChatCompletionRequest)
+        what = "messages" if chat else "prompt"
+        headers, streams = await gw.plan(request, body, info, prompts, what, structure.grammar)
         rid = request.state.request_id
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
@@ -141,7 +141,7 @@ def create_app(
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             primed = await gw.primed(streams)
             events = (
-                stream_chat(gw, body, primed, base, include_usage)
+                stream_chat(gw, body, primed, base, include_usage, structure)
                 if chat
                 else stream_completion(gw, body, primed, base, include_usage, len(prompts))
             )
@@ -150,18 +150,21 @@ def create_app(
         choices = await until_disconnected(request, gw.collect(streams))
         strings = await gw.token_strings(body.model, [lp for c in choices for lp in c.logprobs])
         if chat:
-            return chat_response(base, body, choices, strings)
+            return chat_response(base, body, choices, strings, structure)
         return completion_response(base, body, choices, strings, len(prompts))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
         info = await gw.info(body.model)  # an unknown model is a 404 before any tokenizing
+        structure = structured.plan(body)
         messages = [{"role": m.role, "content": m.text(), "name": m.name} for m in body.messages]
         try:
-            prompt_ids, _ = await gw.backends.tokenize_chat(body.model, messages, body.add_generation_prompt)
+            prompt_ids, _ = await gw.backends.tokenize_chat(
+                body.model, messages, body.add_generation_prompt, structure.tools_json
+            )
         except grpc.aio.AioRpcError as e:
             raise error_from_grpc(e) from e
-        return await generate(body, request, response, info, [prompt_ids], chat=True)
+        return await generate(body, request, response, info, [prompt_ids], structure)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request, response: Response):
@@ -170,10 +173,11 @@ def create_app(
             raise OpenAIError(400, "suffix is not supported", "suffix")
         if body.echo:
             raise OpenAIError(400, "echo is not supported", "echo")
+        structure = structured.plan(body)
         prompts = await completion_prompts(body)
         if not prompts or any(not p for p in prompts):
             raise OpenAIError(400, "prompt must not be empty", "prompt")
-        return await generate(body, request, response, info, prompts, chat=False)
+        return await generate(body, request, response, info, prompts, structure)
 
     async def completion_prompts(body: CompletionRequest) -> list[list[int]]:
         p = body.prompt

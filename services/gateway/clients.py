@@ -49,12 +49,15 @@ class Backends:
             (await self.tokenizer.Tokenize(req, timeout=self.call_timeout, metadata=_metadata())).token_ids
         )
 
-    async def tokenize_chat(self, model: str, messages: list[dict], add_generation_prompt: bool = True):
+    async def tokenize_chat(
+        self, model: str, messages: list[dict], add_generation_prompt: bool = True, tools_json: str = ""
+    ):
         chat = tokenizer_pb2.ChatMessages(
             messages=[
                 tokenizer_pb2.ChatMessage(role=m["role"], content=m["content"], name=m.get("name") or "")
                 for m in messages
-            ]
+            ],
+            tools_json=tools_json,
         )
         req = tokenizer_pb2.TokenizeRequest(
             model=model, chat=chat, add_generation_prompt=add_generation_prompt

@@ -139,18 +139,25 @@ class Gateway:
     # -- generation ------------------------------------------------------------------------------
 
     async def plan(
-        self, request: Request, body: _Sampling, info, prompts: list[list[int]], what: str
+        self,
+        request: Request,
+        body: _Sampling,
+        info,
+        prompts: list[list[int]],
+        what: str,
+        grammar: str | None = None,
     ) -> tuple[dict[str, str], list[AsyncIterator[tuple[int, common_pb2.TokenChunk]]]]:
         """Check, charge and start a generation: `prompts` (token ids, one per prompt; `what` names
         them in errors: "messages" or "prompt") for the model whose tokenizer `info` is given. Choice
-        `pi * n + i` is prompt pi's i-th sample. Returns the response headers and the choices' streams."""
+        `pi * n + i` is prompt pi's i-th sample; `grammar` (structured output) constrains every choice.
+        Returns the response headers and the choices' streams."""
         rid = request.state.request_id
         specs = []
         for pi, ids in enumerate(prompts):
             if any(t < 0 or t >= info.vocab_size for t in ids):
                 raise OpenAIError(400, f"{what} contains token ids outside the vocabulary of {info.vocab_size}",
                                   what)  # fmt: skip
-            params = self.prepare(body, len(ids), info.max_model_len, info.vocab_size, what)
+            params = self.prepare(body, len(ids), info.max_model_len, info.vocab_size, what, grammar)
             for i, p in enumerate(params):
                 index = pi * body.n + i
                 specs.append((f"{rid}-{index}", ids, p, index))
@@ -159,7 +166,15 @@ class Gateway:
         key = self.admit_tokens(request, sum(len(ids) for ids in prompts) * body.n)
         return await self.open_choices(body.model, specs, key)
 
-    def prepare(self, body: _Sampling, prompt_len: int, max_model_len: int, vocab: int, what: str) -> list:
+    def prepare(
+        self,
+        body: _Sampling,
+        prompt_len: int,
+        max_model_len: int,
+        vocab: int,
+        what: str,
+        grammar: str | None = None,
+    ) -> list:
         if not 1 <= body.n <= MAX_N:
             raise OpenAIError(400, f"n must be between 1 and {MAX_N}, got {body.n}", "n")
         body.check_limits(self.limits)
@@ -178,7 +193,7 @@ class Gateway:
                 "context_length_exceeded",
             )
         logprobs = body.requested_logprobs()
-        params = [body.sampling_params(max_tokens, logprobs, i) for i in range(body.n)]
+        params = [body.sampling_params(max_tokens, logprobs, i, grammar) for i in range(body.n)]
         try:
             for p in params:  # each: choice i's seed is seed + i
                 p.validate(vocab)

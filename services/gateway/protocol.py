@@ -3,6 +3,7 @@ OpenAI error shape. Unknown fields are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -63,6 +64,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = "function"
+    function: FunctionSpec
+
+
 class _Sampling(BaseModel):
     """Fields shared by chat and completions requests."""
 
@@ -92,6 +125,11 @@ class _Sampling(BaseModel):
     include_stop_str_in_output: bool = False
     priority: int = 0
     cache_salt: str | None = None
+    # structured output (services/gateway/structured.py)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def check_limits(self, limits: Limits) -> None:
         """The size caps and what only an operator may allow (400 naming the field)."""
@@ -113,7 +151,9 @@ class _Sampling(BaseModel):
                 400, "priority is not enabled on this gateway (its operator can allow it)", "priority"
             )
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int, logprobs: int | None, choice: int, grammar: str | None = None
+    ) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         try:
             bias = tuple((int(k), float(v)) for k, v in (self.logit_bias or {}).items())
@@ -140,6 +180,7 @@ class _Sampling(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             priority=self.priority,
             cache_salt=self.cache_salt,
+            grammar=grammar,
         )
 
 
@@ -149,8 +190,20 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer to one of them
 
     def text(self) -> str:
+        """The message as the chat template sees it: an assistant's tool calls in the Hermes format
+        the tool prompt teaches (structured.py)."""
+        calls = "".join(
+            "<tool_call>\n" + json.dumps({"name": (c.get("function") or {}).get("name"),
+                                         "arguments": _arguments(c)}) + "\n</tool_call>"
+            for c in self.tool_calls or ()
+        )  # fmt: skip
+        return self._content() + calls
+
+    def _content(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -163,12 +216,23 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def _arguments(call: dict):
+    args = (call.get("function") or {}).get("arguments", "{}")
+    try:
+        return json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        return args
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

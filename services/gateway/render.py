@@ -12,6 +12,7 @@ from tandem.v1 import common_pb2
 
 if TYPE_CHECKING:
     from services.gateway.gateway import Gateway
+    from services.gateway.structured import Structure
 
 
 def stop_reason(chunk: common_pb2.TokenChunk):
@@ -60,10 +61,14 @@ def sse(data) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def stream_chat(gw: Gateway, body: ChatCompletionRequest, chunks, base: dict, include_usage: bool):
+async def stream_chat(
+    gw: Gateway, body: ChatCompletionRequest, chunks, base: dict, include_usage: bool, structure: Structure
+):
     chunk_base = {**base, "object": "chat.completion.chunk"}
     extra = {"usage": None} if include_usage else {}
     usage, completion_tokens = None, 0
+    held: dict[int, str] = {}  # text of choices that are (or may become) tool calls, sent at their end
+    flowing: set[int] = set()  # choices whose text streams as it comes
     try:
         for i in range(body.n):
             yield sse(
@@ -88,8 +93,24 @@ async def stream_chat(gw: Gateway, body: ChatCompletionRequest, chunks, base: di
                 logprobs = chat_logprobs_json(
                     chunk.logprobs, await gw.token_strings(body.model, chunk.logprobs)
                 )
-            if chunk.text or logprobs or finish:
-                delta = {"content": chunk.text} if chunk.text or logprobs else {}
+            text = chunk.text
+            delta = {"content": text} if text or logprobs else {}
+            if index not in flowing:
+                sofar = held.get(index, "") + text
+                if structure.holds_back(sofar) and not finish:
+                    held[index] = sofar
+                    continue
+                if finish:
+                    content, calls = structure.parse(sofar) if structure.calls != "none" else (sofar, [])
+                    delta = {"content": content} if content else {}
+                    if calls:
+                        delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+                        finish = "tool_calls" if finish == "stop" else finish
+                else:
+                    flowing.add(index)
+                    delta = {"content": sofar}
+                held.pop(index, None)
+            if delta or logprobs or finish:
                 choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
                 if finish:
                     choice["stop_reason"] = stop_reason(chunk)
@@ -133,21 +154,31 @@ async def stream_completion(
     yield "data: [DONE]\n\n"
 
 
-def chat_response(base: dict, body: ChatCompletionRequest, choices, strings: dict[int, str]) -> dict:
-    """A whole chat completion (choices: the gateway's collected Choice list)."""
+def chat_response(
+    base: dict, body: ChatCompletionRequest, choices, strings: dict[int, str], structure: Structure
+) -> dict:
+    """A whole chat completion (choices: the gateway's collected Choice list); tool calls parsed out
+    of each choice's text as the request's tools ask."""
+
+    def choice(c) -> dict:
+        content, calls = structure.parse(c.text) if structure.calls != "none" else (c.text, [])
+        message = {"role": "assistant", "content": content}
+        finish = c.finish_reason
+        if calls:
+            message["tool_calls"] = calls
+            finish = "tool_calls" if finish == "stop" else finish
+        return {
+            "index": c.index,
+            "message": message,
+            "logprobs": chat_logprobs_json(c.logprobs, strings) if body.logprobs else None,
+            "finish_reason": finish,
+            "stop_reason": c.stop_reason,
+        }
+
     return {
         **base,
         "object": "chat.completion",
-        "choices": [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": chat_logprobs_json(c.logprobs, strings) if body.logprobs else None,
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in choices
-        ],
+        "choices": [choice(c) for c in choices],
         "usage": usage_json([choices[0].usage], sum(len(c.token_ids) for c in choices)),
     }
 

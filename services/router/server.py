@@ -236,6 +236,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
         its queue is full, or the handle's blocks are gone): generate the rest as a new request whose
         prompt ends with that token — on the same decode worker when it is alive, else another — and
         count the first token back into the usage it reports."""
+        if request.params.HasField("grammar"):  # a fresh request would restart the grammar after
+            raise error  # the token already sent: an error, never output outside the grammar
         worker = route.decode
         if error.code() in RETRYABLE:
             if error.code() == grpc.StatusCode.UNAVAILABLE:

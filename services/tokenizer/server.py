@@ -100,10 +100,14 @@ class TokenizerService(tokenizer_pb2_grpc.TokenizerServicer):
                 for m in request.chat.messages
             ]
             add_gen = request.add_generation_prompt if request.HasField("add_generation_prompt") else True
-            size = sum(len(m["content"]) for m in messages)
+            size = sum(len(m["content"]) for m in messages) + len(request.chat.tools_json)
+            try:
+                tools = json.loads(request.chat.tools_json) if request.chat.tools_json else None
+            except json.JSONDecodeError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"tools_json is not valid JSON: {e}")
             try:
                 prompt = await off_loop(
-                    size, tok.apply_chat_template, messages, add_generation_prompt=add_gen
+                    size, tok.apply_chat_template, messages, add_generation_prompt=add_gen, tools=tools
                 )
             except ChatTemplateError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"chat template: {e}")

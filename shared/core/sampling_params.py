@@ -1,7 +1,7 @@
 """SamplingParams: how one request's next tokens are chosen and when it stops.
 
 Mirrors the OpenAI fields plus the extras vLLM users expect (top_k, min_p, repetition_penalty,
-min_tokens, stop_token_ids, ignore_eos, seed, priority, cache_salt). `validate` raises ValueError
+min_tokens, stop_token_ids, ignore_eos, seed, priority, cache_salt, and a grammar for structured output). `validate` raises ValueError
 naming the offending parameter, which every interface maps to its own error convention.
 """
 
@@ -35,6 +35,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     priority: int = 0  # lower runs first
     cache_salt: str | None = None  # separates tenants' prefix caches
+    grammar: str | None = (
+        None  # structured output: an llguidance grammar (Lark, or JSON-schema based) to match
+    )
 
     @property
     def greedy(self) -> bool:

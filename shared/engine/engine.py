@@ -36,6 +36,7 @@ from shared.core.dtypes import DTYPE_NAMES, torch_dtype
 from shared.core.kv_hash import BlockKey, prompt_block_keys
 from shared.core.logprobs import TokenLogprob
 from shared.core.sampling_params import SamplingParams
+from shared.engine import structured
 from shared.engine.block_pool import BlockPool
 from shared.engine.kv_cache_manager import KVCacheManager
 from shared.engine.kv_transfer import KVHandoff
@@ -127,6 +128,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.model_id = model_id
         self.prompt_tokens_computed = 0  # prompt tokens run through the model (not from any cache)
+        self._grammars = None  # structured output's GrammarCompiler, made on the first grammar request
         log.info(
             "engine: %d KV blocks of %d tokens (%.0f MiB)",
             num_blocks,
@@ -171,6 +173,8 @@ class LLMEngine:
         if prefill_only and kv_handoff is not None:
             raise ValueError("a request is either prefill-only or continues from imported KV, not both")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
+        if params.grammar is not None:
+            request.matcher = self._grammar_compiler().matcher(params.grammar)
         request.prefill_only = prefill_only
         request.lora = lora
         if lora is not None:
@@ -182,6 +186,8 @@ class LLMEngine:
             request.num_cached_tokens = kv_handoff.num_cached_tokens
             request.ever_scheduled = True
             request.output_token_ids.append(kv_handoff.first_token)
+            if request.matcher is not None:  # the prefill sampled it inside the grammar
+                structured.consume(request.matcher, kv_handoff.first_token)
             if kv_handoff.first_logprob is not None:
                 request.output_logprobs.append(kv_handoff.first_logprob)
             request.generator.set_state(kv_handoff.rng_state)
@@ -223,6 +229,20 @@ class LLMEngine:
                 f"request needs {self.kv.blocks_needed(total)} KV blocks; the cache has {self.pool.num_blocks}"
             )
         return params
+
+    def _grammar_compiler(self) -> structured.GrammarCompiler:
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError(
+                    "grammar: structured output needs the model's tokenizer, and this engine has none"
+                )
+            try:
+                self._grammars = structured.GrammarCompiler(
+                    self.tokenizer.backend.to_str(), self.model.config.vocab_size, self.eos_token_ids
+                )
+            except ImportError as e:
+                raise ValueError("grammar: structured output needs the llguidance package") from e
+        return self._grammars
 
     def _check_handoff(self, request: Request, handoff: KVHandoff) -> None:
         if handoff.layout != self.layout:
@@ -341,6 +361,8 @@ class LLMEngine:
         outputs = []
         for request, (token, logprob) in zip(requests, sampled, strict=True):
             request.output_token_ids.append(token)
+            if request.matcher is not None:
+                structured.consume(request.matcher, token)
             if logprob is not None:
                 request.output_logprobs.append(logprob)
             status = self._stop_status(request, token)

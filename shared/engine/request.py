@@ -65,6 +65,7 @@ class Request:
     prefill_only: bool = False  # finish after the first token and export the KV
     pending_kv: torch.Tensor | None = None  # imported KV payload, written into the cache on admission
     detokenizer: object | None = None  # an IncrementalDetokenizer when the engine has a tokenizer
+    matcher: object | None = None  # structured output: the grammar's llguidance LLMatcher (structured.py)
 
     def __post_init__(self) -> None:
         seed = self.params.seed if self.params.seed is not None else int(torch.randint(2**62, ()).item())

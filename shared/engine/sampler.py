@@ -4,7 +4,8 @@ Order of operations on a row of logits (float32):
   1. logprobs, if asked, come from the raw model distribution (log_softmax of the logits);
   2. logit_bias; min_tokens masks EOS and stop_token_ids; repetition (HF rule: divide positive,
      multiply negative logits of seen tokens), frequency and presence penalties (OpenAI rule);
-  3. temperature 0 -> argmax; otherwise divide by temperature, keep top_k, then the top_p nucleus,
+  3. structured output: tokens the request's grammar does not allow next get -inf (structured.py);
+  4. temperature 0 -> argmax; otherwise divide by temperature, keep top_k, then the top_p nucleus,
      then tokens with p >= min_p * p_max, and sample.
 Sampling is an exponential race, argmax(p / E) with E ~ Exp(1) drawn from the request's own
 generator: the same seed gives the same tokens whatever else is in the batch.
@@ -16,6 +17,7 @@ import torch
 
 from shared.core.logprobs import TokenLogprob
 from shared.engine.request import Request
+from shared.engine.structured import apply_masks
 
 
 class Sampler:
@@ -68,6 +70,7 @@ class Sampler:
                 out_ids = torch.tensor(r.output_token_ids, device=logits.device)
                 counts = torch.bincount(out_ids, minlength=logits.shape[1]).to(logits.dtype)
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        apply_masks(logits, [(i, r.matcher) for i, r in enumerate(requests) if r.matcher is not None])
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -101,7 +104,8 @@ class Sampler:
 def _adjusts_logits(r: Request) -> bool:
     p = r.params
     return bool(
-        p.logit_bias
+        r.matcher is not None
+        or p.logit_bias
         or len(r.output_token_ids) < p.min_tokens
         or p.repetition_penalty != 1.0
         or ((p.frequency_penalty or p.presence_penalty) and r.output_token_ids)

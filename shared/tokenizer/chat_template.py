@@ -48,3 +48,25 @@ def render_chat(source: str, messages: list[dict], add_generation_prompt: bool, 
         raise
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from e
+
+
+def with_tools(source: str, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], dict]:
+    """The conversation and template variables for a request offering `tools` (OpenAI's list): a
+    template that reads `tools` gets them as they are; for one that does not, a system prompt
+    describes them and asks for calls as `<tool_call>{"name": …, "arguments": {…}}</tool_call>`
+    (the format the gateway parses), joined to the conversation's own system message."""
+    if not tools:
+        return messages, {}
+    if "tools" in source:
+        return messages, {"tools": tools}
+    prompt = (
+        "You can call these functions (their JSON signatures, one per line, inside <tools></tools>):\n"
+        "<tools>\n" + "\n".join(json.dumps(t, ensure_ascii=False) for t in tools) + "\n</tools>\n"
+        "To call one, answer with a JSON object naming the function and its arguments inside "
+        "<tool_call></tool_call> tags, one block per call:\n"
+        '<tool_call>\n{"name": "<function name>", "arguments": {<arguments as JSON>}}\n</tool_call>'
+    )
+    if messages and messages[0]["role"] in ("system", "developer"):
+        first = {**messages[0], "content": f"{messages[0]['content']}\n\n{prompt}"}
+        return [first, *messages[1:]], {}
+    return [{"role": "system", "content": prompt}, *messages], {}

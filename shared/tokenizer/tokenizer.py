@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _RustTokenizer
 
-from shared.tokenizer.chat_template import ChatTemplateError, render_chat
+from shared.tokenizer.chat_template import ChatTemplateError, render_chat, with_tools
 
 
 def _token_text(value) -> str | None:
@@ -78,10 +78,18 @@ class Tokenizer:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict], add_generation_prompt: bool = True, **variables
+        self,
+        messages: list[dict],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        **variables,
     ) -> str:
+        """The prompt text of a conversation; `tools` (OpenAI's list) through the template's own
+        `tools` variable, or a tool prompt when it has none (chat_template.with_tools)."""
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template")
+        messages, extra = with_tools(self.chat_template, messages, tools)
+        variables.update(extra)
         return render_chat(
             self.chat_template,
             messages,

@@ -33,6 +33,7 @@ EVERY_FIELD = SamplingParams(
     skip_special_tokens=False,
     priority=-2,
     cache_salt="tenant",
+    grammar='start: "yes" | "no"',
 )  # fmt: skip (values exact in float32)
 
 
