@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -20,10 +21,17 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 STATES = ("validating_files", "queued", "running", *TERMINAL)
 
 
+_last_stamp = [0]
+_stamp_lock = threading.Lock()
+
+
 def new_id(prefix: str) -> str:
-    """A unique id that sorts by creation time (microseconds, then random): the queue's FIFO order
-    among jobs created within the same second (created_at has whole seconds, as in OpenAI's API)."""
-    return f"{prefix}-{time.time_ns() // 1000:013x}{secrets.token_hex(6)}"
+    """A unique id that sorts by creation time (microseconds, strictly increasing within the process,
+    then random): the queue's FIFO order among jobs created within the same second (created_at has
+    whole seconds, as in OpenAI's API)."""
+    with _stamp_lock:  # two ids in one microsecond must not be ordered by their random part
+        stamp = _last_stamp[0] = max(time.time_ns() // 1000, _last_stamp[0] + 1)
+    return f"{prefix}-{stamp:013x}{secrets.token_hex(6)}"
 
 
 def now() -> int:

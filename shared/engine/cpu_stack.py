@@ -22,6 +22,7 @@ import torch
 from shared.engine.paged_attention import PagedMetadata
 from shared.models.layers import Attention, GatedMLP, RMSNorm
 from shared.models.linear import SMALL_BATCH_ROWS, Linear, linear
+from shared.models.quant import QuantLinear
 from shared.models.transformer import CausalLM, DecoderLayer
 
 
@@ -43,7 +44,7 @@ class CpuStack:
         body = model.model
         if type(body.embed_tokens) is not torch.nn.Embedding or type(body.norm) is not RMSNorm:
             return None
-        if type(model).compute_logits is not CausalLM.compute_logits or type(model.lm_head) is not Linear:
+        if type(model).compute_logits is not CausalLM.compute_logits or not _plain(model.lm_head):
             return None
         eps = body.norm.eps
         weights: list[torch.Tensor] = []
@@ -59,10 +60,7 @@ class CpuStack:
                 and type(layer.post_attention_layernorm) is RMSNorm
                 and layer.input_layernorm.eps == eps == layer.post_attention_layernorm.eps
                 and attn.q_norm is None
-                and type(attn.qkv_proj) is Linear
-                and type(attn.o_proj) is Linear
-                and type(mlp.gate_up_proj) is Linear
-                and type(mlp.down_proj) is Linear
+                and all(_plain(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
                 and mlp.gate_up_proj.bias is None
                 and mlp.down_proj.bias is None
                 and (attn.num_heads, attn.scale) == (first.num_heads, first.scale)
@@ -70,13 +68,15 @@ class CpuStack:
                 return None
             weights += [
                 layer.input_layernorm.weight,
-                attn.qkv_proj.weight,
+                *_weight(attn.qkv_proj)[:1],
                 _or_empty(attn.qkv_proj.bias),
-                attn.o_proj.weight,
+                *_weight(attn.qkv_proj)[1:],
+                *_weight(attn.o_proj)[:1],
                 _or_empty(attn.o_proj.bias),
+                *_weight(attn.o_proj)[1:],
                 layer.post_attention_layernorm.weight,
-                mlp.gate_up_proj.weight,
-                mlp.down_proj.weight,
+                *_weight(mlp.gate_up_proj),
+                *_weight(mlp.down_proj),
             ]
             windows.append(attn.window or -1)
         return cls(model, ops, [w.detach() for w in weights], windows)
@@ -102,10 +102,14 @@ class CpuStack:
                 and module.weight.is_contiguous()
             ):
                 module.gemm = gemm
+            elif isinstance(module, QuantLinear) and module.scales.dtype == torch.float32:
+                module.gemm = quant_gemm(ops, module)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head for a few rows by the skinny GEMM: [N, V], a transposed view."""
         head = self.model.lm_head
+        if isinstance(head, QuantLinear):
+            return head.gemm(hidden, head, False)
         logits = self.ops.skinny_linear(hidden, head.weight)
         return logits if head.bias is None else logits + head.bias
 
@@ -151,3 +155,49 @@ class CpuStack:
 
 def _or_empty(bias: torch.Tensor | None) -> torch.Tensor:
     return bias if bias is not None else torch.empty(0)
+
+
+#: rows of x the quantized kernel takes (one pass over the integers); beyond, the weight is
+#: dequantized for the call and the float kernels run (measured: more passes lose to that)
+QUANT_ROWS = 4
+
+
+def _plain(m) -> bool:
+    """A projection the stack computes: a float32 Linear, or a QuantLinear (integers and float32 scales)."""
+    return type(m) is Linear or (
+        type(m) is QuantLinear and m.scales.dtype == torch.float32 and m.lora is None
+    )
+
+
+def _weight(m) -> list[torch.Tensor]:
+    """[weight, scales, offsets] as forward_layers takes them (empty scales for a float weight)."""
+    if isinstance(m, QuantLinear):
+        return [m.qweight, m.scales, m.offsets]
+    empty = torch.empty(0)
+    return [m.weight, empty, empty]
+
+
+def quant_gemm(ops, module: QuantLinear):
+    """A QuantLinear's GEMM on the kernels: integers converted in registers for up to QUANT_ROWS rows
+    (one-request decode steps), the weight dequantized for the call beyond (batches, prefill chunks)."""
+    vector = 16 if module.bits == 4 else 8  # the kernel's group granularity (covers AVX2 and AVX-512)
+    usable = module.group_size % (2 * vector) == 0 and module.in_features % module.group_size == 0
+
+    def gemm(x, _module, contiguous):
+        rows = x.shape[0] if x.dim() == 2 else 0
+        floats = x.dtype == torch.float32 and x.device.type == "cpu"
+        if usable and floats and 0 < rows <= QUANT_ROWS:
+            out = ops.quant_linear(
+                x, module.qweight, module.scales, module.offsets, module.bits, module.group_size
+            )
+        else:
+            weight = module.dequantize()
+            if not (floats and rows):
+                return linear(x, weight, module.bias, contiguous)
+            if rows > SMALL_BATCH_ROWS:
+                return ops.gemm_rows(x, weight, module.bias)
+            out = ops.skinny_linear(x, weight)
+        out = out if module.bias is None else out + module.bias
+        return out.contiguous() if contiguous else out
+
+    return gemm

@@ -6,6 +6,7 @@
 // call. These kernels remove all three:
 //
 //   skinny_linear / gemm_rows   x @ W^T by register-tiled micro-kernels that read W once, in place
+//   quant_linear                x @ W^T for 1-4 rows with W as 8- or 4-bit integers (quant_gemm.h)
 //                               (skinny_gemm.h): 1-64 rows give y^T, more give row-major y;
 //   paged_decode_attention      one query token per sequence attending straight over its cache
 //                               blocks (no gather, no padding, no mask), the GQA heads of a KV head
@@ -28,6 +29,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "quant_gemm.h"
 #include "skinny_gemm.h"
 
 #include <algorithm>
@@ -430,6 +432,32 @@ Tensor small_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor
   return out;
 }
 
+// The float weight an integer one stands for (shared/models/quant.py's layout).
+Tensor dequantize(const Tensor& q, const Tensor& scales, const Tensor& offsets, int64_t bits, int64_t in_features) {
+  Tensor ints = bits == 8 ? q.to(at::kFloat)
+                          : at::stack({at::bitwise_and(q, 15), at::bitwise_right_shift(q, 4)}, -1).to(at::kFloat);
+  const int64_t n = q.size(0), groups = scales.size(1);
+  ints = ints.view({n, groups, in_features / groups});
+  return (ints * scales.unsqueeze(-1) + offsets.unsqueeze(-1)).view({n, in_features});
+}
+
+// small_linear for a float weight, or an integer one (scales and offsets non-empty): the quantized
+// kernel for up to 4 rows, else the weight dequantized for the call.
+Tensor any_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b, const Tensor& scales,
+                  const Tensor& offsets, int64_t max_rows, bool contiguous) {
+  if (w.scalar_type() == at::kFloat) return small_linear(x, w, b, max_rows, contiguous);
+  const int64_t bits = w.scalar_type() == at::kChar ? 8 : 4, k_dim = x.size(1);
+  const int64_t group = k_dim / scales.size(1);
+  const int64_t rows = x.size(0);
+  if (rows >= 1 && rows <= 4 && group % (bits == 4 ? 2 * tandem::VW : tandem::VW) == 0) {
+    Tensor out = tandem::quant_linear(x, w, scales, offsets, bits, group);
+    if (contiguous || b) out = out.contiguous();
+    if (b) out.add_(*b);
+    return out;
+  }
+  return small_linear(x, dequantize(w, scales, offsets, bits, k_dim), b, max_rows, contiguous);
+}
+
 // argmax over the last dim of x [M, N] (any strides; fast for the transposed [N, M] layout the
 // skinny GEMM writes): the first index of the maximum, as torch.argmax.
 Tensor argmax_rows(const Tensor& x) {
@@ -474,8 +502,10 @@ inline c10::optional<Tensor> optional(const Tensor& t) {
 }
 
 // The whole dense decoder stack for one step: every sequence's new tokens side by side in x [T, C].
-// weights holds, per layer, in order: input norm, qkv weight, qkv bias, o weight, o bias,
-// post-attention norm, gate_up weight, down weight (an empty tensor for an absent bias).
+// weights holds, per layer, in order: input norm, qkv weight, qkv bias, qkv scales, qkv offsets, o weight,
+// o bias, o scales, o offsets, post-attention norm, gate_up weight, gate_up scales, gate_up offsets, down
+// weight, down scales, down offsets (an empty tensor for an absent bias; scales and offsets are empty
+// for a float weight and set for an integer one, shared/models/quant.py).
 // Decodes (one new token each): rows dec_rows [Nd] of x, block tables dec_tables [Nd, M], keys
 // dec_lens [Nd]. Prefill chunks: first row pre_starts [Np], pre_queries tokens, block tables
 // pre_tables [Np, M'], keys pre_keys [Np] (context + chunk). Returns the final-normed hidden [T, C].
@@ -486,8 +516,8 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
                       const Tensor& pre_keys, at::IntArrayRef windows, int64_t n_heads, int64_t rot_dim, double scale,
                       double eps, int64_t max_rows) {
   const int64_t n_layers = static_cast<int64_t>(k_caches.size());
-  constexpr int64_t per_layer = 8;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per_layer * n_layers, "forward_layers: 8 weights per layer");
+  constexpr int64_t per_layer = 16;
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per_layer * n_layers, "forward_layers: 16 weights per layer");
   TORCH_CHECK(static_cast<int64_t>(windows.size()) == n_layers, "forward_layers: one window per layer");
   const int64_t n_tok = x.size(0), n_kv = k_caches[0].size(1), bs = k_caches[0].size(2), dim = k_caches[0].size(3);
   const auto d_rows = dec_rows.to(at::kLong).contiguous();
@@ -512,7 +542,7 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
   for (int64_t l = 0; l < n_layers; ++l) {
     const Tensor* w = weights.data() + per_layer * l;
     Tensor h = add_rms_norm(x, pending, w[0], eps);
-    Tensor qkv = small_linear(h, w[1], optional(w[2]), max_rows, true);
+    Tensor qkv = any_linear(h, w[1], optional(w[2]), w[3], w[4], max_rows, true);
     rope_and_cache(qkv, cos, sin, k_caches[l], v_caches[l], slots, n_heads, rot_dim);
     Tensor q = qkv.narrow(1, 0, n_heads * dim).view({n_tok, n_heads, dim});
     Tensor attn;
@@ -535,10 +565,10 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
                         attn.data_ptr<float>() + st * n_heads * dim, n_heads * dim);
       }
     }
-    Tensor o = small_linear(attn.view({n_tok, n_heads * dim}), w[3], optional(w[4]), max_rows, false);
-    h = add_rms_norm(x, o, w[5], eps);
-    Tensor act = silu_and_mul(small_linear(h, w[6], c10::nullopt, max_rows, false));
-    pending = small_linear(act, w[7], c10::nullopt, max_rows, false);
+    Tensor o = any_linear(attn.view({n_tok, n_heads * dim}), w[5], optional(w[6]), w[7], w[8], max_rows, false);
+    h = add_rms_norm(x, o, w[9], eps);
+    Tensor act = silu_and_mul(any_linear(h, w[10], c10::nullopt, w[11], w[12], max_rows, false));
+    pending = any_linear(act, w[13], c10::nullopt, w[14], w[15], max_rows, false);
   }
   return add_rms_norm(x, pending, final_norm, eps);
 }
@@ -563,6 +593,7 @@ TORCH_LIBRARY(tandem, m) {
   m.def("gemm_rows(Tensor x, Tensor w, Tensor? b) -> Tensor");
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor table, int num_keys, float scale, int window) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int bits, int group) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, float scale, int window) -> Tensor");
   m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots, int n_heads, int rot_dim) -> ()");
@@ -578,6 +609,7 @@ TORCH_LIBRARY_IMPL(tandem, CPU, m) {
   m.impl("silu_and_mul", &silu_and_mul);
   m.impl("forward_layers", &forward_layers);
   m.impl("skinny_linear", &skinny_linear);
+  m.impl("quant_linear", &tandem::quant_linear);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("gemm_rows", &gemm_rows);
   m.impl("paged_prefill_attention", &paged_prefill_attention);

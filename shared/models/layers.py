@@ -14,6 +14,8 @@ from torch import nn
 from shared.models.attention import AttentionBackend
 from shared.models.config import ModelConfig
 from shared.models.linear import Linear
+from shared.models.quant import QuantLinear
+from shared.models.quant import fuse as fuse_quantized
 from shared.models.rope import RotaryEmbedding
 
 
@@ -32,6 +34,8 @@ class RMSNorm(nn.Module):
 
 def _fused_linear(parts: list[nn.Linear]) -> Linear:
     """One Linear whose output is the given layers' outputs side by side (inference only)."""
+    if isinstance(parts[0], QuantLinear):
+        return fuse_quantized(parts)
     first = parts[0]
     fused = Linear(
         first.in_features,

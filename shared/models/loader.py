@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from shared.models import model_class
+from shared.models import model_class, quant
 from shared.models.config import ConfigError, ModelConfig, from_hf_config
 from shared.models.lora import AdapterError, is_adapter_dir, merge_adapter, read_adapter_config
 from shared.models.transformer import CausalLM
@@ -27,6 +27,8 @@ from shared.models.transformer import CausalLM
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 # Tensors some checkpoints carry that are derived, not learned.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.masked_bias)$")
+# buffers a checkpoint carries: MoE routers' correction biases, quantized layers' integers and scales
+_LOADED_BUFFERS = ("e_score_correction_bias", ".qweight", ".scales", ".offsets")
 
 
 class WeightError(ValueError):
@@ -93,17 +95,25 @@ def _target(cls: type[CausalLM], name: str) -> Target | None:
 
 def _expected_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    shapes.update(
-        {n: tuple(b.shape) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
-    )
+    shapes.update({n: tuple(b.shape) for n, b in model.named_buffers() if n.endswith(_LOADED_BUFFERS)})
     return shapes
+
+
+def _meta_model(path: Path, cfg: ModelConfig) -> CausalLM:
+    """The model for a checkpoint on the meta device, with QuantLinears where a quantized
+    checkpoint (shared/models/quant.py) keeps integer weights."""
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg)
+    q = quant.config_of(json.loads((Path(path) / "config.json").read_text()))
+    if q is not None:
+        quant.quantized_layout(model, q)
+    return model
 
 
 def plan_checkpoint(path: Path, cfg: ModelConfig) -> dict[str, tuple[Path, Target]]:
     """Map every checkpoint tensor to its target, validating names and shapes from headers only."""
     cls = model_class(cfg)
-    with torch.device("meta"):
-        model = cls(cfg)
+    model = _meta_model(path, cfg)
     expected = _expected_shapes(model)
     files = checkpoint_files(path)
     plan: dict[str, tuple[Path, Target]] = {}
@@ -132,7 +142,11 @@ def plan_checkpoint(path: Path, cfg: ModelConfig) -> dict[str, tuple[Path, Targe
             covered[target.param] = None
         else:
             covered.setdefault(target.param, set()).add(target.expert)
-    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    tied = (
+        {"lm_head.weight"}
+        if cfg.tie_word_embeddings and isinstance(model.lm_head, torch.nn.Linear)
+        else set()
+    )
     for param, shape in expected.items():
         if param in tied:
             continue
@@ -180,8 +194,7 @@ def load_model(
         return merge_adapter(load_model(adapter_base(path), device, dtype), path)
     cfg = read_config(path)
     plan = plan_checkpoint(path, cfg)
-    with torch.device("meta"):
-        model = model_class(cfg)(cfg)
+    model = _meta_model(path, cfg)
     state = _read_tensors(plan, _expected_shapes(model), device, dtype)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -209,8 +222,11 @@ def _read_tensors(plan, expected, device, dtype) -> dict[str, torch.Tensor]:
             for name in names:
                 target = plan[name][1]
                 tensor = f.get_tensor(name)
-                # Router correction biases stay float32: they decide ties between close scores.
+                # Router correction biases stay float32: they decide ties between close scores; a
+                # quantized layer's integers stay integers.
                 want = torch.float32 if target.param.endswith("e_score_correction_bias") else dtype
+                if not tensor.is_floating_point():
+                    want = tensor.dtype
                 if target.expert is None:
                     state[target.param] = tensor.to(device=device, dtype=want)
                 else:

@@ -63,7 +63,9 @@ class CausalLM(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(
+            self.lm_head, nn.Linear
+        ):  # (a quantized head is its own)
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(

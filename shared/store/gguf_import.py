@@ -2,7 +2,8 @@
 
 Supported: GGUF files of the `llama` architecture with a `gpt2` (byte-level BPE) tokenizer — the
 default model, SmolLM2-135M-Instruct, is one. Quantised tensors are dequantised to float32 with the
-`gguf` package's reference dequantisers.
+`gguf` package's reference dequantisers, or, with `keep_quantized`, Q4_0 / Q4_1 / Q8_0 projections and
+head keep their integers and scales in Tandem's quantized layout (shared/models/quant.py).
 
 Two things llama.cpp's converter changed, undone here:
   * q/k projection rows are permuted for interleaved RoPE. Per head, HF row order is
@@ -108,11 +109,13 @@ def _config(reader) -> dict:
     }
 
 
-def _tensors(reader, cfg: dict) -> dict[str, torch.Tensor]:
+def _tensors(reader, cfg: dict, skip: set[str] = frozenset()) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
     out = {}
     for t in reader.tensors:
+        if _hf_name(t.name) in skip:
+            continue
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists the innermost dimension first
         try:
             data = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
@@ -125,6 +128,68 @@ def _tensors(reader, cfg: dict) -> dict[str, torch.Tensor]:
             data = _unpermute(data, cfg["num_key_value_heads"])
         out[name] = torch.from_numpy(np.ascontiguousarray(data))  # owns its memory (copied above)
     return out
+
+
+_KEPT = {"Q4_0": 4, "Q4_1": 4, "Q8_0": 8}  # GGUF types whose integers are kept as they are
+
+
+def _blocks(t) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(integers [rows, in] (int8 or 0-15), scales and offsets [rows, in / 32], bits) of a Q4_0 / Q4_1 /
+    Q8_0 tensor: its blocks' own integers and scales, rearranged, never turned into floats."""
+    kind = t.tensor_type.name
+    rows = t.data.shape[0]
+    if kind == "Q8_0":  # {f16 d; int8 q[32]}: w = q * d
+        b = t.data.reshape(rows, -1, 34)
+        d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        return b[..., 2:].copy().view(np.int8).reshape(rows, -1), d, np.zeros_like(d), 8
+    size = (
+        20 if kind == "Q4_1" else 18
+    )  # Q4_1 {f16 d; f16 m; u8 qs[16]}: w = q * d + m; Q4_0 {f16 d; u8 qs[16]}: (q - 8) * d
+    b = t.data.reshape(rows, -1, size)
+    d = b[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * d
+    qs = b[..., size - 16 :]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # a block's values 0-15 in the low nibbles, 16-31 high
+    return q.reshape(rows, -1), d, m, 4
+
+
+def _kept_tensors(reader, cfg: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """The checkpoint of a GGUF whose projections are Q4_0 / Q4_1 (or Q8_0) and whose LM head (or the
+    embedding it is tied to) is Q8_0, with those integers kept (shared/models/quant.py's layout):
+    group 32, as GGUF's blocks. The embedding itself becomes float (a lookup reads one row a token)."""
+    from shared.models.quant import Scheme, pack_nibbles
+
+    types = {_hf_name(t.name): t.tensor_type.name for t in reader.tensors}
+    projections = {
+        n: k for n, k in types.items() if n.startswith("model.layers.") and n.endswith("_proj.weight")
+    }
+    head = types.get("lm_head.weight", types.get("model.embed_tokens.weight"))
+    bits = {_KEPT.get(k) for k in projections.values()}
+    if None in bits or len(bits) != 1 or head != "Q8_0":
+        found = sorted({*projections.values(), head or "none"})
+        raise StoreError(f"keeping GGUF integers needs Q4_0 / Q4_1 or Q8_0 projections and a Q8_0 output; "
+                         f"this file has {', '.join(found)}: import it without --keep-quantized")  # fmt: skip
+    scheme = Scheme(bits.pop(), 32, 8, 32)
+    out = _tensors(
+        reader, cfg, skip=set(projections) | ({"lm_head.weight"} if "lm_head.weight" in types else set())
+    )
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        target = name if name in projections or name == "lm_head.weight" else None
+        if name == "model.embed_tokens.weight" and cfg["tie_word_embeddings"]:
+            target = "lm_head.weight"
+        if target is None:
+            continue
+        q, d, m, b = _blocks(t)
+        heads = cfg["num_attention_heads"] if target.endswith("q_proj.weight") else cfg["num_key_value_heads"]
+        if target.endswith(("q_proj.weight", "k_proj.weight")):  # the rows (and their scales) move together
+            q, d, m = (_unpermute(x, heads) for x in (q, d, m))
+        base = target.removesuffix(".weight")
+        qt = torch.from_numpy(np.ascontiguousarray(q))
+        out[f"{base}.qweight"] = qt if b == 8 else pack_nibbles(qt)
+        out[f"{base}.scales"] = torch.from_numpy(np.ascontiguousarray(d))
+        out[f"{base}.offsets"] = torch.from_numpy(np.ascontiguousarray(m))
+    return out, scheme.to_config()
 
 
 def _tokenizer_files(reader, out_dir: Path) -> None:
@@ -167,14 +232,18 @@ def _tokenizer_files(reader, out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
 
 
-def import_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Write a complete checkpoint directory for `gguf_path` into the (empty) `out_dir`."""
+def import_gguf(gguf_path: Path, out_dir: Path, keep_quantized: bool = False) -> None:
+    """Write a complete checkpoint directory for `gguf_path` into the (empty) `out_dir`; with
+    `keep_quantized`, the projections' and the head's integers as the file has them (_kept_tensors)."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise StoreError(f"GGUF file not found: {gguf_path}")
     reader = _reader(gguf_path)
     cfg = _config(reader)
-    tensors = _tensors(reader, cfg)
+    if keep_quantized:
+        tensors, cfg["quantization_config"] = _kept_tensors(reader, cfg)
+    else:
+        tensors = _tensors(reader, cfg)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     generation = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg[k] is not None}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2))

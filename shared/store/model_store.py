@@ -106,10 +106,12 @@ class ModelStore:
             name, f"gguf:{recipe.pip_name}/{recipe.filename}", lambda d: import_gguf(gguf_path, d)
         )
 
-    def import_gguf(self, path: Path, name: str) -> ModelInfo:
+    def import_gguf(self, path: Path, name: str, keep_quantized: bool = False) -> ModelInfo:
+        """A GGUF file's model; `keep_quantized`: its Q4/Q8 integers kept (shared/models/quant.py)."""
         from shared.store.gguf_import import import_gguf
 
-        return self._import(name, f"gguf:{Path(path).resolve()}", lambda d: import_gguf(Path(path), d))
+        source = f"gguf:{Path(path).resolve()}" + (":kept" if keep_quantized else "")
+        return self._import(name, source, lambda d: import_gguf(Path(path), d, keep_quantized))
 
     def import_checkpoint(self, src: Path, name: str | None = None) -> ModelInfo:
         src = Path(src)

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("source")
     imp.add_argument("--name", help="name in the store (default: the built-in name or the directory name)")
     imp.add_argument("--if-missing", action="store_true", help="succeed quietly if the name already exists")
+    imp.add_argument("--keep-quantized", action="store_true",
+                     help="GGUF: keep Q4_0 / Q4_1 / Q8_0 weights as integers (served quantized) instead of float")  # fmt: skip
     imp.set_defaults(func=cmd_import)
 
     ls = msub.add_parser("list", help="list the models in the store")
@@ -51,6 +53,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--seed", type=int, default=0)
     up.add_argument("--name", required=True, help="name of the new model in the store")
     up.set_defaults(func=cmd_upcycle)
+
+    qz = msub.add_parser(
+        "quantize",
+        help="a copy of a model with 8- or 4-bit weights (weight-only, round to nearest)",
+        description="4 bits: groups of 32 inputs with a scale and a minimum each, the LM head 8 bits (the "
+        "layout of GGUF Q4_1 + Q8_0); 8 bits: one scale per output channel.",
+    )
+    qz.add_argument("source", help="a model in the store")
+    qz.add_argument("--bits", type=int, choices=[4, 8], required=True)
+    qz.add_argument(
+        "--group-size", type=int, help="inputs per scale (0: per channel; default 32 for 4 bits, 0 for 8)"
+    )
+    qz.add_argument("--name", required=True, help="name of the new model in the store")
+    qz.set_defaults(func=cmd_quantize)
 
     rm = msub.add_parser("remove", help="remove a model from the store")
     rm.add_argument("name")
@@ -74,15 +90,17 @@ def cmd_import(args) -> int:
         log.info("model '%s' is already in the store", name)
         return 0
     t0 = time.perf_counter()
+    if args.keep_quantized and source.suffix != ".gguf" and args.source not in BUILTIN:
+        raise StoreError("--keep-quantized applies to GGUF files (and the built-in models, which are GGUF)")
     if source.suffix == ".gguf":
-        info = store.import_gguf(source, name)
+        info = store.import_gguf(source, name, args.keep_quantized)
     elif source.is_dir():
         info = store.import_checkpoint(source, name)
     elif args.source in BUILTIN:
         info = (
             store.import_builtin(args.source)
-            if name == args.source
-            else _builtin_as(store, args.source, name)
+            if name == args.source and not args.keep_quantized
+            else store.import_gguf(BUILTIN[args.source].locate(), name, args.keep_quantized)
         )
     else:
         raise StoreError(
@@ -98,10 +116,6 @@ def cmd_import(args) -> int:
     )
     print(info.name)
     return 0
-
-
-def _builtin_as(store: ModelStore, builtin: str, name: str):
-    return store.import_gguf(BUILTIN[builtin].locate(), name)
 
 
 def cmd_upcycle(args) -> int:
@@ -122,6 +136,23 @@ def cmd_upcycle(args) -> int:
         info.architecture,
         time.perf_counter() - t0,
     )
+    print(info.name)
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from shared.store.quantize import QuantizeError, quantize
+
+    store = _store(args)
+    src = store.path(store.get(args.source).name)
+    t0 = time.perf_counter()
+    try:
+        info = store.create(args.name, f"quantize:{args.source}:int{args.bits}:g{args.group_size}",
+                            lambda d: quantize(src, d, args.bits, args.group_size))  # fmt: skip
+    except QuantizeError as e:
+        raise StoreError(str(e)) from e
+    log.info("quantized '%s' into '%s' (%d bits, %s) in %.1fs", args.source, info.name, args.bits,
+             _human(info.size_bytes, "B", 1024), time.perf_counter() - t0)  # fmt: skip
     print(info.name)
     return 0
 

@@ -1,0 +1,106 @@
+"""Weight-only quantization: the integer layout against a dequantized reference (per layer), the CPU
+kernel against the PyTorch path, the GGUF's own Q4_1 / Q8_0 integers reproducing the float model's
+greedy tokens exactly (on the kernels' whole-step stack and on the PyTorch path), `tandem models
+quantize`, and what is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from services.platform.cli.main import main
+from shared.engine import EngineConfig, LLMEngine, SamplingParams
+from shared.kernels import cpu_ops
+from shared.models import quant
+from shared.store import ModelStore
+from shared.store.builtin import BUILTIN
+from shared.store.quantize import layer_errors
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "List three fruits."]
+
+
+@pytest.mark.parametrize("bits, group", [(8, 64), (8, 128), (4, 32), (4, 64)])
+def test_integers_stand_for_the_weight_within_half_a_step(bits, group):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48, bias=True)
+    q = quant.quantize_linear(lin, bits, group)
+    w = lin.weight.detach()
+    step = q.scales.repeat_interleave(group, dim=1)
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantize(), lin.bias))
+    again = quant.quantize_linear(
+        torch.nn.Linear(128, 48), bits, group
+    )  # values on the grid come back exactly
+    again.qweight.copy_(q.qweight), again.scales.copy_(q.scales), again.offsets.copy_(q.offsets)
+    torch.testing.assert_close(again.dequantize(), q.dequantize(), rtol=0, atol=0)
+
+
+def test_fused_layers_compute_the_parts_side_by_side():
+    parts = [quant.quantize_linear(torch.nn.Linear(64, n, bias=False), 4, 32) for n in (32, 16, 16)]
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(quant.fuse(parts)(x), torch.cat([p(x) for p in parts], dim=1))
+
+
+@pytest.mark.skipif(cpu_ops() is None, reason="the CPU kernels are not built here")
+@pytest.mark.parametrize("bits, group", [(8, 576), (8, 32), (4, 32), (4, 64)])
+def test_the_kernel_matches_the_dequantized_reference(bits, group):
+    ops = cpu_ops()
+    torch.manual_seed(1)
+    q = quant.quantize_linear(torch.nn.Linear(576, 200, bias=False), bits, group)
+    for rows in (1, 2, 3, 4):
+        x = torch.randn(rows, 576)
+        want = x @ q.dequantize().t()
+        got = ops.quant_linear(x, q.qweight, q.scales, q.offsets, bits, group)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory, store):
+    """The built-in model's GGUF imported with its Q4_1 / Q8_0 integers kept."""
+    root = tmp_path_factory.mktemp("quant")
+    s = ModelStore(root)
+    s.import_gguf(BUILTIN["smollm2-135m-instruct"].locate(), "smollm2-q4", keep_quantized=True)
+    return s.path("smollm2-q4")
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_the_gguf_integers_reproduce_the_float_model(kept, default_model_dir, kernels):
+    cfg = json.loads((kept / "config.json").read_text())["quantization_config"]
+    assert (cfg["bits"], cfg["group_size"], cfg["head_bits"]) == (4, 32, 8)
+    ref = LLMEngine.from_store(default_model_dir, EngineConfig())
+    engine = LLMEngine.from_store(kept, EngineConfig(cpu_kernels=kernels))
+    assert sum(isinstance(m, quant.QuantLinear) for m in engine.model.modules()) == 30 * 4 + 1  # fused + head
+    assert (engine.runner.cpu_stack is not None) == (kernels and engine.runner.kernels is not None)
+    prompts = [ref.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    want = [o.output_token_ids for o in ref.generate(prompts, params)]
+    assert [o.output_token_ids for o in engine.generate(prompts, params)] == want
+    assert [o.output_token_ids for o in engine.generate(prompts[:1], params)] == want[:1]  # one-row steps
+
+
+def test_tandem_models_quantize_int8(tmp_path, default_model_dir, capsys):
+    s = ModelStore(tmp_path)
+    s.import_checkpoint(default_model_dir, "fp32")
+    assert (
+        main(["models", "--store", str(tmp_path), "quantize", "fp32", "--bits", "8", "--name", "int8"]) == 0
+    )
+    errors = layer_errors(s.path("fp32"), s.path("int8"))
+    assert len(errors) == 30 * 7 + 1 and max(errors.values()) < 0.01  # per channel: half a step of 1/127
+    ref = LLMEngine.from_store(s.path("fp32"), EngineConfig())
+    engine = LLMEngine.from_store(s.path("int8"), EngineConfig())
+    prompt = ref.tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[0]}])
+    params = SamplingParams(max_tokens=8, temperature=0)
+    assert engine.generate([prompt], params)[0].text == ref.generate([prompt], params)[0].text
+    capsys.readouterr()
+    assert (
+        main(["models", "--store", str(tmp_path), "quantize", "int8", "--bits", "4", "--name", "again"]) == 1
+    )
+    assert "quantized already" in capsys.readouterr().err
+    assert (
+        main(["models", "--store", str(tmp_path), "import", str(default_model_dir), "--keep-quantized"]) == 1
+    )
+    assert "--keep-quantized applies to GGUF" in capsys.readouterr().err
+    assert not s.has("again")
