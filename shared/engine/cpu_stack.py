@@ -157,11 +157,6 @@ def _or_empty(bias: torch.Tensor | None) -> torch.Tensor:
     return bias if bias is not None else torch.empty(0)
 
 
-#: rows of x the quantized kernel takes (one pass over the integers); beyond, the weight is
-#: dequantized for the call and the float kernels run (measured: more passes lose to that)
-QUANT_ROWS = 4
-
-
 def _plain(m) -> bool:
     """A projection the stack computes: a float32 Linear, or a QuantLinear (integers and float32 scales)."""
     return type(m) is Linear or (
@@ -178,15 +173,16 @@ def _weight(m) -> list[torch.Tensor]:
 
 
 def quant_gemm(ops, module: QuantLinear):
-    """A QuantLinear's GEMM on the kernels: integers converted in registers for up to QUANT_ROWS rows
-    (one-request decode steps), the weight dequantized for the call beyond (batches, prefill chunks)."""
+    """A QuantLinear's GEMM on the kernels (quant_gemm.h: integers converted in registers for 1-4 rows,
+    blocks of rows converted into cache for more), or dequantized for the call where its groups do not
+    fit the kernels' vectors."""
     vector = 16 if module.bits == 4 else 8  # the kernel's group granularity (covers AVX2 and AVX-512)
     usable = module.group_size % (2 * vector) == 0 and module.in_features % module.group_size == 0
 
     def gemm(x, _module, contiguous):
         rows = x.shape[0] if x.dim() == 2 else 0
         floats = x.dtype == torch.float32 and x.device.type == "cpu"
-        if usable and floats and 0 < rows <= QUANT_ROWS:
+        if usable and floats and rows:
             out = ops.quant_linear(
                 x, module.qweight, module.scales, module.offsets, module.bits, module.group_size
             )

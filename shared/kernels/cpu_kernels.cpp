@@ -6,7 +6,7 @@
 // call. These kernels remove all three:
 //
 //   skinny_linear / gemm_rows   x @ W^T by register-tiled micro-kernels that read W once, in place
-//   quant_linear                x @ W^T for 1-4 rows with W as 8- or 4-bit integers (quant_gemm.h)
+//   quant_linear                x @ W^T with W as 8- or 4-bit integers (quant_gemm.h)
 //                               (skinny_gemm.h): 1-64 rows give y^T, more give row-major y;
 //   paged_decode_attention      one query token per sequence attending straight over its cache
 //                               blocks (no gather, no padding, no mask), the GQA heads of a KV head
@@ -442,16 +442,16 @@ Tensor dequantize(const Tensor& q, const Tensor& scales, const Tensor& offsets, 
 }
 
 // small_linear for a float weight, or an integer one (scales and offsets non-empty): the quantized
-// kernel for up to 4 rows, else the weight dequantized for the call.
+// kernels (quant_gemm.h), or the weight dequantized for the call where its groups do not fit them.
 Tensor any_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b, const Tensor& scales,
                   const Tensor& offsets, int64_t max_rows, bool contiguous) {
   if (w.scalar_type() == at::kFloat) return small_linear(x, w, b, max_rows, contiguous);
   const int64_t bits = w.scalar_type() == at::kChar ? 8 : 4, k_dim = x.size(1);
   const int64_t group = k_dim / scales.size(1);
   const int64_t rows = x.size(0);
-  if (rows >= 1 && rows <= 4 && group % (bits == 4 ? 2 * tandem::VW : tandem::VW) == 0) {
+  if (rows >= 1 && group % (bits == 4 ? 2 * tandem::VW : tandem::VW) == 0) {
     Tensor out = tandem::quant_linear(x, w, scales, offsets, bits, group);
-    if (contiguous || b) out = out.contiguous();
+    if (contiguous || b || rows > max_rows) out = out.contiguous();
     if (b) out.add_(*b);
     return out;
   }

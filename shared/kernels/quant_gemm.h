@@ -10,7 +10,9 @@
 // so the inner loop converts integers to floats in registers and multiplies them with x; the group's
 // sum of x is computed once per call. For 4 bits, x is split into its even and odd columns once per
 // call, so the low and high nibbles of a byte vector meet their x values without any shuffle.
-// Rows of W are split across threads; M (the tokens) goes up to 4 per pass.
+// Rows of W are split across threads; M (the tokens) goes up to 4 per pass. Beyond 4 rows (batches,
+// prefill), blocks of rows are converted once into an L2-sized float buffer and skinny_gemm.h's
+// outer-product tiles run over it for every row of x: W leaves DRAM as integers either way.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -117,16 +119,88 @@ void quant_rows(const uint8_t* q, int64_t row_bytes, const float* scales, const 
   });
 }
 
-// x [M, K] float32 with M <= 4; returns y [M, N].
+// Quantized rows as floats for outer_rows (batches and prefill): a block of rows converted once
+// into the thread's buffer (L2-sized), then the float tiles run over it for every column chunk of x.
+struct QuantRows {
+  const uint8_t* q;
+  const float* scales;
+  const float* offsets;
+  int64_t k_dim, group, bits;
+  static constexpr bool buffered = true;
+
+  const float* rows(int64_t n0, int64_t n1, float* buf) const {
+    const int64_t groups = k_dim / group, row_bytes = bits == 8 ? k_dim : k_dim / 2;
+    for (int64_t n = n0; n < n1; ++n) {
+      float* out = buf + (n - n0) * k_dim;
+      const uint8_t* qr = q + n * row_bytes;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = scales[n * groups + g], o = offsets[n * groups + g];
+        const int64_t k0 = g * group;
+        if (bits == 8) {
+          int64_t k = 0;
+          for (; k + VW <= group; k += VW)
+            vstore(out + k0 + k, int8_to_float(reinterpret_cast<const int8_t*>(qr) + k0 + k) * s + o);
+          for (; k < group; ++k) out[k0 + k] = static_cast<int8_t>(qr[k0 + k]) * s + o;
+        } else {
+          for (int64_t k = 0; k < group; k += 2) {
+            const uint8_t b = qr[(k0 + k) / 2];
+            out[k0 + k] = (b & 15) * s + o;
+            out[k0 + k + 1] = (b >> 4) * s + o;
+          }
+        }
+      }
+    }
+    return buf;
+  }
+};
+
+// y^T [N, cols] (5 to 64 rows: the first M columns hold y^T) or y [M, N] (rows_out, any M) of a quantized W.
+inline at::Tensor quant_outer(const at::Tensor& x, const QuantRows& src, int64_t n_dim, bool rows_out) {
+  const int64_t m = x.size(0), k_dim = x.size(1);
+  if (rows_out) {
+    constexpr int NV = 32 / VW, cols = 32;
+    const int64_t chunks = (m + cols - 1) / cols;
+    auto pack = at::empty({chunks, k_dim, cols}, x.options());
+    pack_columns(x, cols, pack.data_ptr<float>());
+    auto y = at::empty({m, n_dim}, x.options());
+    outer_rows_from<NV>(src, n_dim, k_dim, pack.data_ptr<float>(), m, y.data_ptr<float>(), n_dim, true);
+    return y;
+  }
+  const int64_t nv = (m + VW - 1) / VW, cols = nv * VW;
+  auto xt = at::empty({k_dim, cols}, x.options());
+  pack_columns(x, cols, xt.data_ptr<float>());
+  auto yt = at::empty({n_dim, cols}, x.options());
+  const float* xp = xt.data_ptr<float>();
+  float* yp = yt.data_ptr<float>();
+  switch (nv) {
+    case 1: outer_rows_from<1>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 2: outer_rows_from<2>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 3: outer_rows_from<3>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 4: outer_rows_from<4>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 5: outer_rows_from<5>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 6: outer_rows_from<6>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 7: outer_rows_from<7>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    default: outer_rows_from<8>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+  }
+  return yt;
+}
+
+// x [M, K] float32, any M; returns y [M, N] (a transposed view up to 64 rows, row-major beyond).
 inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                                const at::Tensor& offsets, int64_t bits, int64_t group) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "quant_linear: x must be float32 [M, K]");
   TORCH_CHECK(bits == 4 || bits == 8, "quant_linear: bits must be 4 or 8");
   const at::Tensor x = x_in.contiguous();
   const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = qweight.size(0);
-  TORCH_CHECK(m_dim >= 1 && m_dim <= 4, "quant_linear: 1 to 4 rows");
+  TORCH_CHECK(m_dim >= 1, "quant_linear: at least one row");
   TORCH_CHECK(group % (bits == 4 ? 2 * VW : VW) == 0 && k_dim % group == 0, "quant_linear: group size");
   TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && offsets.is_contiguous(), "quant_linear: layout");
+  if (m_dim > 4) {
+    const QuantRows src{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<float>(),
+                        offsets.data_ptr<float>(), k_dim, group, bits};
+    if (m_dim > 64) return quant_outer(x, src, n_dim, true);
+    return quant_outer(x, src, n_dim, false).narrow(1, 0, m_dim).t();
+  }
   const int64_t groups = k_dim / group;
   // per token: the sums of x over each group, and (4 bits) x split into even and odd columns
   at::Tensor gsum = x.view({m_dim, groups, group}).sum(-1).contiguous();

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace tandem {
 
@@ -110,8 +111,17 @@ void dot_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* x, floa
 
 // Tiles of R weight rows; rows are grouped in blocks that stay in L2 while every column chunk of
 // the packed x^T ([chunks][K][NV*VW]) passes over them.
-template <int NV>
-void outer_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* xpack, int64_t m, float* y,
+// Where outer_rows finds weight rows as floats: a float W in place (no copy); a quantized W
+// (quant_gemm.h) converts a block of rows into the caller's per-thread buffer first.
+struct FloatRows {
+  const float* w;
+  int64_t k_dim;
+  const float* rows(int64_t n0, int64_t /*n1*/, float* /*buf*/) const { return w + n0 * k_dim; }
+  static constexpr bool buffered = false;
+};
+
+template <int NV, typename Rows>
+void outer_rows_from(const Rows& src, int64_t n_dim, int64_t k_dim, const float* xpack, int64_t m, float* y,
                 int64_t ld_y, bool rows_out) {
   // registers: R*NV accumulators + NV loads; 32 vector registers with AVX-512, 16 with AVX2
   constexpr int budget = VW == 16 ? 24 : 12;
@@ -126,8 +136,10 @@ void outer_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* xpack
   const int64_t block = std::max<int64_t>(R, (per + R - 1) / R * R);
   const int64_t n_blocks = (n_dim + block - 1) / block;
   at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(Rows::buffered ? block * k_dim : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n0 = b * block, n1 = std::min(n_dim, n0 + block);
+      const float* w = src.rows(n0, n1, buf.data()) - n0 * k_dim;  // row n at w + n * k_dim
       for (int64_t c = 0; c < chunks; ++c) {
         const float* xt = xpack + c * k_dim * cols;
         const int64_t valid = std::min<int64_t>(cols, m - c * cols);
@@ -143,6 +155,12 @@ void outer_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* xpack
       }
     }
   });
+}
+
+template <int NV>
+void outer_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* xpack, int64_t m, float* y,
+                int64_t ld_y, bool rows_out) {
+  outer_rows_from<NV>(FloatRows{w, k_dim}, n_dim, k_dim, xpack, m, y, ld_y, rows_out);
 }
 
 // x [M, K] (any strides) -> x^T in chunks of `cols` columns, [chunks][K][cols], zero-padded.

@@ -50,7 +50,7 @@ def test_the_kernel_matches_the_dequantized_reference(bits, group):
     ops = cpu_ops()
     torch.manual_seed(1)
     q = quant.quantize_linear(torch.nn.Linear(576, 200, bias=False), bits, group)
-    for rows in (1, 2, 3, 4):
+    for rows in (1, 2, 3, 4, 5, 17, 64, 100):  # register tiles, then converted blocks (batches, prefill)
         x = torch.randn(rows, 576)
         want = x @ q.dequantize().t()
         got = ops.quant_linear(x, q.qweight, q.scales, q.offsets, bits, group)
