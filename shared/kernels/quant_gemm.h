@@ -154,37 +154,6 @@ struct QuantRows {
   }
 };
 
-// y^T [N, cols] (5 to 64 rows: the first M columns hold y^T) or y [M, N] (rows_out, any M) of a quantized W.
-inline at::Tensor quant_outer(const at::Tensor& x, const QuantRows& src, int64_t n_dim, bool rows_out) {
-  const int64_t m = x.size(0), k_dim = x.size(1);
-  if (rows_out) {
-    constexpr int NV = 32 / VW, cols = 32;
-    const int64_t chunks = (m + cols - 1) / cols;
-    auto pack = at::empty({chunks, k_dim, cols}, x.options());
-    pack_columns(x, cols, pack.data_ptr<float>());
-    auto y = at::empty({m, n_dim}, x.options());
-    outer_rows_from<NV>(src, n_dim, k_dim, pack.data_ptr<float>(), m, y.data_ptr<float>(), n_dim, true);
-    return y;
-  }
-  const int64_t nv = (m + VW - 1) / VW, cols = nv * VW;
-  auto xt = at::empty({k_dim, cols}, x.options());
-  pack_columns(x, cols, xt.data_ptr<float>());
-  auto yt = at::empty({n_dim, cols}, x.options());
-  const float* xp = xt.data_ptr<float>();
-  float* yp = yt.data_ptr<float>();
-  switch (nv) {
-    case 1: outer_rows_from<1>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 2: outer_rows_from<2>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 3: outer_rows_from<3>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 4: outer_rows_from<4>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 5: outer_rows_from<5>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 6: outer_rows_from<6>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 7: outer_rows_from<7>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
-    default: outer_rows_from<8>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
-  }
-  return yt;
-}
-
 // x [M, K] float32, any M; returns y [M, N] (a transposed view up to 64 rows, row-major beyond).
 inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                                const at::Tensor& offsets, int64_t bits, int64_t group) {
@@ -198,8 +167,8 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight
   if (m_dim > 4) {
     const QuantRows src{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<float>(),
                         offsets.data_ptr<float>(), k_dim, group, bits};
-    if (m_dim > 64) return quant_outer(x, src, n_dim, true);
-    return quant_outer(x, src, n_dim, false).narrow(1, 0, m_dim).t();
+    if (m_dim > 64) return outer_y(x, src, n_dim);
+    return outer_t(x, src, n_dim).narrow(1, 0, m_dim).t();
   }
   const int64_t groups = k_dim / group;
   // per token: the sums of x over each group, and (4 bits) x split into even and odd columns

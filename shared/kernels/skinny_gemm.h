@@ -121,7 +121,7 @@ struct FloatRows {
 };
 
 template <int NV, typename Rows>
-void outer_rows_from(const Rows& src, int64_t n_dim, int64_t k_dim, const float* xpack, int64_t m, float* y,
+void outer_rows(const Rows& src, int64_t n_dim, int64_t k_dim, const float* xpack, int64_t m, float* y,
                 int64_t ld_y, bool rows_out) {
   // registers: R*NV accumulators + NV loads; 32 vector registers with AVX-512, 16 with AVX2
   constexpr int budget = VW == 16 ? 24 : 12;
@@ -157,12 +157,6 @@ void outer_rows_from(const Rows& src, int64_t n_dim, int64_t k_dim, const float*
   });
 }
 
-template <int NV>
-void outer_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* xpack, int64_t m, float* y,
-                int64_t ld_y, bool rows_out) {
-  outer_rows_from<NV>(FloatRows{w, k_dim}, n_dim, k_dim, xpack, m, y, ld_y, rows_out);
-}
-
 // x [M, K] (any strides) -> x^T in chunks of `cols` columns, [chunks][K][cols], zero-padded.
 inline void pack_columns(const at::Tensor& x, int64_t cols, float* out) {
   const int64_t m = x.size(0), k_dim = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
@@ -182,6 +176,44 @@ inline void pack_columns(const at::Tensor& x, int64_t cols, float* out) {
       }
     }
   });
+}
+
+// y^T as a [N, cols] tensor (the first M columns hold it) of x [M, K] (5 to 64 rows) against the
+// rows `src` gives: x^T packed in one chunk of cols = M rounded up to the vector width.
+template <typename Rows>
+inline at::Tensor outer_t(const at::Tensor& x, const Rows& src, int64_t n_dim) {
+  const int64_t m = x.size(0), k_dim = x.size(1);
+  const int64_t nv = (m + VW - 1) / VW, cols = nv * VW;
+  auto xt = at::empty({k_dim, cols}, x.options());
+  pack_columns(x, cols, xt.data_ptr<float>());
+  auto yt = at::empty({n_dim, cols}, x.options());
+  const float* xp = xt.data_ptr<float>();
+  float* yp = yt.data_ptr<float>();
+  switch (nv) {
+    case 1: outer_rows<1>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 2: outer_rows<2>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 3: outer_rows<3>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 4: outer_rows<4>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 5: outer_rows<5>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 6: outer_rows<6>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    case 7: outer_rows<7>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+    default: outer_rows<8>(src, n_dim, k_dim, xp, m, yp, cols, false); break;
+  }
+  return yt;
+}
+
+// y [M, N] row-major of x [M, K] (any M) against the rows `src` gives: x^T packed in chunks of 32
+// columns, each chunk passing over L2-sized blocks of W.
+template <typename Rows>
+inline at::Tensor outer_y(const at::Tensor& x, const Rows& src, int64_t n_dim) {
+  const int64_t m = x.size(0), k_dim = x.size(1);
+  constexpr int NV = 32 / VW, cols = 32;
+  const int64_t chunks = (m + cols - 1) / cols;
+  auto pack = at::empty({chunks, k_dim, cols}, x.options());
+  pack_columns(x, cols, pack.data_ptr<float>());
+  auto y = at::empty({m, n_dim}, x.options());
+  outer_rows<NV>(src, n_dim, k_dim, pack.data_ptr<float>(), m, y.data_ptr<float>(), n_dim, true);
+  return y;
 }
 
 // x [M, K] (any strides), w [N, K] contiguous float32 -> y^T as a [N, ld] tensor (ld >= M; the
@@ -204,38 +236,14 @@ inline at::Tensor skinny_gemm_t(const at::Tensor& x, const at::Tensor& w) {
     }
     return yt;
   }
-  const int64_t nv = (m + VW - 1) / VW;
-  const int64_t cols = nv * VW;
-  auto xt = at::empty({k_dim, cols}, w.options());
-  pack_columns(x, cols, xt.data_ptr<float>());
-  auto yt = at::empty({n_dim, cols}, w.options());
-  const float* xp = xt.data_ptr<float>();
-  float* yp = yt.data_ptr<float>();
-  switch (nv) {
-    case 1: outer_rows<1>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 2: outer_rows<2>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 3: outer_rows<3>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 4: outer_rows<4>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 5: outer_rows<5>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 6: outer_rows<6>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
-    case 7: outer_rows<7>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
-    default: outer_rows<8>(wp, n_dim, k_dim, xp, m, yp, cols, false); break;
-  }
-  return yt;
+  return outer_t(x, FloatRows{wp, k_dim}, n_dim);
 }
 
 // x [M, K] (any strides) @ w [N, K]^T -> y [M, N] row-major, for any M: x^T packed in chunks of
 // 32 columns, each chunk passing over L2-sized blocks of W.
 inline at::Tensor gemm_rows(const at::Tensor& x, const at::Tensor& w) {
-  const int64_t m = x.size(0), k_dim = x.size(1), n_dim = w.size(0);
-  TORCH_CHECK(w.is_contiguous() && w.size(1) == k_dim, "gemm: weight must be contiguous [N, K]");
-  constexpr int NV = 32 / VW, cols = 32;
-  const int64_t chunks = (m + cols - 1) / cols;
-  auto pack = at::empty({chunks, k_dim, cols}, w.options());
-  pack_columns(x, cols, pack.data_ptr<float>());
-  auto y = at::empty({m, n_dim}, w.options());
-  outer_rows<NV>(w.data_ptr<float>(), n_dim, k_dim, pack.data_ptr<float>(), m, y.data_ptr<float>(), n_dim, true);
-  return y;
+  TORCH_CHECK(w.is_contiguous() && w.size(1) == x.size(1), "gemm: weight must be contiguous [N, K]");
+  return outer_y(x, FloatRows{w.data_ptr<float>(), x.size(1)}, w.size(0));
 }
 
 }  // namespace tandem

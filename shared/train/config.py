@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared import envs
+from shared.core.errors import field_problems
 
 
 class JobError(ValueError):
@@ -144,7 +145,7 @@ def parse_job(raw: object, base_dir: Path | None = None) -> TrainJob:
     try:
         job = TrainJob.model_validate(raw)
     except ValidationError as e:
-        raise JobError(_first_problem(e)) from e
+        raise JobError(field_problems(e, "job")) from e
     if base_dir is not None:
         fix = {}
         for key in ("training_file", "validation_file", "model_store", "output_dir"):
@@ -164,16 +165,3 @@ def load_job(path: Path) -> TrainJob:
     except yaml.YAMLError as e:
         raise JobError(f"{path}: not valid YAML ({e})") from e
     return parse_job(raw, path.parent.resolve())
-
-
-def _first_problem(e: ValidationError) -> str:
-    problems = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "job"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif err["type"] == "missing":
-            msg = "required field is missing"
-        problems.append(f"{where}: {msg}")
-    return "; ".join(problems)

@@ -75,7 +75,9 @@ def prepare(job: TrainJob) -> tuple[ModelStore, list[Example]]:
     if base.base_model:
         raise JobError(f"model: '{job.model}' is a LoRA adapter; train on its base '{base.base_model}'")
     if quant.config_of(json.loads((store.path(job.model) / "config.json").read_text())) is not None:
-        raise JobError(f"model: '{job.model}' has quantized weights (serving only); train on its float original")
+        raise JobError(
+            f"model: '{job.model}' has quantized weights (serving only); train on its float original"
+        )
     if store.has(job.output_name):
         raise JobError(f"output_name: model '{job.output_name}' already exists in the store at {store.root}")
     if not base.has_tokenizer:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from services.router.placement import DEFAULT_POLICY, POLICIES
 from shared.core.dtypes import DTYPE_NAMES
+from shared.core.errors import field_problems
 
 ROLES = ("tokenizer", "kvstore", "router", "gateway", "controller", "prefill", "decode", "monolithic")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "deploy" / "local.yaml"
@@ -156,20 +157,7 @@ def parse_config(raw: object) -> DeploymentConfig:
     try:
         return DeploymentConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_problems(e)) from e
-
-
-def _problems(e: ValidationError) -> str:
-    problems = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        if msg.startswith(f"{where}."):  # a validator that names the nested field itself
-            where, msg = msg.split(": ", 1)
-        problems.append(f"{where}: {msg}")
-    return "; ".join(problems)
+        raise ConfigError(field_problems(e)) from e
 
 
 def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool = True) -> DeploymentConfig:
