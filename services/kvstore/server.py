@@ -1,6 +1,6 @@
 """The KV-cache store service (`tandem serve kvstore`): shared/kvstore's KVStore behind gRPC.
 
-Put and Get stream blocks in the wire format of shared/kvstore/wire.py. Status codes:
+Put and Get stream blocks in the wire format of shared/core/kv_wire.py. Status codes:
 an unknown key NOT_FOUND, a block of another layout than asked FAILED_PRECONDITION, a malformed
 stream (data before a header, sizes that do not add up, a chunk over the limit, a payload that does
 not match its dtype and shape) INVALID_ARGUMENT, a memory tier full of pinned blocks
@@ -13,7 +13,8 @@ import asyncio
 
 import grpc
 
-from shared.kvstore import BlockMeta, KVStore, StoreError, wire
+from shared.core import kv_wire as wire
+from shared.kvstore import BlockMeta, KVStore, StoreError
 from shared.telemetry.metrics import Snapshot, counter, family, gauge
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc

@@ -6,7 +6,7 @@
     payload = await store.get_blocks(keys, layout)         # the same tensor back
     lease_id, pinned = await store.lease(keys, ttl_s=30); await store.release(lease_id)
 
-Blocks travel in the store's wire format (wire.py); a payload tensor is turned into bytes once per
+Blocks travel in the store's wire format (shared/core/kv_wire.py); a payload tensor is turned into bytes once per
 block on the way out and viewed (not copied again) on the way in.
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from shared.core import kv_wire as wire
 from shared.core.kv_hash import BlockKey
-from shared.kvstore import wire
 from shared.rpc.security import channel
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc

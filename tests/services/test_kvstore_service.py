@@ -10,8 +10,8 @@ import redis
 
 from services.kvstore.server import start_server
 from services.platform.cli.main import main
+from shared.core.kv_wire import CHUNK_BYTES
 from shared.kvstore import KVStore
-from shared.kvstore.wire import CHUNK_BYTES
 from tandem.v1 import kvstore_pb2 as pb
 from tandem.v1 import kvstore_pb2_grpc
 
