@@ -19,6 +19,7 @@ one, a system prompt in that format (shared/tokenizer/chat_template.py). Two con
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -34,7 +35,6 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 @dataclass(frozen=True)
 class Structure:
     grammar: str | None = None  # what the workers enforce
-    tools: tuple[dict, ...] = ()  # the functions offered ({"name", "description", "parameters"})
     calls: str = "none"  # none | auto | required | named: how a choice's text becomes tool calls
     named: str | None = None  # the function tool_choice names
     tools_json: str = ""  # the tools as the chat template receives them
@@ -114,9 +114,7 @@ def plan(body: _Sampling) -> Structure:
             400, f"{names} cannot be combined: each constrains the whole output", constraints[1][0]
         )
     if constraints:
-        structure = Structure(
-            constraints[0][1], structure.tools, structure.calls, structure.named, structure.tools_json
-        )
+        structure = dataclasses.replace(structure, grammar=constraints[0][1])
     return structure
 
 
@@ -153,7 +151,7 @@ def _tools(body: ChatCompletionRequest) -> Structure:
                 400, f"tool_choice: names no function among the tools ({', '.join(names)})", "tool_choice"
             )
         params = functions[names.index(name)]["parameters"]
-        return Structure(_json_grammar(params, "tools"), tuple(functions), "named", name, tools_json)
+        return Structure(_json_grammar(params, "tools"), "named", name, tools_json)
     if choice == "required":
         one = {"anyOf": [
             {"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
@@ -166,9 +164,9 @@ def _tools(body: ChatCompletionRequest) -> Structure:
             "minItems": 1,
             **({} if body.parallel_tool_calls else {"maxItems": 1}),
         }
-        return Structure(_json_grammar(schema, "tools"), tuple(functions), "required", None, tools_json)
+        return Structure(_json_grammar(schema, "tools"), "required", None, tools_json)
     if choice in ("auto", "none"):
-        return Structure(None, tuple(functions), choice, None, tools_json)
+        return Structure(None, choice, None, tools_json)
     raise OpenAIError(
         400, f"tool_choice: must be none, auto, required or a function, got {choice!r}", "tool_choice"
     )

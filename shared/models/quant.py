@@ -29,8 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.models.linear import Linear
-
 METHOD = "tandem"
 _SKIP = re.compile(
     r"(^|\.)(embed_tokens|mlp\.gate|norm)$"
@@ -198,15 +196,3 @@ def config_of(raw: dict) -> Scheme | None:
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-__all__ = [
-    "Linear",
-    "QuantLinear",
-    "Scheme",
-    "quantize_model",
-    "quantized_layout",
-    "fuse",
-    "config_of",
-    "targets",
-]

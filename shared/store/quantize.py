@@ -14,7 +14,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from shared.models import quant
@@ -68,6 +67,3 @@ def layer_errors(src: Path, dst: Path) -> dict[str, float]:
             w = ref.get_submodule(name).weight
             out[name] = float((m.dequantize() - w).abs().max() / w.abs().max())
     return out
-
-
-__all__ = ["quantize", "layer_errors", "QuantizeError", "torch"]
