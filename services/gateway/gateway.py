@@ -47,6 +47,7 @@ GRPC_TO_HTTP = {
 KNOWN_PARAMS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
     "presence_penalty", "logit_bias", "min_tokens", "stop_token_ids", "logprobs", "seed", "n", "stop",
+    "speculative", "speculative_tokens",
 }  # fmt: skip
 
 

@@ -130,6 +130,9 @@ class _Sampling(BaseModel):
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    # speculative decoding (the worker's default when unset): off | ngram | draft, and drafts per step
+    speculative: str | None = None
+    speculative_tokens: int | None = None
 
     def check_limits(self, limits: Limits) -> None:
         """The size caps and what only an operator may allow (400 naming the field)."""
@@ -181,6 +184,8 @@ class _Sampling(BaseModel):
             priority=self.priority,
             cache_salt=self.cache_salt,
             grammar=grammar,
+            speculative=self.speculative,
+            speculative_tokens=self.speculative_tokens,
         )
 
 

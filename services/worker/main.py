@@ -24,16 +24,26 @@ class Config(ServiceConfig):
     kv_cache_mb: int = 512
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    speculative: str = "off"  # speculative decoding's default: off | ngram | draft
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None  # the 'draft' method's model, by its store name
 
     def engine_config(self):
         from shared.engine import EngineConfig
 
+        draft = None
+        if self.draft_model:
+            store = ModelStore.at(self.store)
+            draft = str(store.path(store.get(self.draft_model).name))
         return EngineConfig(
             device=self.device,
             dtype=self.dtype,
             kv_cache_bytes=self.kv_cache_mb * 2**20,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
+            speculative=self.speculative,
+            num_speculative_tokens=self.num_speculative_tokens,
+            draft_model=draft,
         )
 
     def model_dir(self):

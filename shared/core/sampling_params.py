@@ -1,7 +1,8 @@
 """SamplingParams: how one request's next tokens are chosen and when it stops.
 
 Mirrors the OpenAI fields plus the extras vLLM users expect (top_k, min_p, repetition_penalty,
-min_tokens, stop_token_ids, ignore_eos, seed, priority, cache_salt, and a grammar for structured output). `validate` raises ValueError
+min_tokens, stop_token_ids, ignore_eos, seed, priority, cache_salt), a grammar for structured output and
+the speculative-decoding opt-in. `validate` raises ValueError
 naming the offending parameter, which every interface maps to its own error convention.
 """
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 SAMPLING_EPS = 1e-5  # a temperature below this is greedy (vLLM's epsilon)
 INT32_MAX = 2**31 - 1
+SPECULATIVE_METHODS = ("off", "ngram", "draft")  # speculative decoding: none, prompt lookup, a draft model
+MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class SamplingParams:
     grammar: str | None = (
         None  # structured output: an llguidance grammar (Lark, or JSON-schema based) to match
     )
+    speculative: str | None = None  # speculative decoding: "off", "ngram", "draft"; None: the engine's default
+    speculative_tokens: int | None = None  # drafts verified per step; None: the engine's default
 
     @property
     def greedy(self) -> bool:
@@ -78,6 +83,10 @@ class SamplingParams:
             self.max_tokens if self.max_tokens is not None else INT32_MAX
         ):
             bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
+            bad("speculative", f"must be one of {', '.join(SPECULATIVE_METHODS)}, got '{self.speculative}'")
+        if self.speculative_tokens is not None and not 1 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            bad("speculative_tokens", f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.speculative_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
         if vocab_size is not None:

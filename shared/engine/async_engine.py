@@ -21,6 +21,7 @@ order, since both are handed over by the engine thread itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import logging
 import queue
@@ -193,6 +194,7 @@ class AsyncLLMEngine:
             "num_preemptions": eng.scheduler.num_preemptions,
             "prompt_tokens_computed": eng.prompt_tokens_computed,
             "block_size": eng.config.block_size,
+            "spec": {m: dataclasses.asdict(s) for m, s in eng.speculator.stats.items()},
         }
 
     async def shutdown(self) -> None:

@@ -44,6 +44,7 @@ from shared.engine.model_runner import ModelRunner, kv_bytes_per_token
 from shared.engine.request import Request, RequestStatus
 from shared.engine.sampler import Sampler
 from shared.engine.scheduler import Scheduler, SchedulerConfig
+from shared.engine.speculative import DraftProposer, SpecConfig, Speculator
 from shared.models.loader import load_model
 from shared.models.lora import AdapterError, LoraBank
 from shared.models.transformer import CausalLM
@@ -67,6 +68,14 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cpu_kernels: bool = True  # Tandem's compiled CPU kernels where they apply (shared/kernels)
     max_loras: int = 8  # LoRA adapters held at once (the least recently used idle one makes room)
+    # speculative decoding (speculative.py): the default of requests that do not choose, drafts per
+    # step, the draft model's directory (a store model with the same vocabulary) and prompt lookup's n
+    speculative: str = "off"  # off | ngram | draft
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    speculative_max_rows: int = 8  # drafts only while a step's decode rows + drafts stay within this
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype not in DTYPE_NAMES:
@@ -99,7 +108,9 @@ class LLMEngine:
         model_id: str = "model",
         eos_token_ids=(),
         tokenizer: Tokenizer | None = None,
+        draft: CausalLM | None = None,
     ):
+        """`draft`: the draft model of speculative decoding's 'draft' method (same vocabulary)."""
         # The engine owns the model from here on: projections are fused for serving.
         self.model = model.eval().fuse_for_inference()
         self.config = config
@@ -124,6 +135,19 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.cpu_kernels)
         self.sampler = Sampler(self.runner.kernels)
+        if draft is not None:
+            if draft.config.vocab_size != model.config.vocab_size:
+                raise ValueError(
+                    f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the model's "
+                    f"({model.config.vocab_size})"
+                )
+            draft = DraftProposer(draft, num_blocks, config.block_size, dtype, config.cpu_kernels)
+        self.speculator = Speculator(
+            SpecConfig(config.speculative, config.num_speculative_tokens, config.prompt_lookup_max,
+                       config.prompt_lookup_min, config.speculative_max_rows),
+            self.sampler,
+            draft,
+        )  # fmt: skip
         self.loras: OrderedDict[str, Path] = OrderedDict()  # loaded adapters, least recently used first
         self.requests: dict[str, Request] = {}
         self.model_id = model_id
@@ -148,7 +172,14 @@ class LLMEngine:
         eos = model.config.eos_token_id if eos is None else eos
         eos_ids = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
         tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
-        return cls(model, config, model_id or path.name, eos_ids, tokenizer)
+        draft = None
+        if config.draft_model:
+            draft_path = Path(config.draft_model).expanduser()
+            draft = load_model(draft_path, device=config.device, dtype=config.torch_dtype())
+            if tokenizer is not None and (draft_path / "tokenizer.json").is_file():
+                if Tokenizer.from_dir(draft_path).backend.get_vocab() != tokenizer.backend.get_vocab():
+                    raise ValueError(f"draft model {draft_path.name} does not share the model's tokenizer")
+        return cls(model, config, model_id or path.name, eos_ids, tokenizer, draft)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -170,6 +201,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id '{request_id}' is already in use")
         params = self._fitted(prompt_token_ids, params)
+        self.speculator.check(params)
         if prefill_only and kv_handoff is not None:
             raise ValueError("a request is either prefill-only or continues from imported KV, not both")
         request = Request(request_id, list(prompt_token_ids), params, self.eos_token_ids)
@@ -329,6 +361,7 @@ class LLMEngine:
         if request is None:
             return False
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+        self.speculator.release(request_id)
         return True
 
     @property
@@ -341,6 +374,8 @@ class LLMEngine:
     # -- the loop -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.speculates:
+            self.speculator.plan(self.scheduler.running, self.max_model_len)
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return []
@@ -351,45 +386,89 @@ class LLMEngine:
                 request.pending_kv = None
         samplers, logits = self.runner.execute(plan.scheduled)
         for request, n in plan.scheduled:
+            n -= len(request.spec_token_ids)  # drafts count as computed once accepted (_sample)
             done = request.num_computed_tokens
             self.prompt_tokens_computed += max(0, min(done + n, request.num_prompt_tokens) - done)
             request.num_computed_tokens += n
             self.kv.cache_full_blocks(request)
-        return self._postprocess(samplers, self.sampler(logits, samplers))
+        return self._postprocess(self._sample(samplers, logits))
 
-    def _postprocess(self, requests: list[Request], sampled) -> list[RequestOutput]:
+    @property
+    def speculates(self) -> bool:
+        """Whether steps may carry drafts: the runner must give logits for every row of a request."""
+        return type(self.runner) is ModelRunner and (
+            self.speculator.config.method != "off"
+            or any(r.params.speculative not in (None, "off") for r in self.requests.values())
+        )
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[tuple[Request, list]]:
+        """Each sampling request's new (token, logprob)s: one from the sampler, or 1 to k+1 from
+        verifying k drafts."""
+        if not any(r.spec_token_ids for r in requests):
+            return [(r, [s]) for r, s in zip(requests, self.sampler(logits, requests), strict=True)]
+        plain, plain_rows, spans, row = [], [], {}, 0
+        for r in requests:
+            k = len(r.spec_token_ids)
+            if k:
+                spans[r.request_id] = (row, row + k + 1)
+            else:
+                plain.append(r)
+                plain_rows.append(row)
+            row += k + 1
+        sampled = {}
+        if plain:
+            rows = logits[torch.tensor(plain_rows, dtype=torch.long, device=logits.device)]
+            sampled = {r.request_id: [s] for r, s in zip(plain, self.sampler(rows, plain), strict=True)}
+        for r in requests:
+            if r.spec_token_ids:
+                lo, hi = spans[r.request_id]
+                tokens = self.speculator.verify(r, logits[lo:hi])
+                r.num_computed_tokens += len(tokens) - 1  # the accepted drafts' KV is the sequence's
+                r.spec_token_ids, r.spec_probs = [], None
+                sampled[r.request_id] = tokens
+        return [(r, sampled[r.request_id]) for r in requests]
+
+    def _postprocess(self, sampled: list[tuple[Request, list]]) -> list[RequestOutput]:
         outputs = []
-        for request, (token, logprob) in zip(requests, sampled, strict=True):
-            request.output_token_ids.append(token)
-            if request.matcher is not None:
-                structured.consume(request.matcher, token)
-            if logprob is not None:
-                request.output_logprobs.append(logprob)
-            status = self._stop_status(request, token)
-            new_text = ""
+        for request, tokens in sampled:
+            new_tokens, new_logprobs, new_text = [], [], ""
+            status = handoff = None
             detok = request.detokenizer
-            if detok is not None:
-                stop_string = detok.update([token], status is RequestStatus.FINISHED_STOPPED)
-                if stop_string is not None:
-                    status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_string
-                new_text = detok.next_text(status is not None)
-            handoff = None
-            if status is None and request.prefill_only:
-                handoff = self._export(request, token, logprob)
-                status = RequestStatus.FINISHED_HANDOFF
+            for token, logprob in tokens:
+                request.output_token_ids.append(token)
+                new_tokens.append(token)
+                if request.matcher is not None:
+                    structured.consume(request.matcher, token)
+                if logprob is not None:
+                    request.output_logprobs.append(logprob)
+                    new_logprobs.append(logprob)
+                status = self._stop_status(request, token)
+                if detok is not None:
+                    stop_string = detok.update([token], status is RequestStatus.FINISHED_STOPPED)
+                    if stop_string is not None:
+                        status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_string
+                    new_text += detok.next_text(status is not None)
+                if status is None and request.prefill_only:
+                    handoff = self._export(request, token, logprob)
+                    status = RequestStatus.FINISHED_HANDOFF
+                if status is not None:
+                    break
+            if len(tokens) > 1:  # accepted drafts may have completed blocks
+                self.kv.cache_full_blocks(request)
             if status is not None:
                 self.scheduler.finish(request, status)
                 self.requests.pop(request.request_id, None)
+                self.speculator.release(request.request_id)
             outputs.append(
                 RequestOutput(
                     request.request_id,
-                    [token],
+                    new_tokens,
                     list(request.output_token_ids),
                     status is not None,
                     request.finish_reason,
                     request.num_prompt_tokens,
                     request.num_cached_tokens,
-                    [logprob] if logprob is not None else [],
+                    new_logprobs,
                     new_text,
                     detok.text if detok is not None else "",
                     request.stop_reason,

@@ -2,7 +2,8 @@
 
 execute(scheduled) flattens the step — every scheduled request contributes its next n tokens — into
 input ids [T], positions [T], slot mapping [T] and the attention metadata, runs one forward, and
-returns logits only for the requests whose last token was computed this step (those sample).
+returns logits only for the requests whose last token was computed this step (those sample): one row
+each, or 1 + k rows for a request carrying k speculative drafts (its last token's and every draft's).
 The step's index tensors are built from Python lists with one tensor call each, so a decode step's
 bookkeeping costs far less than its matmuls.
 
@@ -85,12 +86,15 @@ class ModelRunner:
         for request, n in scheduled:
             start, end = request.num_computed_tokens, request.num_computed_tokens + n
             table = request.block_ids
+            drafts = request.spec_token_ids  # speculative decoding: every row after the last token samples
             if n == 1:
                 ids.append(
                     request.all_token_ids[start]
                     if start < request.num_prompt_tokens
                     else request.output_token_ids[start - request.num_prompt_tokens]
                 )
+            elif drafts:
+                ids.extend((request.all_token_ids + drafts)[start:end])
             else:
                 ids.extend(request.all_token_ids[start:end])
             positions.extend(range(start, end))
@@ -99,11 +103,16 @@ class ModelRunner:
                 decode_rows.append(row)
                 decode_tables.append(table[: (end + bs - 1) // bs])
                 decode_lens.append(end)
+            elif drafts and start > 0:  # a few rows over a long context: each attends like a decode
+                for i in range(n):
+                    decode_rows.append(row + i)
+                    decode_tables.append(table[: (start + i + bs) // bs])
+                    decode_lens.append(start + i + 1)
             else:
                 prefills.append((row, n, end, table[: (end + bs - 1) // bs]))
             row += n
-            if end == request.num_tokens:
-                sample_rows.append(row - 1)
+            if end == request.num_tokens + len(drafts):
+                sample_rows.extend(range(row - 1 - len(drafts), row))
                 samplers.append(request)
         meta = self._metadata(slots, decode_rows, decode_tables, decode_lens, prefills, row)
         dev = self.device

@@ -66,6 +66,10 @@ class Request:
     pending_kv: torch.Tensor | None = None  # imported KV payload, written into the cache on admission
     detokenizer: object | None = None  # an IncrementalDetokenizer when the engine has a tokenizer
     matcher: object | None = None  # structured output: the grammar's llguidance LLMatcher (structured.py)
+    # speculative decoding (speculative.py): this step's draft tokens, run after the last token and
+    # counted as computed only once accepted; their draft distributions [k, V] when sampled from one
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         seed = self.params.seed if self.params.seed is not None else int(torch.randint(2**62, ()).item())

@@ -30,8 +30,7 @@ class Sampler:
         raw_logprobs = (
             logits.log_softmax(-1) if any(r.params.logprobs is not None for r in requests) else None
         )
-        if any(_adjusts_logits(r) for r in requests):
-            logits = self._process(logits.contiguous().clone(), requests)
+        logits = self.adjusted(logits, requests)
         tokens = self._argmax(logits)
         sampled_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if sampled_rows:
@@ -41,7 +40,7 @@ class Sampler:
         for i, (request, token) in enumerate(zip(requests, tokens.tolist(), strict=True)):
             lp = None
             if raw_logprobs is not None and request.params.logprobs is not None:
-                lp = _logprob(raw_logprobs[i], token, request.params.logprobs)
+                lp = logprob(raw_logprobs[i], token, request.params.logprobs)
             out.append((token, lp))
         return out
 
@@ -74,31 +73,46 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        dev = logits.device
-        temps = torch.tensor([r.params.temperature for r in requests], device=dev)
-        logits = logits / temps[:, None]
-        top_k = torch.tensor(
-            [r.params.top_k if r.params.top_k > 0 else logits.shape[1] for r in requests], device=dev
-        )
-        top_p = torch.tensor([r.params.top_p for r in requests], device=dev)
-        min_p = torch.tensor([r.params.min_p for r in requests], device=dev)
-        if (top_k < logits.shape[1]).any() or (top_p < 1).any():
-            sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-            rank = torch.arange(logits.shape[1], device=dev)[None, :]
-            drop = rank >= top_k[:, None]
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            probs = sorted_logits.softmax(-1)
-            before = probs.cumsum(-1) - probs  # mass strictly before each token
-            drop = before >= top_p[:, None]  # the token that crosses top_p is kept
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-        probs = logits.softmax(-1)
-        if (min_p > 0).any():
-            probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
-        noise = torch.stack(
-            [torch.empty(probs.shape[1]).exponential_(generator=r.generator) for r in requests]
-        ).to(dev)
-        return (probs / noise).argmax(-1)
+        return race(distribution(logits, requests), [r.generator for r in requests])
+
+    def adjusted(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Steps 2-3 (biases, penalties, the grammar's mask) on a copy, where any apply."""
+        if any(_adjusts_logits(r) for r in requests):
+            return self._process(logits.contiguous().clone(), requests)
+        return logits
+
+
+def distribution(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Step 4's distribution of each row [B, V]: temperature, then top_k, top_p and min_p."""
+    dev = logits.device
+    temps = torch.tensor([r.params.temperature for r in requests], device=dev)
+    logits = logits / temps[:, None]
+    top_k = torch.tensor(
+        [r.params.top_k if r.params.top_k > 0 else logits.shape[1] for r in requests], device=dev
+    )
+    top_p = torch.tensor([r.params.top_p for r in requests], device=dev)
+    min_p = torch.tensor([r.params.min_p for r in requests], device=dev)
+    if (top_k < logits.shape[1]).any() or (top_p < 1).any():
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        rank = torch.arange(logits.shape[1], device=dev)[None, :]
+        drop = rank >= top_k[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = sorted_logits.softmax(-1)
+        before = probs.cumsum(-1) - probs  # mass strictly before each token
+        drop = before >= top_p[:, None]  # the token that crosses top_p is kept
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    if (min_p > 0).any():
+        probs = probs.masked_fill(probs < min_p[:, None] * probs.max(-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def race(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row drawn from `probs` (unnormalized is fine): argmax(p / E), E ~ Exp(1) from each
+    row's own generator."""
+    noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=g) for g in generators])
+    return (probs / noise.to(probs.device)).argmax(-1)
 
 
 def _adjusts_logits(r: Request) -> bool:
@@ -112,7 +126,7 @@ def _adjusts_logits(r: Request) -> bool:
     )
 
 
-def _logprob(row: torch.Tensor, token: int, n: int) -> TokenLogprob:
+def logprob(row: torch.Tensor, token: int, n: int) -> TokenLogprob:
     top = ()
     if n > 0:
         vals, idx = row.topk(n)

@@ -69,7 +69,15 @@ class Scheduler:
         return out
 
     def _tokens_to_run(self, request: Request, budget: int) -> int:
-        return min(request.num_tokens - request.num_computed_tokens, budget, self.config.long_prefill_chunk)
+        """A decoding request's drafts (speculative decoding) run with its last token, as many as fit."""
+        drafts = len(request.spec_token_ids)
+        n = request.num_tokens - request.num_computed_tokens + drafts
+        n = min(n, budget, self.config.long_prefill_chunk)
+        if drafts and n < 1 + drafts:
+            del request.spec_token_ids[max(0, n - 1) :]
+            if request.spec_probs is not None:
+                request.spec_probs = request.spec_probs[: len(request.spec_token_ids)]
+        return n
 
     def _allocate_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
         while not self.kv.allocate_slots(request, n):
@@ -109,6 +117,7 @@ class Scheduler:
         self.kv.free(request)
         self.num_preemptions += 1
         request.num_computed_tokens = 0
+        request.spec_token_ids, request.spec_probs = [], None
         request.status = RequestStatus.PREEMPTED
         bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
 

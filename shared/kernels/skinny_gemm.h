@@ -6,9 +6,10 @@
 // is read once, straight from its rows, by register-tiled micro-kernels built with GCC vector types
 // (the compiler emits AVX-512 or AVX2 for the machine it is built on):
 //
-//   dot kernel (M <= 4):   R rows of W at a time, the vector running along K, M*R accumulators
-//                          reduced at the end — a GEMV for one token, a few GEMVs sharing W for 2-4;
-//   tile kernel (M > 4):   x^T padded to [K, Mp] (Mp a multiple of the vector width) stays in cache;
+//   dot kernel (M <= 8):   R rows of W at a time, the vector running along K, M*R accumulators
+//                          reduced at the end — a GEMV for one token, a few GEMVs sharing W for 2-8
+//                          (no padding of M: a speculative step's 2-9 rows cost little more than one);
+//   tile kernel (M > 8):   x^T padded to [K, Mp] (Mp a multiple of the vector width) stays in cache;
 //                          for each k, R broadcast weights times Mp/VW vectors of x^T, R*Mp/VW
 //                          accumulators — the outer-product form, no horizontal sums.
 //
@@ -94,9 +95,17 @@ inline void outer_tile(const float* w, int64_t k_dim, const float* xt, float* y,
       for (int r = 0; r < R; ++r) y[(v * VW + i) * ld_y + r] = acc[r][v][i];
 }
 
+// Rows of W per dot tile for M tokens: R*M accumulators and R weight vectors in the vector registers
+// (16 with AVX2, 32 with AVX-512), the x vectors streamed from L1.
+constexpr int DOT_MAX_ROWS = 8;
+template <int M>
+constexpr int dot_r() {
+  return std::max(1, std::min(4, (VW == 16 ? 28 : 14) / (M + 1)));
+}
+
 template <int M>
 void dot_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* x, float* yt) {
-  constexpr int R = M == 1 ? 4 : (M == 2 ? 4 : 3);
+  constexpr int R = dot_r<M>();
   const int64_t tiles = n_dim / R;
   at::parallel_for(0, tiles + 1, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -223,7 +232,7 @@ inline at::Tensor skinny_gemm_t(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.is_contiguous() && w.size(1) == k_dim, "skinny_gemm: weight must be contiguous [N, K]");
   TORCH_CHECK(m >= 1 && m <= 64, "skinny_gemm: 1 to 64 rows");
   const float* wp = w.data_ptr<float>();
-  if (m <= 4) {
+  if (m <= DOT_MAX_ROWS) {
     auto xc = x.contiguous();
     auto yt = at::empty({n_dim, m}, w.options());
     const float* xp = xc.data_ptr<float>();
@@ -232,7 +241,11 @@ inline at::Tensor skinny_gemm_t(const at::Tensor& x, const at::Tensor& w) {
       case 1: dot_rows<1>(wp, n_dim, k_dim, xp, yp); break;
       case 2: dot_rows<2>(wp, n_dim, k_dim, xp, yp); break;
       case 3: dot_rows<3>(wp, n_dim, k_dim, xp, yp); break;
-      default: dot_rows<4>(wp, n_dim, k_dim, xp, yp); break;
+      case 4: dot_rows<4>(wp, n_dim, k_dim, xp, yp); break;
+      case 5: dot_rows<5>(wp, n_dim, k_dim, xp, yp); break;
+      case 6: dot_rows<6>(wp, n_dim, k_dim, xp, yp); break;
+      case 7: dot_rows<7>(wp, n_dim, k_dim, xp, yp); break;
+      default: dot_rows<8>(wp, n_dim, k_dim, xp, yp); break;
     }
     return yt;
   }

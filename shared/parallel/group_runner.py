@@ -48,6 +48,7 @@ class StepRequest:
     num_prompt_tokens: int
     num_computed_tokens: int
     block_ids: list[int] = field(default_factory=list)
+    spec_token_ids: tuple[int, ...] = ()  # a group's engine does not speculate
 
     @property
     def num_tokens(self) -> int:

@@ -196,6 +196,16 @@ class EngineMetrics:
                     load["kv_usage"])  # fmt: skip
         yield counter("num_preemptions", "Requests preempted for want of KV blocks.", self.labels,
                       load["num_preemptions"])  # fmt: skip
+        spec = load.get("spec", {})  # speculative decoding, by proposer (vLLM's spec_decode_* names)
+        for metric, doc, key in (
+            ("spec_decode_num_drafts", "Steps that verified speculative drafts.", "drafts"),
+            ("spec_decode_num_draft_tokens", "Draft tokens proposed.", "draft_tokens"),
+            ("spec_decode_num_accepted_tokens", "Draft tokens accepted.", "accepted_tokens"),
+        ):
+            f = family("counter", metric, doc, {**self.labels, "method": ""})
+            for method, stats in spec.items():
+                f.add_metric([*self.labels.values(), method], stats[key])
+            yield f
 
     def arrived(self, request_id: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

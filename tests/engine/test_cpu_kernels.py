@@ -122,7 +122,7 @@ def test_silu_and_mul_in_both_layouts(ops, layout):
         assert got.stride() == (1, 6), "a transposed input gives a transposed result (no copy for the GEMM)"
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 17, 32, 33, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17, 32, 33, 64])
 def test_skinny_linear_matches_matmul(ops, rows):
     torch.manual_seed(rows)
     for n, k in [(960, 576), (61, 100), (7, 13)]:  # row counts and widths off every tile size

@@ -193,6 +193,8 @@ def test_down_leaves_no_process_behind(platform_up):
         ({"router": {"policy": "random"}}, "router.policy: Input should be 'round_robin'"),
         ({"prefil_workers": 1}, "prefil_workers: unknown field"),
         ({"ep_size": 0}, "ep_size: Input should be greater than or equal to 1"),
+        ({"engine": {"speculative": "draft"}}, "engine: speculative 'draft' needs engine.draft_model"),
+        ({"engine": {"draft_model": "no-draft"}}, "engine.draft_model: 'no-draft' is not in the model store"),
     ],
 )
 def test_bad_config_fails_fast_naming_the_field(tmp_path, store_root, capsys, patch, field):

@@ -81,6 +81,31 @@ def test_chat_matches_the_engine_streamed_or_not(idle, client, engine, stack):
     assert idle(stack["worker"])
 
 
+QUOTE = [{"role": "user", "content": "Repeat exactly: the quick brown fox jumps over the lazy dog, "
+                                     "and the lazy dog sleeps under the old oak tree by the river."}]
+
+
+def test_speculative_extra_keeps_greedy_text_and_counts_acceptance(client, engine, stack):
+    """`speculative: ngram` (prompt lookup) per request: the same greedy text as the engine without
+    speculation, streamed or not; the worker's metrics count the drafts it accepted."""
+    want = engine.generate(
+        [engine.tokenizer.encode_chat(QUOTE)], SamplingParams(max_tokens=40, temperature=0)
+    )[0]
+    extra = {"speculative": "ngram", "speculative_tokens": 5}
+    resp = client.chat.completions.create(model=MODEL, messages=QUOTE, temperature=0, max_tokens=40,
+                                          extra_body=extra)  # fmt: skip
+    assert resp.choices[0].message.content == want.text
+    assert resp.usage.completion_tokens == len(want.output_token_ids)
+    stream = client.chat.completions.create(model=MODEL, messages=QUOTE, temperature=0, max_tokens=40,
+                                            stream=True, extra_body=extra)  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
+    worker = samples(httpx.get(f"http://{stack['worker_metrics']}/metrics").text)
+    labels = (("method", "ngram"), ("model_name", MODEL), ("role", "monolithic"))
+    assert worker[("tandem:spec_decode_num_drafts_total", labels)] >= 2
+    drafted = worker[("tandem:spec_decode_num_draft_tokens_total", labels)]
+    assert 0 < worker[("tandem:spec_decode_num_accepted_tokens_total", labels)] <= drafted
+
+
 def test_completions_match_the_engine_streamed_or_not(client, engine):
     prompt = "The three primary colours are"
     want = engine.generate([engine.tokenizer.encode(prompt)], SamplingParams(max_tokens=20, temperature=0))[0]
@@ -146,6 +171,9 @@ BAD = [
     ({"model": MODEL, "messages": CHAT, "logit_bias": {"999999": 1}}, 400, "logit_bias", None),
     ({"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", None),
+    ({"model": MODEL, "messages": CHAT, "speculative": "fast"}, 400, "speculative", None),
+    ({"model": MODEL, "messages": CHAT, "speculative": "draft"}, 400, "speculative", None),  # no draft model
+    ({"model": MODEL, "messages": CHAT, "speculative_tokens": 99}, 400, "speculative_tokens", None),
 ]
 
 

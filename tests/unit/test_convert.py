@@ -34,6 +34,8 @@ EVERY_FIELD = SamplingParams(
     priority=-2,
     cache_salt="tenant",
     grammar='start: "yes" | "no"',
+    speculative="ngram",
+    speculative_tokens=3,
 )  # fmt: skip (values exact in float32)
 
 

@@ -61,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-num-batched-tokens", type=int, default=2048)
     q.add_argument("--kv-cache-mb", type=int, default=512)
     q.add_argument(
+        "--speculative", default="off", choices=["off", "ngram", "draft"],
+        help="speculative decoding for requests that do not choose (their `speculative` extra)",
+    )  # fmt: skip
+    q.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts verified per step")
+    q.add_argument("--draft-model", help="the draft model of --speculative draft (a store model name)")
+    q.add_argument(
         "--max-waiting", type=int, default=256, help="queue length beyond which requests are refused"
     )
     q.add_argument("--worker-id")
@@ -196,7 +202,8 @@ async def run_worker(args) -> None:
         **_listen(args), model=args.model, store=_path(args.store), role=args.role, kvstore=args.kvstore,
         lease_ttl=args.lease_ttl, worker_id=args.worker_id, max_waiting=args.max_waiting, device=args.device,
         dtype=args.dtype, kv_cache_mb=args.kv_cache_mb, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
+        num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
     )  # fmt: skip
     await _serve(main, cfg, args.port_file)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from services.router.placement import DEFAULT_POLICY, POLICIES
 from shared.core.dtypes import DTYPE_NAMES
@@ -114,6 +114,17 @@ class EngineSection(_Section):
     kv_cache_mb: int = Field(512, ge=1)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
+    # speculative decoding: the default of requests that do not choose (`speculative` extra), drafts
+    # per step, and the draft model (a store model with the same tokenizer) of the 'draft' method
+    speculative: Literal["off", "ngram", "draft"] = "off"
+    num_speculative_tokens: int = Field(4, ge=1, le=16)
+    draft_model: str | None = None
+
+    @model_validator(mode="after")
+    def _draft_needs_a_model(self):
+        if self.speculative == "draft" and not self.draft_model:
+            raise ValueError("speculative 'draft' needs engine.draft_model (a store model)")
+        return self
 
 
 class DeploymentConfig(_Section):
@@ -186,6 +197,9 @@ def validate(cfg: DeploymentConfig, check_model: bool = True, check_redis: bool 
                 f"model: '{cfg.model}' is not in the model store at {store.root} "
                 f"(import it with `tandem models import {cfg.model}`)"
             )
+        draft = cfg.engine.draft_model
+        if draft and not store.has(draft):
+            raise ConfigError(f"engine.draft_model: '{draft}' is not in the model store at {store.root}")
     return cfg
 
 
