@@ -50,6 +50,10 @@ DASHBOARDS = {
          [("sum by (route, status) (rate(tandem:gateway_http_requests_total[1m]))", "{{route}} {{status}}")]),
         ("Services up", "stat", "short", [("tandem:service_up", "{{service}}")]),
         ("Preemptions", "timeseries", "short", [("sum by (role) (increase(tandem:num_preemptions_total[5m]))", "{{role}}")]),
+        ("Speculative decoding: drafts accepted", "timeseries", "percentunit", [
+            ("sum by (method) (increase(tandem:spec_decode_num_accepted_tokens_total[5m])) / clamp_min(sum by (method) "
+             "(increase(tandem:spec_decode_num_draft_tokens_total[5m])), 1)", "{{method}}"),
+        ]),
     ]),
     "Tandem / Disaggregation": ("tandem-disaggregation", "Prefill and decode workers and the KV handoffs between them", [
         ("Routes by prefill placement", "timeseries", "reqps",

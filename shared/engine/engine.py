@@ -74,7 +74,7 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     draft_model: str | None = None
     prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 2
+    prompt_lookup_min: int = 3
     speculative_max_rows: int = 8  # drafts only while a step's decode rows + drafts stay within this
 
     def torch_dtype(self) -> torch.dtype:

@@ -53,7 +53,7 @@ class SpecConfig:
     method: str = "off"  # the default of requests that do not choose: off | ngram | draft
     num_tokens: int = 4  # drafts per step (a request may ask for another number)
     prompt_lookup_max: int = 4
-    prompt_lookup_min: int = 2
+    prompt_lookup_min: int = 3
     # a step's decode rows plus drafts stay within this: verifying costs compute, and once a batch has
     # this many rows a CPU step is no longer bound by reading the weights, so drafts stop paying
     max_rows: int = 8

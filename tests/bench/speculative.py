@@ -6,7 +6,7 @@ Workloads (SmolLM2-135M-Instruct, fp32, greedy unless said):
   summarize  4 chat requests asking to summarize a passage of the docs (~300 tokens) — the output
              quotes its input, prompt lookup's case — one at a time, and the 4 at once
   chat       4 short chat questions, one at a time; and sampled at temperature 0.7
-Methods: off (the baseline), ngram (prompt lookup, 4 drafts, n 2..4), draft (4 drafts from the same
+Methods: off (the baseline), ngram (prompt lookup, up to 4 drafts, n 3..4), draft (4 drafts from the same
 model's int4 weights, the built-in GGUF's Q4_1 integers: no smaller model with SmolLM2's tokenizer is
 on this machine, so the draft reads ~0.4x the bytes of the target rather than being a smaller model).
 Every prompt is put in the prefix cache first, so the figures are decode speed (no method pays a cold
