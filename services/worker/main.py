@@ -27,6 +27,7 @@ class Config(ServiceConfig):
     speculative: str = "off"  # speculative decoding's default: off | ngram | draft
     num_speculative_tokens: int = 4
     draft_model: str | None = None  # the 'draft' method's model, by its store name
+    int8_activations: bool = False  # quantized models: int8 activations, integer dot products (VNNI)
 
     def engine_config(self):
         from shared.engine import EngineConfig
@@ -44,6 +45,7 @@ class Config(ServiceConfig):
             speculative=self.speculative,
             num_speculative_tokens=self.num_speculative_tokens,
             draft_model=draft,
+            int8_activations=self.int8_activations,
         )
 
     def model_dir(self):

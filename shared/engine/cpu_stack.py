@@ -27,15 +27,18 @@ from shared.models.transformer import CausalLM, DecoderLayer
 
 
 class CpuStack:
-    def __init__(self, model: CausalLM, ops, weights: list[torch.Tensor], windows: list[int]):
+    def __init__(self, model: CausalLM, ops, weights: list[torch.Tensor], windows: list[int], int8_x: bool = False):
         self.model, self.ops, self.weights, self.windows = model, ops, weights, windows
+        self.int8_x = int8_x  # quantized weights: int8 activations and integer dot products (quant_gemm.h)
         attn = model.model.layers[0].self_attn
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.eps = model.model.norm.eps
 
     @classmethod
-    def build(cls, model: CausalLM, ops) -> CpuStack | None:
-        """The stack for `model`, or None where the kernels would not compute its forward exactly."""
+    def build(cls, model: CausalLM, ops, int8_x: bool = False) -> CpuStack | None:
+        """The stack for `model`, or None where the kernels would not compute its forward exactly.
+        `int8_x`: quantized projections take x as int8 (per 32 columns) for 1-4 rows, where the CPU has
+        integer dot products — faster, no longer the dequantized model's exact arithmetic."""
         if ops is None or type(model).forward is not CausalLM.forward:
             return None
         params = list(model.parameters())
@@ -79,10 +82,10 @@ class CpuStack:
                 *_weight(mlp.down_proj),
             ]
             windows.append(attn.window or -1)
-        return cls(model, ops, [w.detach() for w in weights], windows)
+        return cls(model, ops, [w.detach() for w in weights], windows, int8_x)
 
     @staticmethod
-    def install_gemm(model: CausalLM, ops) -> None:
+    def install_gemm(model: CausalLM, ops, int8_x: bool = False) -> None:
         """Route the model's float32 CPU `Linear` layers through the kernels' GEMMs (inference only):
         the skinny GEMM up to 64 rows, the blocked one beyond (prefill chunks)."""
 
@@ -103,7 +106,9 @@ class CpuStack:
             ):
                 module.gemm = gemm
             elif isinstance(module, QuantLinear) and module.scales.dtype == torch.float32:
-                module.gemm = quant_gemm(ops, module)
+                # the LM head keeps float x: its rounding lands on the logits directly (it flipped
+                # SmolLM2's first answer token where the layers' did not)
+                module.gemm = quant_gemm(ops, module, int8_x and module is not model.lm_head)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head for a few rows by the skinny GEMM: [N, V], a transposed view."""
@@ -150,6 +155,7 @@ class CpuStack:
             self.scale,
             self.eps,
             SMALL_BATCH_ROWS,
+            self.int8_x,
         )
 
 
@@ -172,7 +178,7 @@ def _weight(m) -> list[torch.Tensor]:
     return [m.weight, empty, empty]
 
 
-def quant_gemm(ops, module: QuantLinear):
+def quant_gemm(ops, module: QuantLinear, int8_x: bool = False):
     """A QuantLinear's GEMM on the kernels (quant_gemm.h: integers converted in registers for 1-4 rows,
     blocks of rows converted into cache for more), or dequantized for the call where its groups do not
     fit the kernels' vectors."""
@@ -184,7 +190,7 @@ def quant_gemm(ops, module: QuantLinear):
         floats = x.dtype == torch.float32 and x.device.type == "cpu"
         if usable and floats and rows:
             out = ops.quant_linear(
-                x, module.qweight, module.scales, module.offsets, module.bits, module.group_size
+                x, module.qweight, module.scales, module.offsets, module.bits, module.group_size, int8_x
             )
         else:
             weight = module.dequantize()

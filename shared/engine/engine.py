@@ -68,6 +68,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cpu_kernels: bool = True  # Tandem's compiled CPU kernels where they apply (shared/kernels)
     max_loras: int = 8  # LoRA adapters held at once (the least recently used idle one makes room)
+    # quantized models on CPUs with AVX-512 VNNI: 1-4 row GEMMs take activations as int8 (per 32
+    # columns) and use integer dot products (llama.cpp's scheme; W4A8/W8A8 rather than weight-only)
+    int8_activations: bool = False
     # speculative decoding (speculative.py): the default of requests that do not choose, drafts per
     # step, the draft model's directory (a store model with the same vocabulary) and prompt lookup's n
     speculative: str = "off"  # off | ngram | draft
@@ -133,7 +136,9 @@ class LLMEngine:
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, config.long_prefill_chunk),
             self.kv,
         )
-        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.cpu_kernels)
+        self.runner = ModelRunner(
+            model, num_blocks, config.block_size, dtype, config.cpu_kernels, config.int8_activations
+        )
         self.sampler = Sampler(self.runner.kernels)
         if draft is not None:
             if draft.config.vocab_size != model.config.vocab_size:
@@ -141,7 +146,9 @@ class LLMEngine:
                     f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the model's "
                     f"({model.config.vocab_size})"
                 )
-            draft = DraftProposer(draft, num_blocks, config.block_size, dtype, config.cpu_kernels)
+            draft = DraftProposer(
+                draft, num_blocks, config.block_size, dtype, config.cpu_kernels, config.int8_activations
+            )
         self.speculator = Speculator(
             SpecConfig(config.speculative, config.num_speculative_tokens, config.prompt_lookup_max,
                        config.prompt_lookup_min, config.speculative_max_rows),

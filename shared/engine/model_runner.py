@@ -40,6 +40,7 @@ class ModelRunner:
         block_size: int,
         kv_dtype: torch.dtype,
         cpu_kernels: bool = True,
+        int8_activations: bool = False,
     ):
         self.model = model
         self.block_size = block_size
@@ -60,10 +61,10 @@ class ModelRunner:
         self.kernels = None
         if cpu_kernels and self.device.type == "cpu" and kv_dtype == torch.float32:
             self.kernels = cpu_ops()
-        self.cpu_stack = CpuStack.build(model, self.kernels)
+        self.cpu_stack = CpuStack.build(model, self.kernels, int8_activations)
         self.loras: LoraBank | None = None  # set by the engine when it loads its first adapter
         if self.kernels is not None:
-            CpuStack.install_gemm(model, self.kernels)
+            CpuStack.install_gemm(model, self.kernels, int8_activations)
 
     @property
     def block_shape(self) -> tuple[int, ...]:

@@ -100,9 +100,10 @@ def ngram_lookup(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]
 class DraftProposer:
     """A draft model on its own paged KV cache, one shadow request per target request."""
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype, cpu_kernels: bool):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype, cpu_kernels: bool,
+                 int8_activations: bool = False):  # fmt: skip
         self.model = model.eval().fuse_for_inference()
-        self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, cpu_kernels)
+        self.runner = ModelRunner(self.model, num_blocks, block_size, dtype, cpu_kernels, int8_activations)
         self.kv = KVCacheManager(BlockPool(num_blocks, block_size), ("draft", "draft"), False)
         self.max_len = model.config.max_position_embeddings
         self.shadows: dict[str, Request] = {}

@@ -444,13 +444,13 @@ Tensor dequantize(const Tensor& q, const Tensor& scales, const Tensor& offsets, 
 // small_linear for a float weight, or an integer one (scales and offsets non-empty): the quantized
 // kernels (quant_gemm.h), or the weight dequantized for the call where its groups do not fit them.
 Tensor any_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& b, const Tensor& scales,
-                  const Tensor& offsets, int64_t max_rows, bool contiguous) {
+                  const Tensor& offsets, int64_t max_rows, bool contiguous, bool int8_x = false) {
   if (w.scalar_type() == at::kFloat) return small_linear(x, w, b, max_rows, contiguous);
   const int64_t bits = w.scalar_type() == at::kChar ? 8 : 4, k_dim = x.size(1);
   const int64_t group = k_dim / scales.size(1);
   const int64_t rows = x.size(0);
   if (rows >= 1 && group % (bits == 4 ? 2 * tandem::VW : tandem::VW) == 0) {
-    Tensor out = tandem::quant_linear(x, w, scales, offsets, bits, group);
+    Tensor out = tandem::quant_linear(x, w, scales, offsets, bits, group, int8_x);
     if (contiguous || b || rows > max_rows) out = out.contiguous();
     if (b) out.add_(*b);
     return out;
@@ -514,7 +514,7 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
                       const Tensor& dec_rows, const Tensor& dec_tables, const Tensor& dec_lens,
                       const Tensor& pre_starts, const Tensor& pre_queries, const Tensor& pre_tables,
                       const Tensor& pre_keys, at::IntArrayRef windows, int64_t n_heads, int64_t rot_dim, double scale,
-                      double eps, int64_t max_rows) {
+                      double eps, int64_t max_rows, bool int8_x) {
   const int64_t n_layers = static_cast<int64_t>(k_caches.size());
   constexpr int64_t per_layer = 16;
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == per_layer * n_layers, "forward_layers: 16 weights per layer");
@@ -542,7 +542,7 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
   for (int64_t l = 0; l < n_layers; ++l) {
     const Tensor* w = weights.data() + per_layer * l;
     Tensor h = add_rms_norm(x, pending, w[0], eps);
-    Tensor qkv = any_linear(h, w[1], optional(w[2]), w[3], w[4], max_rows, true);
+    Tensor qkv = any_linear(h, w[1], optional(w[2]), w[3], w[4], max_rows, true, int8_x);
     rope_and_cache(qkv, cos, sin, k_caches[l], v_caches[l], slots, n_heads, rot_dim);
     Tensor q = qkv.narrow(1, 0, n_heads * dim).view({n_tok, n_heads, dim});
     Tensor attn;
@@ -565,10 +565,10 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
                         attn.data_ptr<float>() + st * n_heads * dim, n_heads * dim);
       }
     }
-    Tensor o = any_linear(attn.view({n_tok, n_heads * dim}), w[5], optional(w[6]), w[7], w[8], max_rows, false);
+    Tensor o = any_linear(attn.view({n_tok, n_heads * dim}), w[5], optional(w[6]), w[7], w[8], max_rows, false, int8_x);
     h = add_rms_norm(x, o, w[9], eps);
-    Tensor act = silu_and_mul(any_linear(h, w[10], c10::nullopt, w[11], w[12], max_rows, false));
-    pending = any_linear(act, w[13], c10::nullopt, w[14], w[15], max_rows, false);
+    Tensor act = silu_and_mul(any_linear(h, w[10], c10::nullopt, w[11], w[12], max_rows, false, int8_x));
+    pending = any_linear(act, w[13], c10::nullopt, w[14], w[15], max_rows, false, int8_x);
   }
   return add_rms_norm(x, pending, final_norm, eps);
 }
@@ -593,13 +593,13 @@ TORCH_LIBRARY(tandem, m) {
   m.def("gemm_rows(Tensor x, Tensor w, Tensor? b) -> Tensor");
   m.def("paged_prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor table, int num_keys, float scale, int window) -> Tensor");
   m.def("skinny_linear(Tensor x, Tensor w) -> Tensor");
-  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int bits, int group) -> Tensor");
+  m.def("quant_linear(Tensor x, Tensor qweight, Tensor scales, Tensor offsets, int bits, int group, bool int8_x=False) -> Tensor");
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lens, float scale, int window) -> Tensor");
   m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots, int n_heads, int rot_dim) -> ()");
   m.def("add_rms_norm(Tensor(a!) x, Tensor? add, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
-  m.def("forward_layers(Tensor x, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor dec_rows, Tensor dec_tables, Tensor dec_lens, Tensor pre_starts, Tensor pre_queries, Tensor pre_tables, Tensor pre_keys, int[] windows, int n_heads, int rot_dim, float scale, float eps, int max_rows) -> Tensor");
+  m.def("forward_layers(Tensor x, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor dec_rows, Tensor dec_tables, Tensor dec_lens, Tensor pre_starts, Tensor pre_queries, Tensor pre_tables, Tensor pre_keys, int[] windows, int n_heads, int rot_dim, float scale, float eps, int max_rows, bool int8_x=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) {

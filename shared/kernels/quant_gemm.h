@@ -20,7 +20,9 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "skinny_gemm.h"
 
@@ -50,6 +52,19 @@ inline void nibbles_to_float(const uint8_t* p, vf& lo, vf& hi) {
 }
 #endif
 
+// The integers stream faster than the hardware prefetchers fetch them (rows of a few hundred bytes
+// from three arrays): each tile asks for the tile PREFETCH_AHEAD tiles on (its rows, scales and offsets).
+constexpr int64_t PREFETCH_AHEAD = 4;
+template <int R>
+inline void prefetch_ahead(const uint8_t* q, int64_t row_bytes, const float* scale, const float* offset,
+                           int64_t groups) {
+  const char* qa = reinterpret_cast<const char*>(q + PREFETCH_AHEAD * R * row_bytes);
+  for (int64_t b = 0; b < R * row_bytes; b += 64) _mm_prefetch(qa + b, _MM_HINT_T0);
+  const char* sa = reinterpret_cast<const char*>(scale + PREFETCH_AHEAD * R * groups);
+  const char* oa = reinterpret_cast<const char*>(offset + PREFETCH_AHEAD * R * groups);
+  for (int64_t b = 0; b < R * groups * 4; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0), _mm_prefetch(oa + b, _MM_HINT_T0);
+}
+
 // y^T[n0:n0+R, 0:M] for R weight rows (R rows at once: independent accumulator chains, shared x loads).
 // xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx` floats apart; gsum [M, G]:
 // each token's sum of x per group.
@@ -60,6 +75,7 @@ inline void quant_tile(const uint8_t* q, int64_t row_bytes, const float* scale, 
   float off[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = vf{}, off[r][m] = 0.f;
+  prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
   const int64_t half = k_dim / 2;
   for (int64_t g = 0; g < groups; ++g) {
     vf part[R][M];
@@ -119,6 +135,139 @@ void quant_rows(const uint8_t* q, int64_t row_bytes, const float* scales, const 
   });
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TANDEM_VNNI 1
+// Integer dot products (AVX-512 VNNI, llama.cpp's Q8 x Q4 scheme): x is quantized per token and per 32
+// columns to int8, and vpdpbusd multiplies 64 weight bytes by 64 activation bytes into 16 int32 lanes
+// at once — no conversion of weights to floats. A chunk is 64 weight bytes (4 bits: 128 columns, the
+// low nibbles meeting the even columns of x and the high nibbles the odd ones; 8 bits: 64 columns);
+// lane l of a chunk covers 8 (4 bits) or 4 (8 bits) consecutive columns, all in one group of the weight
+// and one of x, so each lane's int32 sum is scaled by (weight scale x x scale) of its groups, and the
+// offset term adds offset x (sum of x over the lane's columns). 8-bit weights are signed: x goes in as
+// unsigned (x + 128) and 128 * sum(w) comes off.
+struct XInt8 {
+  int64_t m_dim, chunks, cols;                     // cols: columns per chunk (128 or 64)
+  std::vector<int8_t> q;                           // [M][chunks][64] (4 bits: [M][chunks][2][64])
+  std::vector<float> scale, sum;                   // [M][chunks][16]: per lane, x's scale and column sum
+  std::vector<int32_t> idx;                        // [chunks][16]: lane -> weight group - base[c]
+  std::vector<int64_t> base;                       // [chunks]: the chunk's first weight group
+  std::vector<int32_t> n_groups;                   // [chunks]: weight groups the chunk touches
+};
+
+inline XInt8 quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits) {
+  XInt8 out;
+  const int64_t cols = bits == 4 ? 128 : 64, per_lane = cols / 16, chunks = (k_dim + cols - 1) / cols;
+  const int64_t plane = bits == 4 ? 128 : 64;
+  out.m_dim = m_dim, out.chunks = chunks, out.cols = cols;
+  out.q.assign(m_dim * chunks * plane, 0);
+  out.scale.assign(m_dim * chunks * 16, 0.f);
+  out.sum.assign(m_dim * chunks * 16, 0.f);
+  out.idx.assign(chunks * 16, 0);
+  out.base.assign(chunks, 0);
+  out.n_groups.assign(chunks, 1);
+  for (int64_t c = 0; c < chunks; ++c) {
+    out.base[c] = c * cols / group;
+    for (int64_t l = 0; l < 16; ++l) {
+      const int64_t k = std::min(c * cols + l * per_lane, k_dim - 1);
+      out.idx[c * 16 + l] = static_cast<int32_t>(k / group - out.base[c]);
+    }
+    out.n_groups[c] = out.idx[c * 16 + 15] + 1;
+  }
+  for (int64_t m = 0; m < m_dim; ++m) {
+    const float* xr = x + m * k_dim;
+    for (int64_t g0 = 0; g0 < k_dim; g0 += 32) {  // x's groups of 32 columns: 4 (4 bits) or 8 lanes
+      float amax = 0.f;
+      for (int64_t k = 0; k < 32; ++k) amax = std::max(amax, std::abs(xr[g0 + k]));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      const int64_t c = g0 / cols, j0 = g0 - c * cols;
+      int8_t* dst = out.q.data() + (m * chunks + c) * plane;
+      float* scale = out.scale.data() + (m * chunks + c) * 16;
+      float* sum = out.sum.data() + (m * chunks + c) * 16;
+      for (int64_t k = 0; k < 32; ++k) {
+        const float t = xr[g0 + k] * inv;
+        const int8_t v = static_cast<int8_t>(static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f)));
+        const int64_t j = j0 + k;
+        if (bits == 4) dst[(j & 1) * 64 + (j >> 1)] = v;  // even columns, then odd ones
+        else dst[j] = static_cast<int8_t>(static_cast<uint8_t>(v) ^ 0x80);  // x + 128, as unsigned
+      }
+      for (int64_t l = j0 / per_lane; l < (j0 + 32) / per_lane; ++l) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < per_lane; ++k) acc += xr[c * cols + l * per_lane + k];
+        scale[l] = d;
+        sum[l] = acc;
+      }
+    }
+  }
+  return out;
+}
+
+template <int M, int R, int BITS>
+inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const float* scale, const float* offset, int64_t groups,
+                      int64_t k_dim, const XInt8& xq, float* yt) {
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(15), bias = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t plane = BITS == 4 ? 128 : 64, chunk_bytes = 64;
+  prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
+  for (int64_t c = 0; c < xq.chunks; ++c) {
+    const int64_t left = row_bytes - c * chunk_bytes;
+    const __mmask64 bytes = left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
+    const __m512i idx = _mm512_loadu_si512(xq.idx.data() + c * 16);
+    const __mmask16 gmask = static_cast<__mmask16>((1u << xq.n_groups[c]) - 1);
+    const int64_t base = xq.base[c];
+    for (int r = 0; r < R; ++r) {
+      const __m512i qv = _mm512_maskz_loadu_epi8(bytes, q + r * row_bytes + c * chunk_bytes);
+      const __m512 s = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(gmask, scale + r * groups + base));
+      const __m512 o = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(gmask, offset + r * groups + base));
+      __m512i lo, hi, corr;
+      if (BITS == 4) {
+        lo = _mm512_and_si512(qv, low4);
+        hi = _mm512_and_si512(_mm512_srli_epi16(qv, 4), low4);
+      } else {
+        corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, qv);  // 128 * sum(w) per lane
+      }
+      for (int m = 0; m < M; ++m) {
+        const int8_t* xp = xq.q.data() + (m * xq.chunks + c) * plane;
+        __m512i dot;
+        if (BITS == 4) {
+          dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
+          dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xp + 64));
+        } else {
+          dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xp), qv), corr);
+        }
+        const float* lane = xq.scale.data() + (m * xq.chunks + c) * 16;
+        const float* lsum = xq.sum.data() + (m * xq.chunks + c) * 16;
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_loadu_ps(lane)), acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(o, _mm512_loadu_ps(lsum), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) yt[r * M + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int M, int BITS>
+void vnni_rows(const uint8_t* q, int64_t row_bytes, const float* scales, const float* offsets, int64_t n_dim,
+               int64_t k_dim, int64_t group, const XInt8& xq, float* yt) {
+  constexpr int R = M <= 2 ? 4 : 2;
+  const int64_t groups = k_dim / group, tiles = n_dim / R;
+  at::parallel_for(0, tiles + 1, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (t < tiles) {
+        const int64_t n = t * R;
+        vnni_tile<M, R, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups, k_dim,
+                              xq, yt + n * M);
+      } else {
+        for (int64_t n = tiles * R; n < n_dim; ++n)
+          vnni_tile<M, 1, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups,
+                                k_dim, xq, yt + n * M);
+      }
+    }
+  });
+}
+#endif
+
 // Quantized rows as floats for outer_rows (batches and prefill): a block of rows converted once
 // into the thread's buffer (L2-sized), then the float tiles run over it for every column chunk of x.
 struct QuantRows {
@@ -155,8 +304,10 @@ struct QuantRows {
 };
 
 // x [M, K] float32, any M; returns y [M, N] (a transposed view up to 64 rows, row-major beyond).
+// int8_x: for 1-4 rows, quantize x to int8 and use integer dot products where the CPU has them
+// (AVX-512 VNNI); otherwise x stays float.
 inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
-                               const at::Tensor& offsets, int64_t bits, int64_t group) {
+                               const at::Tensor& offsets, int64_t bits, int64_t group, bool int8_x = false) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "quant_linear: x must be float32 [M, K]");
   TORCH_CHECK(bits == 4 || bits == 8, "quant_linear: bits must be 4 or 8");
   const at::Tensor x = x_in.contiguous();
@@ -170,6 +321,27 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight
     if (m_dim > 64) return outer_y(x, src, n_dim);
     return outer_t(x, src, n_dim).narrow(1, 0, m_dim).t();
   }
+#ifdef TANDEM_VNNI
+  if (int8_x && k_dim % 32 == 0 && group % 32 == 0) {
+    const XInt8 xq = quantize_x(x.data_ptr<float>(), m_dim, k_dim, group, bits);
+    at::Tensor yt = at::empty({n_dim, m_dim}, x.options());
+    const auto* q = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
+    const int64_t row_bytes = bits == 8 ? k_dim : k_dim / 2;
+    const float *s = scales.data_ptr<float>(), *o = offsets.data_ptr<float>();
+    float* y = yt.data_ptr<float>();
+#define TANDEM_VNNI_ROWS(M)                                                                   \
+  if (bits == 8) vnni_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);          \
+  else vnni_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
+    switch (m_dim) {
+      case 1: TANDEM_VNNI_ROWS(1) break;
+      case 2: TANDEM_VNNI_ROWS(2) break;
+      case 3: TANDEM_VNNI_ROWS(3) break;
+      default: TANDEM_VNNI_ROWS(4) break;
+    }
+#undef TANDEM_VNNI_ROWS
+    return yt.t();
+  }
+#endif
   const int64_t groups = k_dim / group;
   // per token: the sums of x over each group, and (4 bits) x split into even and odd columns
   at::Tensor gsum = x.view({m_dim, groups, group}).sum(-1).contiguous();

@@ -57,6 +57,32 @@ def test_the_kernel_matches_the_dequantized_reference(bits, group):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _has_vnni() -> bool:
+    try:
+        return "avx512_vnni" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(cpu_ops() is None or not _has_vnni(), reason="needs the CPU kernels and AVX-512 VNNI")
+@pytest.mark.parametrize("bits, group", [(8, 576), (8, 32), (4, 32), (4, 64)])
+def test_int8_activations_stay_close_to_the_reference(bits, group):
+    """int8_x: x quantized per 32 columns, integer dot products for 1-4 rows (the float path beyond)."""
+    ops = cpu_ops()
+    torch.manual_seed(2)
+    q = quant.quantize_linear(torch.nn.Linear(576, 200, bias=False), bits, group)
+    for rows in (1, 2, 3, 4, 5, 17):
+        x = torch.randn(rows, 576)
+        want = x @ q.dequantize().t()
+        got = ops.quant_linear(x, q.qweight, q.scales, q.offsets, bits, group, True)
+        exact = ops.quant_linear(x, q.qweight, q.scales, q.offsets, bits, group)
+        err = ((got - want).norm() / want.norm()).item()
+        if rows <= 4:
+            assert 0 < err < 0.03, err  # int8 rounding of x (~0.5 %), amplified where offsets cancel
+        else:
+            torch.testing.assert_close(got, exact, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def kept(tmp_path_factory, store):
     """The built-in model's GGUF imported with its Q4_1 / Q8_0 integers kept."""
@@ -79,6 +105,21 @@ def test_the_gguf_integers_reproduce_the_float_model(kept, default_model_dir, ke
     want = [o.output_token_ids for o in ref.generate(prompts, params)]
     assert [o.output_token_ids for o in engine.generate(prompts, params)] == want
     assert [o.output_token_ids for o in engine.generate(prompts[:1], params)] == want[:1]  # one-row steps
+
+
+@pytest.mark.skipif(cpu_ops() is None or not _has_vnni(), reason="needs the CPU kernels and AVX-512 VNNI")
+def test_int8_activations_through_the_engine(kept, default_model_dir):
+    """The whole-step stack with int8 activations: coherent greedy text that starts as the float
+    model's does (it may drift later: the arithmetic is no longer the dequantized model's)."""
+    ref = LLMEngine.from_store(default_model_dir, EngineConfig())
+    engine = LLMEngine.from_store(kept, EngineConfig(int8_activations=True))
+    assert engine.runner.cpu_stack.int8_x
+    prompts = [ref.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    want = [o.output_token_ids for o in ref.generate(prompts, params)]
+    got = [o.output_token_ids for o in engine.generate(prompts, params)]
+    assert [g[:2] for g in got] == [w[:2] for w in want]
+    assert engine.pool.num_free == engine.pool.num_blocks
 
 
 def test_tandem_models_quantize_int8(tmp_path, default_model_dir, capsys):

@@ -67,6 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--num-speculative-tokens", type=int, default=4, help="drafts verified per step")
     q.add_argument("--draft-model", help="the draft model of --speculative draft (a store model name)")
     q.add_argument(
+        "--int8-activations", action="store_true",
+        help="quantized models: int8 activations and integer dot products where the CPU has AVX-512 VNNI",
+    )  # fmt: skip
+    q.add_argument(
         "--max-waiting", type=int, default=256, help="queue length beyond which requests are refused"
     )
     q.add_argument("--worker-id")
@@ -204,6 +208,7 @@ async def run_worker(args) -> None:
         dtype=args.dtype, kv_cache_mb=args.kv_cache_mb, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
         num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
+        int8_activations=args.int8_activations,
     )  # fmt: skip
     await _serve(main, cfg, args.port_file)
 

@@ -119,6 +119,8 @@ class EngineSection(_Section):
     speculative: Literal["off", "ngram", "draft"] = "off"
     num_speculative_tokens: int = Field(4, ge=1, le=16)
     draft_model: str | None = None
+    # quantized models on CPUs with AVX-512 VNNI: int8 activations and integer dot products
+    int8_activations: bool = False
 
     @model_validator(mode="after")
     def _draft_needs_a_model(self):
