@@ -44,7 +44,7 @@ from shared.engine.model_runner import ModelRunner, kv_bytes_per_token
 from shared.engine.request import Request, RequestStatus
 from shared.engine.sampler import Sampler
 from shared.engine.scheduler import Scheduler, SchedulerConfig
-from shared.engine.speculative import DraftProposer, SpecConfig, Speculator
+from shared.engine.speculative import SpecConfig, Speculator
 from shared.models.loader import load_model
 from shared.models.lora import AdapterError, LoraBank
 from shared.models.transformer import CausalLM
@@ -140,20 +140,12 @@ class LLMEngine:
             model, num_blocks, config.block_size, dtype, config.cpu_kernels, config.int8_activations
         )
         self.sampler = Sampler(self.runner.kernels)
-        if draft is not None:
-            if draft.config.vocab_size != model.config.vocab_size:
-                raise ValueError(
-                    f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the model's "
-                    f"({model.config.vocab_size})"
-                )
-            draft = DraftProposer(
-                draft, num_blocks, config.block_size, dtype, config.cpu_kernels, config.int8_activations
-            )
-        self.speculator = Speculator(
+        self.speculator = Speculator.build(
             SpecConfig(config.speculative, config.num_speculative_tokens, config.prompt_lookup_max,
                        config.prompt_lookup_min, config.speculative_max_rows),
-            self.sampler,
-            draft,
+            self.sampler, model.config.vocab_size, draft,
+            num_blocks=num_blocks, block_size=config.block_size, dtype=dtype, cpu_kernels=config.cpu_kernels,
+            int8_activations=config.int8_activations,
         )  # fmt: skip
         self.loras: OrderedDict[str, Path] = OrderedDict()  # loaded adapters, least recently used first
         self.requests: dict[str, Request] = {}
@@ -411,29 +403,9 @@ class LLMEngine:
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[tuple[Request, list]]:
         """Each sampling request's new (token, logprob)s: one from the sampler, or 1 to k+1 from
         verifying k drafts."""
-        if not any(r.spec_token_ids for r in requests):
-            return [(r, [s]) for r, s in zip(requests, self.sampler(logits, requests), strict=True)]
-        plain, plain_rows, spans, row = [], [], {}, 0
-        for r in requests:
-            k = len(r.spec_token_ids)
-            if k:
-                spans[r.request_id] = (row, row + k + 1)
-            else:
-                plain.append(r)
-                plain_rows.append(row)
-            row += k + 1
-        sampled = {}
-        if plain:
-            rows = logits[torch.tensor(plain_rows, dtype=torch.long, device=logits.device)]
-            sampled = {r.request_id: [s] for r, s in zip(plain, self.sampler(rows, plain), strict=True)}
-        for r in requests:
-            if r.spec_token_ids:
-                lo, hi = spans[r.request_id]
-                tokens = self.speculator.verify(r, logits[lo:hi])
-                r.num_computed_tokens += len(tokens) - 1  # the accepted drafts' KV is the sequence's
-                r.spec_token_ids, r.spec_probs = [], None
-                sampled[r.request_id] = tokens
-        return [(r, sampled[r.request_id]) for r in requests]
+        if any(r.spec_token_ids for r in requests):
+            return list(zip(requests, self.speculator.sample(requests, logits), strict=True))
+        return [(r, [s]) for r, s in zip(requests, self.sampler(logits, requests), strict=True)]
 
     def _postprocess(self, sampled: list[tuple[Request, list]]) -> list[RequestOutput]:
         outputs = []

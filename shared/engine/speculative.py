@@ -179,6 +179,19 @@ class Speculator:
         # request whose drafts keep failing drafts fewer; k never depends on the step's own draws)
         self.accepted: dict[str, float] = {}
 
+    @classmethod
+    def build(cls, config: SpecConfig, sampler: Sampler, vocab_size: int, draft: CausalLM | None, **runner):
+        """The engine's speculator; `runner`: the draft's DraftProposer arguments (its cache is sized like
+        the engine's: num_blocks, block_size, dtype, cpu_kernels, int8_activations)."""
+        if draft is not None:
+            if draft.config.vocab_size != vocab_size:
+                raise ValueError(
+                    f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the model's "
+                    f"({vocab_size})"
+                )
+            draft = DraftProposer(draft, **runner)
+        return cls(config, sampler, draft)
+
     def method(self, params: SamplingParams) -> str:
         return params.speculative or self.config.method
 
@@ -225,6 +238,32 @@ class Speculator:
         self.accepted.pop(request_id, None)
         if self.draft is not None:
             self.draft.release(request_id)
+
+    def sample(self, requests: list[Request], logits: torch.Tensor) -> list[list[tuple[int, TokenLogprob | None]]]:
+        """Each sampling request's new (token, logprob)s from a step's logits (1 + k rows for a request
+        with k drafts): the sampler's one token, or what verifying the drafts yields — whose accepted
+        part then counts as computed."""
+        plain, plain_rows, spans, row = [], [], {}, 0
+        for r in requests:
+            k = len(r.spec_token_ids)
+            if k:
+                spans[r.request_id] = (row, row + k + 1)
+            else:
+                plain.append(r)
+                plain_rows.append(row)
+            row += k + 1
+        sampled = {}
+        if plain:
+            rows = logits[torch.tensor(plain_rows, dtype=torch.long, device=logits.device)]
+            sampled = {r.request_id: [s] for r, s in zip(plain, self.sampler(rows, plain), strict=True)}
+        for r in requests:
+            if r.spec_token_ids:
+                lo, hi = spans[r.request_id]
+                tokens = self.verify(r, logits[lo:hi])
+                r.num_computed_tokens += len(tokens) - 1  # the accepted drafts' KV is the sequence's
+                r.spec_token_ids, r.spec_probs = [], None
+                sampled[r.request_id] = tokens
+        return [sampled[r.request_id] for r in requests]
 
     def verify(self, request: Request, logits: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
         """The tokens a step of request's drafts yields: logits [k+1, V] are the model's rows for its last
