@@ -41,7 +41,9 @@ class SamplingParams:
     grammar: str | None = (
         None  # structured output: an llguidance grammar (Lark, or JSON-schema based) to match
     )
-    speculative: str | None = None  # speculative decoding: "off", "ngram", "draft"; None: the engine's default
+    speculative: str | None = (
+        None  # speculative decoding: "off", "ngram", "draft"; None: the engine's default
+    )
     speculative_tokens: int | None = None  # drafts verified per step; None: the engine's default
 
     @property
@@ -86,7 +88,10 @@ class SamplingParams:
         if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
             bad("speculative", f"must be one of {', '.join(SPECULATIVE_METHODS)}, got '{self.speculative}'")
         if self.speculative_tokens is not None and not 1 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS:
-            bad("speculative_tokens", f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.speculative_tokens}")
+            bad(
+                "speculative_tokens",
+                f"must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.speculative_tokens}",
+            )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
         if vocab_size is not None:

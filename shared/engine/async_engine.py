@@ -21,8 +21,8 @@ order, since both are handed over by the engine thread itself.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading

@@ -27,7 +27,9 @@ from shared.models.transformer import CausalLM, DecoderLayer
 
 
 class CpuStack:
-    def __init__(self, model: CausalLM, ops, weights: list[torch.Tensor], windows: list[int], int8_x: bool = False):
+    def __init__(
+        self, model: CausalLM, ops, weights: list[torch.Tensor], windows: list[int], int8_x: bool = False
+    ):
         self.model, self.ops, self.weights, self.windows = model, ops, weights, windows
         self.int8_x = int8_x  # quantized weights: int8 activations and integer dot products (quant_gemm.h)
         attn = model.model.layers[0].self_attn

@@ -161,9 +161,7 @@ class DraftProposer:
                 shadow.num_computed_tokens += n
                 shadow.output_token_ids.append(drafts[shadow.request_id][-1])
             batch = [(s, 1) for s, _ in batch if len(drafts[s.request_id]) < owners[s.request_id][1]]
-        return {
-            rid: (drafts[rid], torch.stack(probs[rid]) if probs[rid] else None) for rid in owners
-        }
+        return {rid: (drafts[rid], torch.stack(probs[rid]) if probs[rid] else None) for rid in owners}
 
 
 class Speculator:
@@ -239,7 +237,9 @@ class Speculator:
         if self.draft is not None:
             self.draft.release(request_id)
 
-    def sample(self, requests: list[Request], logits: torch.Tensor) -> list[list[tuple[int, TokenLogprob | None]]]:
+    def sample(
+        self, requests: list[Request], logits: torch.Tensor
+    ) -> list[list[tuple[int, TokenLogprob | None]]]:
         """Each sampling request's new (token, logprob)s from a step's logits (1 + k rows for a request
         with k drafts): the sampler's one token, or what verifying the drafts yields — whose accepted
         part then counts as computed."""

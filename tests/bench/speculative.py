@@ -68,7 +68,9 @@ def main(argv=None) -> dict:
     for name, (prompts, together, temperature) in workloads.items():
         baseline = None
         for method in METHODS:
-            params = SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=0, speculative=method)
+            params = SamplingParams(
+                max_tokens=new_tokens, temperature=temperature, seed=0, speculative=method
+            )
             outputs: list[list[int]] = []
 
             def run(params=params, prompts=prompts, together=together, outputs=outputs):

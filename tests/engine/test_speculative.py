@@ -19,6 +19,7 @@ from shared.engine.request import Request
 from shared.engine.sampler import Sampler
 from shared.engine.speculative import SpecConfig, Speculator, ngram_lookup
 from shared.models.loader import load_model
+from shared.store import DEFAULT_MODEL
 from tests.tiny_models import make_tiny
 
 VOCAB = 256
@@ -74,7 +75,9 @@ CONFIGS = {
 def test_greedy_is_identical_to_no_speculation(tiny_dir, method, config):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     want = [o.output_token_ids for o in tiny_engine(tiny_dir, **config).generate(prompts(), params)]
-    engine = tiny_engine(tiny_dir, draft_noise=0.5 if method == "draft" else None, speculative=method, **config)
+    engine = tiny_engine(
+        tiny_dir, draft_noise=0.5 if method == "draft" else None, speculative=method, **config
+    )
     got = engine.generate(prompts(), params)
     assert [o.output_token_ids for o in got] == want
     stats = engine.speculator.stats[method]
@@ -97,7 +100,9 @@ def test_penalties_stop_tokens_and_logprobs_follow_the_accepted_tokens(tiny_dir)
     want = ref.generate(prompts(), params)
     for method, noise in (("ngram", None), ("draft", 0.3)):
         engine = tiny_engine(tiny_dir, draft_noise=noise)
-        got = engine.generate(prompts(), [SamplingParams(**{**p.__dict__, "speculative": method}) for p in params])
+        got = engine.generate(
+            prompts(), [SamplingParams(**{**p.__dict__, "speculative": method}) for p in params]
+        )
         for g, w in zip(got, want, strict=True):
             assert g.output_token_ids == w.output_token_ids
             assert g.finish_reason == w.finish_reason and g.stop_reason == w.stop_reason
@@ -194,3 +199,22 @@ def test_rejection_rule_emits_the_target_distribution(sampled_q):
     assert (first - p[0]).abs().sum() / 2 < 0.03, (first, p[0])
     assert (second - p[1]).abs().sum() / 2 < 0.04, (second, p[1])
     assert 0 < stats.accepted_tokens < stats.draft_tokens
+
+
+def test_a_worker_configured_with_a_draft_model_keeps_greedy_text(store_root, default_model_dir):
+    """The deploy path: the worker's Config names the draft by its store name; the real model drafting
+    for itself (its own copy) accepts everything and changes nothing."""
+    from services.worker.main import Config
+
+    cfg = Config(store=str(store_root), speculative="draft", draft_model=DEFAULT_MODEL,
+                 kv_cache_mb=64).engine_config()  # fmt: skip
+    assert (cfg.speculative, cfg.draft_model) == ("draft", str(default_model_dir))
+    engine = LLMEngine.from_store(default_model_dir, cfg)
+    prompt = engine.tokenizer.encode_chat([{"role": "user", "content": "List three colors."}])
+    params = SamplingParams(max_tokens=24, temperature=0)
+    got = engine.generate([prompt], params)[0]
+    want = engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0, speculative="off"))[0]
+    assert got.output_token_ids == want.output_token_ids
+    stats = engine.speculator.stats["draft"]
+    assert stats.draft_tokens > 0 and stats.accepted_tokens == stats.draft_tokens
+    assert_clean(engine)

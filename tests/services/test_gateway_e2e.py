@@ -81,8 +81,13 @@ def test_chat_matches_the_engine_streamed_or_not(idle, client, engine, stack):
     assert idle(stack["worker"])
 
 
-QUOTE = [{"role": "user", "content": "Repeat exactly: the quick brown fox jumps over the lazy dog, "
-                                     "and the lazy dog sleeps under the old oak tree by the river."}]
+QUOTE = [
+    {
+        "role": "user",
+        "content": "Repeat exactly: the quick brown fox jumps over the lazy dog, "
+        "and the lazy dog sleeps under the old oak tree by the river.",
+    }
+]
 
 
 def test_speculative_extra_keeps_greedy_text_and_counts_acceptance(client, engine, stack):
