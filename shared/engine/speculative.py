@@ -78,10 +78,6 @@ class SpecStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
 
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
-
 
 def ngram_lookup(tokens: list[int], k: int, n_max: int, n_min: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the last n tokens (longest n first)."""

@@ -321,14 +321,14 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight
     if (m_dim > 64) return outer_y(x, src, n_dim);
     return outer_t(x, src, n_dim).narrow(1, 0, m_dim).t();
   }
+  at::Tensor yt = at::empty({n_dim, m_dim}, x.options());
+  const auto* q = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
+  const int64_t row_bytes = bits == 8 ? k_dim : k_dim / 2;
+  const float *s = scales.data_ptr<float>(), *o = offsets.data_ptr<float>();
+  float* y = yt.data_ptr<float>();
 #ifdef TANDEM_VNNI
   if (int8_x && k_dim % 32 == 0 && group % 32 == 0) {
     const XInt8 xq = quantize_x(x.data_ptr<float>(), m_dim, k_dim, group, bits);
-    at::Tensor yt = at::empty({n_dim, m_dim}, x.options());
-    const auto* q = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
-    const int64_t row_bytes = bits == 8 ? k_dim : k_dim / 2;
-    const float *s = scales.data_ptr<float>(), *o = offsets.data_ptr<float>();
-    float* y = yt.data_ptr<float>();
 #define TANDEM_VNNI_ROWS(M)                                                                   \
   if (bits == 8) vnni_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);          \
   else vnni_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
@@ -346,12 +346,7 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight
   // per token: the sums of x over each group, and (4 bits) x split into even and odd columns
   at::Tensor gsum = x.view({m_dim, groups, group}).sum(-1).contiguous();
   at::Tensor xs = bits == 8 ? x : at::cat({x.slice(1, 0, k_dim, 2), x.slice(1, 1, k_dim, 2)}, 1).contiguous();
-  at::Tensor yt = at::empty({n_dim, m_dim}, x.options());
-  const auto* q = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
-  const int64_t row_bytes = bits == 8 ? k_dim : k_dim / 2;
-  const float *s = scales.data_ptr<float>(), *o = offsets.data_ptr<float>();
   const float *xp = xs.data_ptr<float>(), *gp = gsum.data_ptr<float>();
-  float* y = yt.data_ptr<float>();
 #define TANDEM_QUANT(M)                                                                              \
   if (bits == 8) quant_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gp, y);      \
   else quant_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gp, y);

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
+from shared.engine.speculative import METHODS
 from shared.store import ModelStore
 from shared.store.builtin import BUILTIN
 from tests.bench.common import best_time, emit, environment, log, model_path, parser
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity simply.",
              "List three fruits."]  # fmt: skip
-METHODS = ("off", "ngram", "draft")
 
 
 def passages(n: int, words: int = 220) -> list[str]:
