@@ -449,7 +449,7 @@ Tensor any_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>&
   const int64_t bits = w.scalar_type() == at::kChar ? 8 : 4, k_dim = x.size(1);
   const int64_t group = k_dim / scales.size(1);
   const int64_t rows = x.size(0);
-  if (rows >= 1 && group % (bits == 4 ? 2 * tandem::VW : tandem::VW) == 0) {
+  if (rows >= 1 && group % tandem::group_multiple(bits) == 0) {
     Tensor out = tandem::quant_linear(x, w, scales, offsets, bits, group, int8_x);
     if (contiguous || b || rows > max_rows) out = out.contiguous();
     if (b) out.add_(*b);

@@ -65,6 +65,56 @@ inline void prefetch_ahead(const uint8_t* q, int64_t row_bytes, const float* sca
   for (int64_t b = 0; b < R * groups * 4; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0), _mm_prefetch(oa + b, _MM_HINT_T0);
 }
 
+// What a group size must be a multiple of for these kernels: whole vectors of columns (4 bits: 32,
+// which also covers two AVX-512 vectors of nibbles).
+inline int64_t group_multiple(int64_t bits) { return bits == 4 ? 32 : VW; }
+
+// 16 bytes of packed nibbles -> the 32 values in column order (each byte's low nibble first), as bytes.
+inline void nibbles_in_order(const uint8_t* p, __m128i& first, __m128i& second) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
+  const __m128i lo = _mm_and_si128(b, m), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+  first = _mm_unpacklo_epi8(lo, hi);
+  second = _mm_unpackhi_epi8(lo, hi);
+}
+
+// 16 small unsigned bytes -> out[0:16] = byte * s + o.
+inline void bytes_to_floats(__m128i v, float s, float o, float* out) {
+#if defined(__AVX512F__)
+  const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+  _mm512_storeu_ps(out, _mm512_fmadd_ps(f, _mm512_set1_ps(s), _mm512_set1_ps(o)));
+#else
+  const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+  const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+  _mm256_storeu_ps(out, _mm256_fmadd_ps(a, _mm256_set1_ps(s), _mm256_set1_ps(o)));
+  _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(b, _mm256_set1_ps(s), _mm256_set1_ps(o)));
+#endif
+}
+
+// sum_g a[g] * b[g] over n floats.
+inline float dot(const float* a, const float* b, int64_t n) {
+  vf acc{};
+  int64_t g = 0;
+  for (; g + VW <= n; g += VW) acc += vload(a + g) * vload(b + g);
+  float out = hsum(acc);
+  for (; g < n; ++g) out += a[g] * b[g];
+  return out;
+}
+
+// acc[m] += s * (lo . xe[m] + hi . xo[m]): one row's converted nibbles (even and odd columns) against
+// M tokens. One token: scale the partial dot product (3 FMA-unit ops, not 4); more: scale the weights
+// once for all of them.
+template <int M>
+inline void scaled_fma(vf lo, vf hi, vf s, const vf* xe, const vf* xo, vf* acc) {
+  if constexpr (M == 1) {
+    vf part = lo * xe[0];
+    part += hi * xo[0];
+    acc[0] += part * s;
+  } else {
+    lo *= s, hi *= s;
+    for (int m = 0; m < M; ++m) acc[m] += lo * xe[m], acc[m] += hi * xo[m];
+  }
+}
+
 // y^T[n0:n0+R, 0:M] for R weight rows (R rows at once: independent accumulator chains, shared x loads).
 // xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx` floats apart; gsum [M, G]:
 // each token's sum of x per group.
@@ -72,47 +122,68 @@ template <int M, int R, int BITS>
 inline void quant_tile(const uint8_t* q, int64_t row_bytes, const float* scale, const float* offset, int64_t k_dim,
                        int64_t group, const float* xs, int64_t ldx, const float* gsum, int64_t groups, float* yt) {
   vf acc[R][M];
-  float off[R][M];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = vf{}, off[r][m] = 0.f;
+    for (int m = 0; m < M; ++m) acc[r][m] = vf{};
   prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
   const int64_t half = k_dim / 2;
-  for (int64_t g = 0; g < groups; ++g) {
-    vf part[R][M];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) part[r][m] = vf{};
-    if (BITS == 8) {
-      for (int64_t k = 0; k < group; k += VW) {
-        vf xv[M];
-        for (int m = 0; m < M; ++m) xv[m] = vload(xs + m * ldx + g * group + k);
-        for (int r = 0; r < R; ++r) {
-          const vf w = int8_to_float(reinterpret_cast<const int8_t*>(q + r * row_bytes) + g * group + k);
-          for (int m = 0; m < M; ++m) part[r][m] += w * xv[m];
-        }
-      }
-    } else {
-      for (int64_t k = 0; k < group / 2; k += VW) {
-        const int64_t at = g * group / 2 + k;
-        vf xe[M], xo[M];
-        for (int m = 0; m < M; ++m) xe[m] = vload(xs + m * ldx + at), xo[m] = vload(xs + m * ldx + half + at);
-        for (int r = 0; r < R; ++r) {
-          vf lo, hi;
-          nibbles_to_float(q + r * row_bytes + at, lo, hi);
-          for (int m = 0; m < M; ++m) part[r][m] += lo * xe[m] + hi * xo[m];
-        }
+  if (BITS == 4 && group == 2 * VW) {  // one vector of bytes per group (Q4_0/Q4_1's 32 on AVX-512)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t k = g * VW;
+      vf xe[M], xo[M];
+      for (int m = 0; m < M; ++m) xe[m] = vload(xs + m * ldx + k), xo[m] = vload(xs + m * ldx + half + k);
+      for (int r = 0; r < R; ++r) {
+        vf lo, hi;
+        nibbles_to_float(q + r * row_bytes + k, lo, hi);
+        scaled_fma<M>(lo, hi, vsplat(scale[r * groups + g]), xe, xo, acc[r]);
       }
     }
-    for (int r = 0; r < R; ++r) {
-      const vf s = vsplat(scale[r * groups + g]);
-      const float o = offset[r * groups + g];
-      for (int m = 0; m < M; ++m) {
-        acc[r][m] += s * part[r][m];
-        off[r][m] += o * gsum[m * groups + g];
+  } else {
+    for (int64_t g = 0; g < groups; ++g) {
+      vf s[R];
+      for (int r = 0; r < R; ++r) s[r] = vsplat(scale[r * groups + g]);
+      if (BITS == 4) {
+        const uint8_t* qg = q + g * group / 2;
+        const float* xg = xs + g * group / 2;
+        for (int64_t k = 0; k < group / 2; k += VW) {
+          vf xe[M], xo[M];
+          for (int m = 0; m < M; ++m) xe[m] = vload(xg + m * ldx + k), xo[m] = vload(xg + m * ldx + half + k);
+          for (int r = 0; r < R; ++r) {
+            vf lo, hi;
+            nibbles_to_float(qg + r * row_bytes + k, lo, hi);
+            scaled_fma<M>(lo, hi, s[r], xe, xo, acc[r]);
+          }
+        }
+      } else if (M > 1 && group <= 64) {  // small groups: scale the weights once for all M tokens
+        const int8_t* qg = reinterpret_cast<const int8_t*>(q) + g * group;
+        const float* xg = xs + g * group;
+        for (int64_t k = 0; k < group; k += VW) {
+          vf xv[M];
+          for (int m = 0; m < M; ++m) xv[m] = vload(xg + m * ldx + k);
+          for (int r = 0; r < R; ++r) {
+            const vf w = int8_to_float(qg + r * row_bytes + k) * s[r];
+            for (int m = 0; m < M; ++m) acc[r][m] += w * xv[m];
+          }
+        }
+      } else {
+        vf part[R][M];
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < M; ++m) part[r][m] = vf{};
+        for (int64_t k = 0; k < group; k += VW) {
+          vf xv[M];
+          for (int m = 0; m < M; ++m) xv[m] = vload(xs + m * ldx + g * group + k);
+          for (int r = 0; r < R; ++r) {
+            const vf w = int8_to_float(reinterpret_cast<const int8_t*>(q + r * row_bytes) + g * group + k);
+            for (int m = 0; m < M; ++m) part[r][m] += w * xv[m];
+          }
+        }
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < M; ++m) acc[r][m] += s[r] * part[r][m];
       }
     }
   }
+  // the offsets' term: sum_g offset[n, g] * (sum of x over group g)
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) yt[r * M + m] = hsum(acc[r][m]) + off[r][m];
+    for (int m = 0; m < M; ++m) yt[r * M + m] = hsum(acc[r][m]) + dot(offset + r * groups, gsum + m * groups, groups);
 }
 
 template <int M, int BITS>
@@ -290,11 +361,12 @@ struct QuantRows {
           for (; k + VW <= group; k += VW)
             vstore(out + k0 + k, int8_to_float(reinterpret_cast<const int8_t*>(qr) + k0 + k) * s + o);
           for (; k < group; ++k) out[k0 + k] = static_cast<int8_t>(qr[k0 + k]) * s + o;
-        } else {
-          for (int64_t k = 0; k < group; k += 2) {
-            const uint8_t b = qr[(k0 + k) / 2];
-            out[k0 + k] = (b & 15) * s + o;
-            out[k0 + k + 1] = (b >> 4) * s + o;
+        } else {  // groups are multiples of 32 columns (quant_linear checks)
+          for (int64_t k = 0; k < group; k += 32) {
+            __m128i first, second;
+            nibbles_in_order(qr + (k0 + k) / 2, first, second);
+            bytes_to_floats(first, s, o, out + k0 + k);
+            bytes_to_floats(second, s, o, out + k0 + k + 16);
           }
         }
       }
@@ -313,7 +385,7 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight
   const at::Tensor x = x_in.contiguous();
   const int64_t m_dim = x.size(0), k_dim = x.size(1), n_dim = qweight.size(0);
   TORCH_CHECK(m_dim >= 1, "quant_linear: at least one row");
-  TORCH_CHECK(group % (bits == 4 ? 2 * VW : VW) == 0 && k_dim % group == 0, "quant_linear: group size");
+  TORCH_CHECK(group % group_multiple(bits) == 0 && k_dim % group == 0, "quant_linear: group size");
   TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && offsets.is_contiguous(), "quant_linear: layout");
   if (m_dim > 4) {
     const QuantRows src{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<float>(),
@@ -342,11 +414,29 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight
     return yt.t();
   }
 #endif
+  // per token: the sums of x over each group, and (4 bits) x split into even and odd columns. Plain
+  // loops into a per-thread buffer: for 1-4 rows, ATen's slice/cat/sum calls cost more than the work.
   const int64_t groups = k_dim / group;
-  // per token: the sums of x over each group, and (4 bits) x split into even and odd columns
-  at::Tensor gsum = x.view({m_dim, groups, group}).sum(-1).contiguous();
-  at::Tensor xs = bits == 8 ? x : at::cat({x.slice(1, 0, k_dim, 2), x.slice(1, 1, k_dim, 2)}, 1).contiguous();
-  const float *xp = xs.data_ptr<float>(), *gp = gsum.data_ptr<float>();
+  thread_local std::vector<float> scratch;
+  scratch.resize(m_dim * (groups + (bits == 4 ? k_dim : 0)));
+  float* gsum = scratch.data();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t m = 0; m < m_dim; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float acc = 0.f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) acc += xp[m * k_dim + k];
+      gsum[m * groups + g] = acc;
+    }
+  if (bits == 4) {
+    float* split = gsum + m_dim * groups;
+    for (int64_t m = 0; m < m_dim; ++m)
+      for (int64_t j = 0; j < k_dim / 2; ++j) {
+        split[m * k_dim + j] = xp[m * k_dim + 2 * j];
+        split[m * k_dim + k_dim / 2 + j] = xp[m * k_dim + 2 * j + 1];
+      }
+    xp = split;
+  }
+  const float* gp = gsum;
 #define TANDEM_QUANT(M)                                                                              \
   if (bits == 8) quant_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gp, y);      \
   else quant_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gp, y);
