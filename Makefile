@@ -52,7 +52,7 @@ lint: install
 	$(BIN)/ruff format --check shared services tests
 
 bench: install
-	@for m in $$(ls tests/bench/*.py 2>/dev/null | grep -v -e __init__ -e common | xargs -n1 basename | sed 's/\.py$$//'); do \
+	@for m in $$(ls tests/bench/*.py 2>/dev/null | grep -v -e __init__ -e common -e _ref | xargs -n1 basename | sed 's/\.py$$//'); do \
 		echo "== tests.bench.$$m"; $(BIN)/python -m tests.bench.$$m $(BENCH_ARGS) || exit 1; done
 
 clean:

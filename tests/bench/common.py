@@ -57,6 +57,18 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
+def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Fastest of `repeats` timed calls of each, taking turns: a noisy spell on a shared machine
+    slows every side's one call rather than all of one side's."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Bytes per second that one `copy_` of a large fp32 tensor moves (each byte read once)."""
     src = torch.ones(nbytes // 4)

@@ -13,14 +13,16 @@ ignored:
   prefill   a 512-token prompt to its first token: prompt tok/s
   accuracy  greedy agreement with fp32 over 4 chat prompts x 48 tokens, and perplexity of a held
             text (the README) under each model
-and llama.cpp on the same Q4_1 GGUF at batch 1 when llama-cpp-python is installed (it is not a
-dependency: a figure appears only where it is). --quick: 32 new tokens, one repetition.
+and llama.cpp on the same Q4_1 GGUF, the same measures (tests/bench/llama_cpp_ref.py), when
+llama-cpp-python is installed (it is not a dependency: its figures appear only where it is).
+--quick: 32 new tokens, one repetition.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,8 +30,9 @@ import torch
 from shared.engine import EngineConfig, LLMEngine, SamplingParams
 from shared.store import ModelStore
 from shared.store.builtin import BUILTIN
-from tests.bench.common import best_time, emit, environment, log, model_path, parser
+from tests.bench.common import best_times, emit, environment, log, model_path, parser
 from tests.bench.engine import Prompts, tandem_generate
+from tests.bench.llama_cpp_ref import LlamaCpp
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity simply.",
              "List three fruits."]  # fmt: skip
@@ -94,31 +97,40 @@ def main(argv=None) -> dict:
             1,
         )
 
+    ref = LlamaCpp.load(gguf, args.threads, max_seqs=32, max_len=512 + 16)
+    generate = {name: partial(tandem_generate, engine) for name, engine in engines.items()}
+    if ref is None:
+        results["llama_cpp"] = "not installed"
+    else:
+        got = ref.generate(chats, 48)
+        agree = sum(a == b for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=False))
+        results["llama_cpp_greedy_agreement"] = round(agree / sum(len(w) for w in want), 3)
+        ref.generate([prompts(16)], 4)  # warm up
+        generate["llama_cpp"] = ref.generate
+
+    # each measure takes turns over the models, so a noisy spell does not land on one side only
     one = [prompts(32)]
     batch = [prompts(32) for _ in range(32)]
-    for name, engine in engines.items():
-        log(f"{name}: b1, batched, prefill")
-        t = best_time(lambda e=engine: tandem_generate(e, one, new_tokens), repeats)
-        results[f"{name}_b1_tok_s"] = round(new_tokens / t, 2)
-        t = best_time(lambda e=engine: tandem_generate(e, batch, new_tokens), repeats)
-        results[f"{name}_batched_tok_s"] = round(32 * new_tokens / t, 1)
-        t = min(best_time(lambda e=engine: tandem_generate(e, [prompts(512)], 1), 1) for _ in range(3))
-        results[f"{name}_prefill_tok_s"] = round(512 / t, 1)
-    for kind in ("b1", "batched", "prefill"):
+    measures = {  # kind: (call, tokens counted, repetitions)
+        "b1": (lambda gen: gen(one, new_tokens), new_tokens, repeats + 1),
+        "batched": (lambda gen: gen(batch, new_tokens), 32 * new_tokens, repeats),
+        "prefill": (lambda gen: gen([prompts(512)], 1), 512, max(repeats, 3)),  # fresh prompts: no cache
+    }
+    for kind, (call, tokens, reps) in measures.items():
+        log(f"{kind}: {', '.join(generate)}")
+        times = best_times({name: partial(call, gen) for name, gen in generate.items()}, reps)
+        for name, t in times.items():
+            results[f"{name}_{kind}_tok_s"] = round(tokens / t, 1)
         for name in ("int8", "int4", "int4a8"):
             results[f"{name}_{kind}_ratio"] = round(
                 results[f"{name}_{kind}_tok_s"] / results[f"fp32_{kind}_tok_s"], 3
             )
-
-    try:
-        import llama_cpp
-    except ImportError:
-        results["llama_cpp"] = "not installed"
-    else:
-        llm = llama_cpp.Llama(str(gguf), n_threads=args.threads, n_ctx=512, verbose=False)
-        t = best_time(lambda: llm(" ".join(["hello"] * 30), max_tokens=new_tokens, temperature=0), repeats)
-        results["llama_cpp_b1_tok_s"] = round(new_tokens / t, 2)
-        results["int4_b1_vs_llama_cpp"] = round(results["int4_b1_tok_s"] / results["llama_cpp_b1_tok_s"], 3)
+            if ref is not None and name != "int8":
+                results[f"{name}_{kind}_vs_llama_cpp"] = round(
+                    results[f"{name}_{kind}_tok_s"] / results[f"llama_cpp_{kind}_tok_s"], 3
+                )
+    if ref is not None:
+        ref.close()
     emit(results)
     return results
 
