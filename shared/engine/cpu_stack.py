@@ -175,9 +175,16 @@ def _plain(m) -> bool:
 def _weight(m) -> list[torch.Tensor]:
     """[weight, scales, offsets] as forward_layers takes them (empty scales for a float weight)."""
     if isinstance(m, QuantLinear):
-        return [m.qweight, m.scales, m.offsets]
+        return [m.qweight, *_half_scales(m)]
     empty = torch.empty(0)
     return [m.weight, empty, empty]
+
+
+def _half_scales(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 copies of a layer's scales and offsets for the kernels: a sixth fewer bytes per 4-bit
+    weight to stream. Exact for GGUF's (stored as float16) and for `tandem models quantize`'s (rounded
+    to float16 when made)."""
+    return m.scales.detach().half(), m.offsets.detach().half()
 
 
 def quant_gemm(ops, module: QuantLinear, int8_x: bool = False):
@@ -186,14 +193,13 @@ def quant_gemm(ops, module: QuantLinear, int8_x: bool = False):
     fit the kernels' vectors."""
     vector = 16 if module.bits == 4 else 8  # the kernel's group granularity (covers AVX2 and AVX-512)
     usable = module.group_size % (2 * vector) == 0 and module.in_features % module.group_size == 0
+    scales, offsets = _half_scales(module)
 
     def gemm(x, _module, contiguous):
         rows = x.shape[0] if x.dim() == 2 else 0
         floats = x.dtype == torch.float32 and x.device.type == "cpu"
         if usable and floats and rows:
-            out = ops.quant_linear(
-                x, module.qweight, module.scales, module.offsets, module.bits, module.group_size, int8_x
-            )
+            out = ops.quant_linear(x, module.qweight, scales, offsets, module.bits, module.group_size, int8_x)
         else:
             weight = module.dequantize()
             if not (floats and rows):

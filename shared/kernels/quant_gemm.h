@@ -52,17 +52,31 @@ inline void nibbles_to_float(const uint8_t* p, vf& lo, vf& hi) {
 }
 #endif
 
+// Scales and offsets come as float32 or float16 (S): float16 halves their bytes, a sixth of a 4-bit
+// weight's (GGUF stores them so).
+inline float scalar(float v) { return v; }
+inline float scalar(at::Half v) { return _cvtsh_ss(v.x); }
+inline vf vload_s(const float* p) { return vload(p); }
+#if defined(__AVX512F__)
+inline vf vload_s(const at::Half* p) {
+  return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+#else
+inline vf vload_s(const at::Half* p) {
+  return reinterpret_cast<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
 // The integers stream faster than the hardware prefetchers fetch them (rows of a few hundred bytes
 // from three arrays): each tile asks for the tile PREFETCH_AHEAD tiles on (its rows, scales and offsets).
 constexpr int64_t PREFETCH_AHEAD = 4;
-template <int R>
-inline void prefetch_ahead(const uint8_t* q, int64_t row_bytes, const float* scale, const float* offset,
-                           int64_t groups) {
+template <int R, typename S>
+inline void prefetch_ahead(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t groups) {
   const char* qa = reinterpret_cast<const char*>(q + PREFETCH_AHEAD * R * row_bytes);
   for (int64_t b = 0; b < R * row_bytes; b += 64) _mm_prefetch(qa + b, _MM_HINT_T0);
   const char* sa = reinterpret_cast<const char*>(scale + PREFETCH_AHEAD * R * groups);
   const char* oa = reinterpret_cast<const char*>(offset + PREFETCH_AHEAD * R * groups);
-  for (int64_t b = 0; b < R * groups * 4; b += 64) _mm_prefetch(sa + b, _MM_HINT_T0), _mm_prefetch(oa + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < R * groups * static_cast<int64_t>(sizeof(S)); b += 64) _mm_prefetch(sa + b, _MM_HINT_T0), _mm_prefetch(oa + b, _MM_HINT_T0);
 }
 
 // What a group size must be a multiple of for these kernels: whole vectors of columns (4 bits: 32,
@@ -90,13 +104,14 @@ inline void bytes_to_floats(__m128i v, float s, float o, float* out) {
 #endif
 }
 
-// sum_g a[g] * b[g] over n floats.
-inline float dot(const float* a, const float* b, int64_t n) {
+// sum_g a[g] * b[g] over n values.
+template <typename S>
+inline float dot(const S* a, const float* b, int64_t n) {
   vf acc{};
   int64_t g = 0;
-  for (; g + VW <= n; g += VW) acc += vload(a + g) * vload(b + g);
+  for (; g + VW <= n; g += VW) acc += vload_s(a + g) * vload(b + g);
   float out = hsum(acc);
-  for (; g < n; ++g) out += a[g] * b[g];
+  for (; g < n; ++g) out += scalar(a[g]) * b[g];
   return out;
 }
 
@@ -118,8 +133,8 @@ inline void scaled_fma(vf lo, vf hi, vf s, const vf* xe, const vf* xo, vf* acc) 
 // y^T[n0:n0+R, 0:M] for R weight rows (R rows at once: independent accumulator chains, shared x loads).
 // xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx` floats apart; gsum [M, G]:
 // each token's sum of x per group.
-template <int M, int R, int BITS>
-inline void quant_tile(const uint8_t* q, int64_t row_bytes, const float* scale, const float* offset, int64_t k_dim,
+template <int M, int R, int BITS, typename S>
+inline void quant_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t k_dim,
                        int64_t group, const float* xs, int64_t ldx, const float* gsum, int64_t groups, float* yt) {
   vf acc[R][M];
   for (int r = 0; r < R; ++r)
@@ -134,13 +149,13 @@ inline void quant_tile(const uint8_t* q, int64_t row_bytes, const float* scale, 
       for (int r = 0; r < R; ++r) {
         vf lo, hi;
         nibbles_to_float(q + r * row_bytes + k, lo, hi);
-        scaled_fma<M>(lo, hi, vsplat(scale[r * groups + g]), xe, xo, acc[r]);
+        scaled_fma<M>(lo, hi, vsplat(scalar(scale[r * groups + g])), xe, xo, acc[r]);
       }
     }
   } else {
     for (int64_t g = 0; g < groups; ++g) {
       vf s[R];
-      for (int r = 0; r < R; ++r) s[r] = vsplat(scale[r * groups + g]);
+      for (int r = 0; r < R; ++r) s[r] = vsplat(scalar(scale[r * groups + g]));
       if (BITS == 4) {
         const uint8_t* qg = q + g * group / 2;
         const float* xg = xs + g * group / 2;
@@ -186,8 +201,8 @@ inline void quant_tile(const uint8_t* q, int64_t row_bytes, const float* scale, 
     for (int m = 0; m < M; ++m) yt[r * M + m] = hsum(acc[r][m]) + dot(offset + r * groups, gsum + m * groups, groups);
 }
 
-template <int M, int BITS>
-void quant_rows(const uint8_t* q, int64_t row_bytes, const float* scales, const float* offsets, int64_t n_dim,
+template <int M, int BITS, typename S>
+void quant_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t n_dim,
                 int64_t k_dim, int64_t group, const float* xs, int64_t ldx, const float* gsum, float* yt) {
   constexpr int R = M <= 2 ? 4 : 2;
   const int64_t groups = k_dim / group, tiles = n_dim / R;
@@ -206,7 +221,7 @@ void quant_rows(const uint8_t* q, int64_t row_bytes, const float* scales, const 
   });
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define TANDEM_VNNI 1
 // Integer dot products (AVX-512 VNNI, llama.cpp's Q8 x Q4 scheme): x is quantized per token and per 32
 // columns to int8, and vpdpbusd multiplies 64 weight bytes by 64 activation bytes into 16 int32 lanes
@@ -272,8 +287,12 @@ inline XInt8 quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t gr
   return out;
 }
 
-template <int M, int R, int BITS>
-inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const float* scale, const float* offset, int64_t groups,
+// up to 16 scales or offsets (the lanes of `mask`) as floats
+inline __m512 masked_s(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 masked_s(__mmask16 mask, const at::Half* p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)); }
+
+template <int M, int R, int BITS, typename S>
+inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t groups,
                       int64_t k_dim, const XInt8& xq, float* yt) {
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
@@ -289,8 +308,8 @@ inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const float* scale, c
     const int64_t base = xq.base[c];
     for (int r = 0; r < R; ++r) {
       const __m512i qv = _mm512_maskz_loadu_epi8(bytes, q + r * row_bytes + c * chunk_bytes);
-      const __m512 s = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(gmask, scale + r * groups + base));
-      const __m512 o = _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(gmask, offset + r * groups + base));
+      const __m512 s = _mm512_permutexvar_ps(idx, masked_s(gmask, scale + r * groups + base));
+      const __m512 o = _mm512_permutexvar_ps(idx, masked_s(gmask, offset + r * groups + base));
       __m512i lo, hi, corr;
       if (BITS == 4) {
         lo = _mm512_and_si512(qv, low4);
@@ -318,8 +337,8 @@ inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const float* scale, c
     for (int m = 0; m < M; ++m) yt[r * M + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int M, int BITS>
-void vnni_rows(const uint8_t* q, int64_t row_bytes, const float* scales, const float* offsets, int64_t n_dim,
+template <int M, int BITS, typename S>
+void vnni_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t n_dim,
                int64_t k_dim, int64_t group, const XInt8& xq, float* yt) {
   constexpr int R = M <= 2 ? 4 : 2;
   const int64_t groups = k_dim / group, tiles = n_dim / R;
@@ -341,10 +360,11 @@ void vnni_rows(const uint8_t* q, int64_t row_bytes, const float* scales, const f
 
 // Quantized rows as floats for outer_rows (batches and prefill): a block of rows converted once
 // into the thread's buffer (L2-sized), then the float tiles run over it for every column chunk of x.
+template <typename S>
 struct QuantRows {
   const uint8_t* q;
-  const float* scales;
-  const float* offsets;
+  const S* scales;
+  const S* offsets;
   int64_t k_dim, group, bits;
   static constexpr bool buffered = true;
 
@@ -354,7 +374,7 @@ struct QuantRows {
       float* out = buf + (n - n0) * k_dim;
       const uint8_t* qr = q + n * row_bytes;
       for (int64_t g = 0; g < groups; ++g) {
-        const float s = scales[n * groups + g], o = offsets[n * groups + g];
+        const float s = scalar(scales[n * groups + g]), o = scalar(offsets[n * groups + g]);
         const int64_t k0 = g * group;
         if (bits == 8) {
           int64_t k = 0;
@@ -375,11 +395,9 @@ struct QuantRows {
   }
 };
 
-// x [M, K] float32, any M; returns y [M, N] (a transposed view up to 64 rows, row-major beyond).
-// int8_x: for 1-4 rows, quantize x to int8 and use integer dot products where the CPU has them
-// (AVX-512 VNNI); otherwise x stays float.
-inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
-                               const at::Tensor& offsets, int64_t bits, int64_t group, bool int8_x = false) {
+template <typename S>
+at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
+                           const at::Tensor& offsets, int64_t bits, int64_t group, bool int8_x) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "quant_linear: x must be float32 [M, K]");
   TORCH_CHECK(bits == 4 || bits == 8, "quant_linear: bits must be 4 or 8");
   const at::Tensor x = x_in.contiguous();
@@ -388,15 +406,15 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight
   TORCH_CHECK(group % group_multiple(bits) == 0 && k_dim % group == 0, "quant_linear: group size");
   TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && offsets.is_contiguous(), "quant_linear: layout");
   if (m_dim > 4) {
-    const QuantRows src{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<float>(),
-                        offsets.data_ptr<float>(), k_dim, group, bits};
+    const QuantRows<S> src{reinterpret_cast<const uint8_t*>(qweight.data_ptr()), scales.data_ptr<S>(),
+                           offsets.data_ptr<S>(), k_dim, group, bits};
     if (m_dim > 64) return outer_y(x, src, n_dim);
     return outer_t(x, src, n_dim).narrow(1, 0, m_dim).t();
   }
   at::Tensor yt = at::empty({n_dim, m_dim}, x.options());
   const auto* q = reinterpret_cast<const uint8_t*>(qweight.data_ptr());
   const int64_t row_bytes = bits == 8 ? k_dim : k_dim / 2;
-  const float *s = scales.data_ptr<float>(), *o = offsets.data_ptr<float>();
+  const S *s = scales.data_ptr<S>(), *o = offsets.data_ptr<S>();
   float* y = yt.data_ptr<float>();
 #ifdef TANDEM_VNNI
   if (int8_x && k_dim % 32 == 0 && group % 32 == 0) {
@@ -448,6 +466,18 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& qweight
   }
 #undef TANDEM_QUANT
   return yt.t();
+}
+
+// x [M, K] float32, any M; returns y [M, N] (a transposed view up to 64 rows, row-major beyond).
+// Scales and offsets: float32 or float16, both the same. int8_x: for 1-4 rows, quantize x to int8 and
+// use integer dot products where the CPU has them (AVX-512 VNNI); otherwise x stays float.
+inline at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                               const at::Tensor& offsets, int64_t bits, int64_t group, bool int8_x = false) {
+  const auto kind = scales.scalar_type();
+  TORCH_CHECK(offsets.scalar_type() == kind && (kind == at::kFloat || kind == at::kHalf),
+              "quant_linear: scales and offsets must both be float32 or both float16");
+  if (kind == at::kHalf) return quant_linear_as<at::Half>(x, qweight, scales, offsets, bits, group, int8_x);
+  return quant_linear_as<float>(x, qweight, scales, offsets, bits, group, int8_x);
 }
 
 }  // namespace tandem

@@ -85,14 +85,21 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int):
     """(qweight, scales, offsets) of a float weight [out, in] (round to nearest)."""
     n, k = w.shape
     g = w.float().reshape(n, k // group_size, group_size)
+    # scales and offsets are rounded to float16 first (the CPU kernels read them so) and the integers
+    # are chosen for the rounded values
     if bits == 8:
-        scales = (g.abs().amax(-1) / 127).clamp(min=1e-12)
+        scales = _half_exact((g.abs().amax(-1) / 127).clamp(min=2**-24))
         q = (g / scales[..., None]).round().clamp(-127, 127).to(torch.int8).reshape(n, k)
         return q, scales, torch.zeros_like(scales)
-    low, high = g.amin(-1), g.amax(-1)
-    scales = ((high - low) / 15).clamp(min=1e-12)
+    low, high = _half_exact(g.amin(-1)), g.amax(-1)
+    scales = _half_exact(((high - low) / 15).clamp(min=2**-24))
     q = ((g - low[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
     return pack_nibbles(q), scales, low
+
+
+def _half_exact(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to the nearest float16, as float32."""
+    return t.half().float()
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ def test_integers_stand_for_the_weight_within_half_a_step(bits, group):
     w = lin.weight.detach()
     step = q.scales.repeat_interleave(group, dim=1)
     assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+    for t in (q.scales, q.offsets):  # float16 values: the kernels read float16 copies exactly
+        torch.testing.assert_close(t.half().float(), t, rtol=0, atol=0)
     x = torch.randn(5, 128)
     torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.dequantize(), lin.bias))
     again = quant.quantize_linear(
@@ -46,15 +48,19 @@ def test_fused_layers_compute_the_parts_side_by_side():
 
 @pytest.mark.skipif(cpu_ops() is None, reason="the CPU kernels are not built here")
 @pytest.mark.parametrize("bits, group", [(8, 576), (8, 32), (4, 32), (4, 64)])
-def test_the_kernel_matches_the_dequantized_reference(bits, group):
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_the_kernel_matches_the_dequantized_reference(bits, group, scale_dtype):
     ops = cpu_ops()
     torch.manual_seed(1)
     q = quant.quantize_linear(torch.nn.Linear(576, 200, bias=False), bits, group)
+    scales, offsets = q.scales.to(scale_dtype), q.offsets.to(scale_dtype)
     for rows in (1, 2, 3, 4, 5, 17, 64, 100):  # register tiles, then converted blocks (batches, prefill)
         x = torch.randn(rows, 576)
         want = x @ q.dequantize().t()
-        got = ops.quant_linear(x, q.qweight, q.scales, q.offsets, bits, group)
+        got = ops.quant_linear(x, q.qweight, scales, offsets, bits, group)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="float32 or both float16"):
+        ops.quant_linear(torch.randn(1, 576), q.qweight, q.scales.half(), q.offsets, bits, group)
 
 
 def _has_vnni() -> bool:
@@ -75,6 +81,8 @@ def test_int8_activations_stay_close_to_the_reference(bits, group):
         x = torch.randn(rows, 576)
         want = x @ q.dequantize().t()
         got = ops.quant_linear(x, q.qweight, q.scales, q.offsets, bits, group, True)
+        halves = ops.quant_linear(x, q.qweight, q.scales.half(), q.offsets.half(), bits, group, True)
+        torch.testing.assert_close(halves, got, rtol=1e-5, atol=1e-5)  # float16 scales, same values
         exact = ops.quant_linear(x, q.qweight, q.scales, q.offsets, bits, group)
         err = ((got - want).norm() / want.norm()).item()
         if rows <= 4:
