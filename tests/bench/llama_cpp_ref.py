@@ -8,8 +8,8 @@ llama_decode batch, one KV stream per sequence, greedy sampling in C, and a sequ
 for the prefix it shares with the last call (the server's prompt cache; Tandem's prefix cache does
 the same on its side). Prompts are token ids, so both engines see the same input.
 
-Installing it compiles llama.cpp (about 15 minutes on two cores):
-    CMAKE_ARGS="-DGGML_NATIVE=ON" .venv/bin/pip install llama-cpp-python
+Installing it compiles llama.cpp from source (about 8 minutes on two cores): the command is in
+docs/benchmarks.md, "Quantized weights".
 """
 
 from __future__ import annotations
