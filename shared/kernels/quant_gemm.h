@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "skinny_gemm.h"
@@ -395,6 +396,17 @@ struct QuantRows {
   }
 };
 
+// f(std::integral_constant<int, M>) for M = rows (1-4): the register tiles' row count as a constant.
+template <typename F>
+void for_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 template <typename S>
 at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales,
                            const at::Tensor& offsets, int64_t bits, int64_t group, bool int8_x) {
@@ -419,16 +431,11 @@ at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, co
 #ifdef TANDEM_VNNI
   if (int8_x && k_dim % 32 == 0 && group % 32 == 0) {
     const XInt8 xq = quantize_x(x.data_ptr<float>(), m_dim, k_dim, group, bits);
-#define TANDEM_VNNI_ROWS(M)                                                                   \
-  if (bits == 8) vnni_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);          \
-  else vnni_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
-    switch (m_dim) {
-      case 1: TANDEM_VNNI_ROWS(1) break;
-      case 2: TANDEM_VNNI_ROWS(2) break;
-      case 3: TANDEM_VNNI_ROWS(3) break;
-      default: TANDEM_VNNI_ROWS(4) break;
-    }
-#undef TANDEM_VNNI_ROWS
+    for_rows(m_dim, [&](auto rows) {
+      constexpr int M = decltype(rows)::value;
+      if (bits == 8) vnni_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
+      else vnni_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
+    });
     return yt.t();
   }
 #endif
@@ -454,17 +461,11 @@ at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, co
       }
     xp = split;
   }
-  const float* gp = gsum;
-#define TANDEM_QUANT(M)                                                                              \
-  if (bits == 8) quant_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gp, y);      \
-  else quant_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gp, y);
-  switch (m_dim) {
-    case 1: TANDEM_QUANT(1) break;
-    case 2: TANDEM_QUANT(2) break;
-    case 3: TANDEM_QUANT(3) break;
-    default: TANDEM_QUANT(4) break;
-  }
-#undef TANDEM_QUANT
+  for_rows(m_dim, [&](auto rows) {
+    constexpr int M = decltype(rows)::value;
+    if (bits == 8) quant_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gsum, y);
+    else quant_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gsum, y);
+  });
   return yt.t();
 }
 
