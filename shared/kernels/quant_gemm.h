@@ -8,7 +8,8 @@
 //   sum_k w[n, k] x[m, k] = scale[n, g] * sum_k q[n, k] x[m, k] + offset[n, g] * sum_k x[m, k]
 //
 // so the inner loop converts integers to floats in registers and multiplies them with x; the group's
-// sum of x is computed once per call. For 4 bits, x is split into its even and odd columns once per
+// sum of x is computed once per call. (With AVX-512 and 4-bit groups of 32, GGUF Q4's, a group's 16
+// possible weights are built as a table instead and the nibbles index it.) For 4 bits, x is split into its even and odd columns once per
 // call, so the low and high nibbles of a byte vector meet their x values without any shuffle.
 // Rows of W are split across threads; M (the tokens) goes up to 4 per pass. Beyond 4 rows (batches,
 // prefill), blocks of rows are converted once into an L2-sized float buffer and skinny_gemm.h's
@@ -142,59 +143,71 @@ inline void quant_tile(const uint8_t* q, int64_t row_bytes, const S* scale, cons
     for (int m = 0; m < M; ++m) acc[r][m] = vf{};
   prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
   const int64_t half = k_dim / 2;
-  if (BITS == 4 && group == 2 * VW) {  // one vector of bytes per group (Q4_0/Q4_1's 32 on AVX-512)
+#if defined(__AVX512F__)
+  if (BITS == 4 && group == 32) {
+    // Q4_0/Q4_1's groups of 32: a group's 16 possible weights q * scale + offset as a table, and the
+    // nibbles pick from it (vpermps reads an index's low 4 bits), so no conversions, no scale
+    // multiply and no offsets term after
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t g = 0; g < groups; ++g) {
-      const int64_t k = g * VW;
+      const int64_t k = g * 16;
       vf xe[M], xo[M];
       for (int m = 0; m < M; ++m) xe[m] = vload(xs + m * ldx + k), xo[m] = vload(xs + m * ldx + half + k);
       for (int r = 0; r < R; ++r) {
-        vf lo, hi;
-        nibbles_to_float(q + r * row_bytes + k, lo, hi);
-        scaled_fma<M>(lo, hi, vsplat(scalar(scale[r * groups + g])), xe, xo, acc[r]);
+        const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(scalar(scale[r * groups + g])),
+                                             _mm512_set1_ps(scalar(offset[r * groups + g])));
+        const __m512i b =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * row_bytes + k)));
+        const vf lo = reinterpret_cast<vf>(_mm512_permutexvar_ps(b, table));
+        const vf hi = reinterpret_cast<vf>(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table));
+        for (int m = 0; m < M; ++m) acc[r][m] += lo * xe[m], acc[r][m] += hi * xo[m];
       }
     }
-  } else {
-    for (int64_t g = 0; g < groups; ++g) {
-      vf s[R];
-      for (int r = 0; r < R; ++r) s[r] = vsplat(scalar(scale[r * groups + g]));
-      if (BITS == 4) {
-        const uint8_t* qg = q + g * group / 2;
-        const float* xg = xs + g * group / 2;
-        for (int64_t k = 0; k < group / 2; k += VW) {
-          vf xe[M], xo[M];
-          for (int m = 0; m < M; ++m) xe[m] = vload(xg + m * ldx + k), xo[m] = vload(xg + m * ldx + half + k);
-          for (int r = 0; r < R; ++r) {
-            vf lo, hi;
-            nibbles_to_float(qg + r * row_bytes + k, lo, hi);
-            scaled_fma<M>(lo, hi, s[r], xe, xo, acc[r]);
-          }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) yt[r * M + m] = hsum(acc[r][m]);
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < groups; ++g) {
+    vf s[R];
+    for (int r = 0; r < R; ++r) s[r] = vsplat(scalar(scale[r * groups + g]));
+    if (BITS == 4) {
+      const uint8_t* qg = q + g * group / 2;
+      const float* xg = xs + g * group / 2;
+      for (int64_t k = 0; k < group / 2; k += VW) {
+        vf xe[M], xo[M];
+        for (int m = 0; m < M; ++m) xe[m] = vload(xg + m * ldx + k), xo[m] = vload(xg + m * ldx + half + k);
+        for (int r = 0; r < R; ++r) {
+          vf lo, hi;
+          nibbles_to_float(qg + r * row_bytes + k, lo, hi);
+          scaled_fma<M>(lo, hi, s[r], xe, xo, acc[r]);
         }
-      } else if (M > 1 && group <= 64) {  // small groups: scale the weights once for all M tokens
-        const int8_t* qg = reinterpret_cast<const int8_t*>(q) + g * group;
-        const float* xg = xs + g * group;
-        for (int64_t k = 0; k < group; k += VW) {
-          vf xv[M];
-          for (int m = 0; m < M; ++m) xv[m] = vload(xg + m * ldx + k);
-          for (int r = 0; r < R; ++r) {
-            const vf w = int8_to_float(qg + r * row_bytes + k) * s[r];
-            for (int m = 0; m < M; ++m) acc[r][m] += w * xv[m];
-          }
-        }
-      } else {
-        vf part[R][M];
-        for (int r = 0; r < R; ++r)
-          for (int m = 0; m < M; ++m) part[r][m] = vf{};
-        for (int64_t k = 0; k < group; k += VW) {
-          vf xv[M];
-          for (int m = 0; m < M; ++m) xv[m] = vload(xs + m * ldx + g * group + k);
-          for (int r = 0; r < R; ++r) {
-            const vf w = int8_to_float(reinterpret_cast<const int8_t*>(q + r * row_bytes) + g * group + k);
-            for (int m = 0; m < M; ++m) part[r][m] += w * xv[m];
-          }
-        }
-        for (int r = 0; r < R; ++r)
-          for (int m = 0; m < M; ++m) acc[r][m] += s[r] * part[r][m];
       }
+    } else if (M > 1 && group <= 64) {  // small groups: scale the weights once for all M tokens
+      const int8_t* qg = reinterpret_cast<const int8_t*>(q) + g * group;
+      const float* xg = xs + g * group;
+      for (int64_t k = 0; k < group; k += VW) {
+        vf xv[M];
+        for (int m = 0; m < M; ++m) xv[m] = vload(xg + m * ldx + k);
+        for (int r = 0; r < R; ++r) {
+          const vf w = int8_to_float(qg + r * row_bytes + k) * s[r];
+          for (int m = 0; m < M; ++m) acc[r][m] += w * xv[m];
+        }
+      }
+    } else {
+      vf part[R][M];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) part[r][m] = vf{};
+      for (int64_t k = 0; k < group; k += VW) {
+        vf xv[M];
+        for (int m = 0; m < M; ++m) xv[m] = vload(xs + m * ldx + g * group + k);
+        for (int r = 0; r < R; ++r) {
+          const vf w = int8_to_float(reinterpret_cast<const int8_t*>(q + r * row_bytes) + g * group + k);
+          for (int m = 0; m < M; ++m) part[r][m] += w * xv[m];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < M; ++m) acc[r][m] += s[r] * part[r][m];
     }
   }
   // the offsets' term: sum_g offset[n, g] * (sum of x over group g)
