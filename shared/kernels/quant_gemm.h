@@ -9,8 +9,9 @@
 //
 // so the inner loop converts integers to floats in registers and multiplies them with x; the group's
 // sum of x is computed once per call. (With AVX-512 and 4-bit groups of 32, GGUF Q4's, a group's 16
-// possible weights are built as a table instead and the nibbles index it.) For 4 bits, x is split into its even and odd columns once per
-// call, so the low and high nibbles of a byte vector meet their x values without any shuffle.
+// possible weights are built as a table instead and the nibbles index it.) For 4 bits, x is split into
+// its even and odd columns once per call, so the low and high nibbles of a byte vector meet their x
+// values without any shuffle.
 // Rows of W are split across threads; M (the tokens) goes up to 4 per pass. Beyond 4 rows (batches,
 // prefill), blocks of rows are converted once into an L2-sized float buffer and skinny_gemm.h's
 // outer-product tiles run over it for every row of x: W leaves DRAM as integers either way.
@@ -78,7 +79,8 @@ inline void prefetch_ahead(const uint8_t* q, int64_t row_bytes, const S* scale, 
   for (int64_t b = 0; b < R * row_bytes; b += 64) _mm_prefetch(qa + b, _MM_HINT_T0);
   const char* sa = reinterpret_cast<const char*>(scale + PREFETCH_AHEAD * R * groups);
   const char* oa = reinterpret_cast<const char*>(offset + PREFETCH_AHEAD * R * groups);
-  for (int64_t b = 0; b < R * groups * static_cast<int64_t>(sizeof(S)); b += 64) _mm_prefetch(sa + b, _MM_HINT_T0), _mm_prefetch(oa + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < R * groups * static_cast<int64_t>(sizeof(S)); b += 64)
+    _mm_prefetch(sa + b, _MM_HINT_T0), _mm_prefetch(oa + b, _MM_HINT_T0);
 }
 
 // What a group size must be a multiple of for these kernels: whole vectors of columns (4 bits: 32,
@@ -303,7 +305,9 @@ inline XInt8 quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t gr
 
 // up to 16 scales or offsets (the lanes of `mask`) as floats
 inline __m512 masked_s(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 masked_s(__mmask16 mask, const at::Half* p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)); }
+inline __m512 masked_s(__mmask16 mask, const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+}
 
 template <int M, int R, int BITS, typename S>
 inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t groups,
