@@ -26,7 +26,7 @@ from shared import envs
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-HEADERS = [Path(__file__).with_name(name) for name in ("skinny_gemm.h", "quant_gemm.h")]
+HEADERS = [Path(__file__).with_name(name) for name in ("skinny_gemm.h", "quant_gemm.h", "decode_step.h")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

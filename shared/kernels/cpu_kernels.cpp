@@ -20,7 +20,8 @@
 //   forward_layers              a whole dense decoder stack for a step of decodes and prefill chunks:
 //                               per layer RMSNorm, qkv GEMM, rope_and_cache, attention, o GEMM,
 //                               residual + RMSNorm, gate/up GEMM, SiLU * up, down GEMM, residual —
-//                               one call for every layer.
+//                               one call for every layer; a step of 1-4 decodes runs on one team of
+//                               threads for the whole stack (decode_step.h).
 //
 // Everything is float32, CPU, with the cache layout of shared/engine/paged_attention.py:
 // [num_blocks, K, B, D]. Parallel loops use at::parallel_for, so they follow torch.set_num_threads.
@@ -29,6 +30,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "decode_step.h"
 #include "quant_gemm.h"
 #include "skinny_gemm.h"
 
@@ -43,28 +45,7 @@ namespace {
 
 using at::Tensor;
 
-// exp, vectorisable (the compiler inlines it into simd loops): 2^n * p(r), |rel err| < 2e-7.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.44269504088896341f;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
-  const float nf = (t + magic) - magic;
-  const float r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187045e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t n = static_cast<int32_t>(nf);
-  int32_t bits;
-  std::memcpy(&bits, &p, 4);
-  bits += n << 23;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
+using tandem::fast_exp;
 
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
@@ -501,6 +482,99 @@ inline c10::optional<Tensor> optional(const Tensor& t) {
   return t.numel() ? c10::optional<Tensor>(t) : c10::nullopt;
 }
 
+// forward_layers' weights for one projection as decode_step.h's Proj, or false where the team path
+// does not compute it (groups the quantized tiles do not take: the general path dequantizes those).
+bool as_proj(const Tensor& w, const Tensor& bias, const Tensor& scales, const Tensor& offsets, tandem::Proj& p) {
+  if (!w.is_contiguous() || w.dim() != 2) return false;
+  p.w = w.data_ptr();
+  p.bias = bias.numel() ? bias.data_ptr<float>() : nullptr;
+  p.n = w.size(0);
+  if (w.scalar_type() == at::kFloat) {
+    p.k = w.size(1);
+    return !bias.numel() || (bias.is_contiguous() && bias.scalar_type() == at::kFloat);
+  }
+  p.bits = w.scalar_type() == at::kChar ? 8 : 4;
+  p.k = p.bits == 8 ? w.size(1) : 2 * w.size(1);
+  if (scales.dim() != 2 || !scales.is_contiguous() || !offsets.is_contiguous() || !scales.size(1)) return false;
+  p.group = p.k / scales.size(1);
+  p.half = scales.scalar_type() == at::kHalf;
+  p.scales = scales.data_ptr(), p.offsets = offsets.data_ptr();
+  return offsets.scalar_type() == scales.scalar_type() && (p.half || scales.scalar_type() == at::kFloat) &&
+         p.k % p.group == 0 && p.group % tandem::group_multiple(p.bits) == 0;
+}
+
+// A step of 1-4 decodes (no prefill chunk) on decode_step.h's thread team; nullopt where the team path
+// does not apply and the general path runs.
+c10::optional<Tensor> decode_layers(const Tensor& x, at::TensorList weights, const Tensor& final_norm,
+                                    const Tensor& cos, const Tensor& sin, at::TensorList k_caches,
+                                    at::TensorList v_caches, const Tensor& slots, const Tensor& tables,
+                                    const Tensor& lens, at::IntArrayRef windows, int64_t n_heads, int64_t rot_dim,
+                                    double scale, double eps, bool int8_x) {
+  const int64_t m = x.size(0), n_layers = static_cast<int64_t>(k_caches.size());
+  if (m < 1 || m > 4) return c10::nullopt;
+  tandem::DecodeStep step;
+  step.projs.resize(4 * n_layers);
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const Tensor* w = weights.data() + 16 * l;
+    tandem::Proj* p = step.projs.data() + 4 * l;
+    if (!as_proj(w[1], w[2], w[3], w[4], p[0]) || !as_proj(w[5], w[6], w[7], w[8], p[1]) ||
+        !as_proj(w[10], at::Tensor(), w[11], w[12], p[2]) || !as_proj(w[13], at::Tensor(), w[14], w[15], p[3]))
+      return c10::nullopt;
+    check_cache(k_caches[l], v_caches[l]);
+    step.norms.push_back(w[0].data_ptr<float>());
+    step.norms.push_back(w[9].data_ptr<float>());
+    step.kc.push_back(k_caches[l].data_ptr<float>());
+    step.vc.push_back(v_caches[l].data_ptr<float>());
+    step.windows.push_back(windows[l]);
+  }
+  const int64_t n_kv = k_caches[0].size(1), bs = k_caches[0].size(2), dim = k_caches[0].size(3);
+  step.m = m, step.c = x.size(1), step.h = n_heads, step.kv = n_kv, step.d = dim;
+  step.inter = step.projs[2].n / 2, step.rot_half = rot_dim / 2, step.bs = bs, step.max_blocks = tables.size(1);
+  step.scale = static_cast<float>(scale), step.eps = static_cast<float>(eps), step.int8_x = int8_x;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const tandem::Proj* p = step.projs.data() + 4 * l;
+    TORCH_CHECK(p[0].k == step.c && p[0].n == (n_heads + 2 * n_kv) * dim && p[1].k == n_heads * dim &&
+                    p[1].n == step.c && p[2].k == step.c && p[3].k == step.inter && p[3].n == step.c,
+                "forward_layers: projection shapes do not match the model");
+  }
+  const auto xc = x.contiguous(), c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
+  TORCH_CHECK(c.numel() == m * step.rot_half && s.numel() == m * step.rot_half, "forward_layers: cos/sin do not match x");
+  const auto sl = slots.to(at::kLong).contiguous();
+  TORCH_CHECK(sl.numel() == m, "forward_layers: one slot per decode");
+  step.x_in = xc.data_ptr<float>(), step.final_norm = final_norm.data_ptr<float>();
+  step.cos = c.data_ptr<float>(), step.sin = s.data_ptr<float>();
+  step.slots = sl.data_ptr<int64_t>(), step.tables = tables.data_ptr<int64_t>(), step.lens = lens.data_ptr<int64_t>();
+  const int64_t n_blocks = k_caches[0].size(0);
+  for (int64_t t = 0; t < m; ++t) {
+    const int64_t len = step.lens[t];
+    TORCH_CHECK(len > 0 && len <= step.max_blocks * bs, "sequence length out of range of its block table");
+    TORCH_CHECK(step.slots[t] >= 0 && step.slots[t] / bs < n_blocks, "cache slot out of range");
+    for (int64_t b = 0; b < (len + bs - 1) / bs; ++b) {
+      const int64_t id = step.tables[t * step.max_blocks + b];
+      TORCH_CHECK(id >= 0 && id < n_blocks, "block id out of range");
+    }
+  }
+  // attention items: each (sequence, KV head) over enough chunks of keys that every thread gets some
+  const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t want = std::max<int64_t>(1, (2 * nt + m * n_kv - 1) / (m * n_kv));
+  for (int64_t t = 0; t < m; ++t) {
+    step.chunks.push_back(std::min(want, std::max<int64_t>(1, step.lens[t] / 32)));
+    for (int64_t g = 0; g < n_kv; ++g) {
+      step.item_start.push_back(step.n_items);
+      step.n_items += step.chunks[t];
+    }
+  }
+  const int64_t width = (n_heads + 2 * n_kv) * dim;
+  step.qkv_t.resize(width * m), step.o_t.resize(step.c * m), step.down_t.resize(step.c * m);
+  step.gu_t.resize(2 * step.inter * m), step.act_t.resize(step.inter * m);
+  step.partials.resize(step.n_items * (n_heads / n_kv) * (dim + 2));
+  Tensor out = at::empty({m, step.c}, x.options());
+  step.out = out.data_ptr<float>();
+#pragma omp parallel num_threads(nt)
+  step.run(omp_get_thread_num(), omp_get_num_threads());
+  return out;
+}
+
 // The whole dense decoder stack for one step: every sequence's new tokens side by side in x [T, C].
 // weights holds, per layer, in order: input norm, qkv weight, qkv bias, qkv scales, qkv offsets, o weight,
 // o bias, o scales, o offsets, post-attention norm, gate_up weight, gate_up scales, gate_up offsets, down
@@ -537,6 +611,11 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
     covered += nq;
   }
   TORCH_CHECK(covered == n_tok, "forward_layers: every token must belong to one decode or prefill chunk");
+  if (all_decode && n_tok <= 4) {
+    auto out = decode_layers(x, weights, final_norm, cos, sin, k_caches, v_caches, slots, d_tab, d_len, windows,
+                             n_heads, rot_dim, scale, eps, int8_x);
+    if (out) return *out;
+  }
   x = x.contiguous().clone();
   c10::optional<Tensor> pending;  // the last sublayer's output, not yet added to x
   for (int64_t l = 0; l < n_layers; ++l) {

@@ -217,23 +217,35 @@ inline void quant_tile(const uint8_t* q, int64_t row_bytes, const S* scale, cons
     for (int m = 0; m < M; ++m) yt[r * M + m] = hsum(acc[r][m]) + dot(offset + r * groups, gsum + m * groups, groups);
 }
 
+// Weight rows per register tile for M tokens.
+template <int M>
+constexpr int quant_r() {
+  return M <= 2 ? 4 : 2;
+}
+
+// y^T rows [n0, n1) (R rows per tile from n0, single rows for the rest): one thread's share of a GEMM
+// (quant_rows splits a GEMM into these; decode_step.h's team calls them).
+template <int M, int BITS, typename S>
+void quant_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t k_dim,
+                 int64_t group, const float* xs, int64_t ldx, const float* gsum, float* yt, int64_t n0, int64_t n1) {
+  constexpr int R = quant_r<M>();
+  const int64_t groups = k_dim / group;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R)
+    quant_tile<M, R, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, k_dim, group, xs,
+                           ldx, gsum, groups, yt + n * M);
+  for (; n < n1; ++n)
+    quant_tile<M, 1, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, k_dim, group, xs,
+                           ldx, gsum, groups, yt + n * M);
+}
+
 template <int M, int BITS, typename S>
 void quant_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t n_dim,
                 int64_t k_dim, int64_t group, const float* xs, int64_t ldx, const float* gsum, float* yt) {
-  constexpr int R = M <= 2 ? 4 : 2;
-  const int64_t groups = k_dim / group, tiles = n_dim / R;
-  at::parallel_for(0, tiles + 1, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (t < tiles) {
-        const int64_t n = t * R;
-        quant_tile<M, R, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, k_dim, group,
-                               xs, ldx, gsum, groups, yt + n * M);
-      } else {
-        for (int64_t n = tiles * R; n < n_dim; ++n)
-          quant_tile<M, 1, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, k_dim, group,
-                                 xs, ldx, gsum, groups, yt + n * M);
-      }
-    }
+  constexpr int R = quant_r<M>();
+  at::parallel_for(0, (n_dim + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
+    quant_range<M, BITS>(q, row_bytes, scales, offsets, k_dim, group, xs, ldx, gsum, yt, begin * R,
+                         std::min(n_dim, end * R));
   });
 }
 
@@ -256,8 +268,8 @@ struct XInt8 {
   std::vector<int32_t> n_groups;                   // [chunks]: weight groups the chunk touches
 };
 
-inline XInt8 quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits) {
-  XInt8 out;
+// into `out`, whose buffers a caller may reuse from call to call
+inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, XInt8& out) {
   const int64_t cols = bits == 4 ? 128 : 64, per_lane = cols / 16, chunks = (k_dim + cols - 1) / cols;
   const int64_t plane = bits == 4 ? 128 : 64;
   out.m_dim = m_dim, out.chunks = chunks, out.cols = cols;
@@ -300,7 +312,6 @@ inline XInt8 quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t gr
       }
     }
   }
-  return out;
 }
 
 // up to 16 scales or offsets (the lanes of `mask`) as floats
@@ -356,22 +367,25 @@ inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const
 }
 
 template <int M, int BITS, typename S>
+void vnni_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t k_dim, int64_t group,
+                const XInt8& xq, float* yt, int64_t n0, int64_t n1) {
+  constexpr int R = quant_r<M>();
+  const int64_t groups = k_dim / group;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R)
+    vnni_tile<M, R, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups, k_dim, xq,
+                          yt + n * M);
+  for (; n < n1; ++n)
+    vnni_tile<M, 1, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups, k_dim, xq,
+                          yt + n * M);
+}
+
+template <int M, int BITS, typename S>
 void vnni_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t n_dim,
                int64_t k_dim, int64_t group, const XInt8& xq, float* yt) {
-  constexpr int R = M <= 2 ? 4 : 2;
-  const int64_t groups = k_dim / group, tiles = n_dim / R;
-  at::parallel_for(0, tiles + 1, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (t < tiles) {
-        const int64_t n = t * R;
-        vnni_tile<M, R, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups, k_dim,
-                              xq, yt + n * M);
-      } else {
-        for (int64_t n = tiles * R; n < n_dim; ++n)
-          vnni_tile<M, 1, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups,
-                                k_dim, xq, yt + n * M);
-      }
-    }
+  constexpr int R = quant_r<M>();
+  at::parallel_for(0, (n_dim + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
+    vnni_range<M, BITS>(q, row_bytes, scales, offsets, k_dim, group, xq, yt, begin * R, std::min(n_dim, end * R));
   });
 }
 #endif
@@ -413,6 +427,47 @@ struct QuantRows {
   }
 };
 
+// What the float tiles read of x: per token the sums of x over each group (the offsets' term; not
+// needed by the table path) and, for 4 bits, x split into its even then its odd columns, so the low
+// and high nibbles of a byte vector meet their x values without a shuffle. Plain loops into `buf`
+// (x_floats of them): for 1-4 rows, ATen's slice/cat/sum calls cost more than the work.
+struct XFloat {
+  const float* xs;    // x (8 bits) or [x_even | x_odd], per token k_dim floats apart
+  const float* gsum;  // [M, K / group]
+};
+
+inline bool table_path(int64_t bits, int64_t group) {
+#if defined(__AVX512F__)
+  return bits == 4 && group == 32;
+#else
+  return false;
+#endif
+}
+
+inline int64_t x_floats(int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits) {
+  return m_dim * (k_dim / group + (bits == 4 ? k_dim : 0));
+}
+
+inline XFloat prepare_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, float* buf) {
+  const int64_t groups = k_dim / group;
+  float* gsum = buf;
+  if (!table_path(bits, group))
+    for (int64_t m = 0; m < m_dim; ++m)
+      for (int64_t g = 0; g < groups; ++g) {
+        float acc = 0.f;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k) acc += x[m * k_dim + k];
+        gsum[m * groups + g] = acc;
+      }
+  if (bits == 8) return {x, gsum};
+  float* split = gsum + m_dim * groups;
+  for (int64_t m = 0; m < m_dim; ++m)
+    for (int64_t j = 0; j < k_dim / 2; ++j) {
+      split[m * k_dim + j] = x[m * k_dim + 2 * j];
+      split[m * k_dim + k_dim / 2 + j] = x[m * k_dim + 2 * j + 1];
+    }
+  return {split, gsum};
+}
+
 // f(std::integral_constant<int, M>) for M = rows (1-4): the register tiles' row count as a constant.
 template <typename F>
 void for_rows(int64_t rows, F&& f) {
@@ -447,7 +502,8 @@ at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, co
   float* y = yt.data_ptr<float>();
 #ifdef TANDEM_VNNI
   if (int8_x && k_dim % 32 == 0 && group % 32 == 0) {
-    const XInt8 xq = quantize_x(x.data_ptr<float>(), m_dim, k_dim, group, bits);
+    thread_local XInt8 xq;
+    quantize_x(x.data_ptr<float>(), m_dim, k_dim, group, bits, xq);
     for_rows(m_dim, [&](auto rows) {
       constexpr int M = decltype(rows)::value;
       if (bits == 8) vnni_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
@@ -456,32 +512,13 @@ at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, co
     return yt.t();
   }
 #endif
-  // per token: the sums of x over each group, and (4 bits) x split into even and odd columns. Plain
-  // loops into a per-thread buffer: for 1-4 rows, ATen's slice/cat/sum calls cost more than the work.
-  const int64_t groups = k_dim / group;
   thread_local std::vector<float> scratch;
-  scratch.resize(m_dim * (groups + (bits == 4 ? k_dim : 0)));
-  float* gsum = scratch.data();
-  const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < m_dim; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
-      float acc = 0.f;
-      for (int64_t k = g * group; k < (g + 1) * group; ++k) acc += xp[m * k_dim + k];
-      gsum[m * groups + g] = acc;
-    }
-  if (bits == 4) {
-    float* split = gsum + m_dim * groups;
-    for (int64_t m = 0; m < m_dim; ++m)
-      for (int64_t j = 0; j < k_dim / 2; ++j) {
-        split[m * k_dim + j] = xp[m * k_dim + 2 * j];
-        split[m * k_dim + k_dim / 2 + j] = xp[m * k_dim + 2 * j + 1];
-      }
-    xp = split;
-  }
+  scratch.resize(x_floats(m_dim, k_dim, group, bits));
+  const XFloat xf = prepare_x(x.data_ptr<float>(), m_dim, k_dim, group, bits, scratch.data());
   for_rows(m_dim, [&](auto rows) {
     constexpr int M = decltype(rows)::value;
-    if (bits == 8) quant_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gsum, y);
-    else quant_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xp, k_dim, gsum, y);
+    if (bits == 8) quant_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xf.xs, k_dim, xf.gsum, y);
+    else quant_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xf.xs, k_dim, xf.gsum, y);
   });
   return yt.t();
 }

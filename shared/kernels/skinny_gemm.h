@@ -103,18 +103,21 @@ constexpr int dot_r() {
   return std::max(1, std::min(4, (VW == 16 ? 28 : 14) / (M + 1)));
 }
 
+// y^T rows [n0, n1) for M tokens: tiles of dot_r<M>() rows from n0, single rows for the rest. One
+// thread's share of a GEMM (dot_rows splits a GEMM into these; decode_step.h's team calls them).
+template <int M>
+void dot_range(const float* w, int64_t k_dim, const float* x, float* yt, int64_t n0, int64_t n1) {
+  constexpr int R = dot_r<M>();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) dot_tile<M, R>(w + n * k_dim, k_dim, x, yt + n * M, M);
+  for (; n < n1; ++n) dot_tile<M, 1>(w + n * k_dim, k_dim, x, yt + n * M, M);
+}
+
 template <int M>
 void dot_rows(const float* w, int64_t n_dim, int64_t k_dim, const float* x, float* yt) {
   constexpr int R = dot_r<M>();
-  const int64_t tiles = n_dim / R;
-  at::parallel_for(0, tiles + 1, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      if (t < tiles) {
-        dot_tile<M, R>(w + t * R * k_dim, k_dim, x, yt + t * R * M, M);
-      } else {
-        for (int64_t n = tiles * R; n < n_dim; ++n) dot_tile<M, 1>(w + n * k_dim, k_dim, x, yt + n * M, M);
-      }
-    }
+  at::parallel_for(0, (n_dim + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
+    dot_range<M>(w, k_dim, x, yt, begin * R, std::min(n_dim, end * R));
   });
 }
 

@@ -5,7 +5,8 @@ RoPE + KV write; residual + RMSNorm; SiLU * up in both layouts), then whole engi
 greedy tokens and log-probabilities with the kernels as without them, for tiny checkpoints of the
 dense families (biases, partial rotary, yarn, sliding windows, qk-norm) and an MoE one, in batches
 whose requests arrive at different steps so that mixed prefill/decode steps use the attention kernel
-and all-decode steps the fused decoder stack.
+and all-decode steps the fused decoder stack (1-4 decodes: its one-team path, with keys split into
+chunks over long contexts).
 """
 
 from __future__ import annotations
@@ -195,19 +196,19 @@ def test_gemm_rows_matches_matmul(ops, rows):
 # -- whole engines ----------------------------------------------------------------------------------
 
 
-def run(engine: LLMEngine, prompts: list[list[int]]):
+def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: tuple[int, ...] = (12, 12, 12, 12)):
     """Greedy with logprobs; the later prompts arrive while the first ones decode, and prefill in
     chunks of 16 tokens with a budget of 24 a step (mixed steps, chunks with cached context)."""
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0) for n in max_tokens]
     ids = ["r0"]
-    engine.add_request("r0", prompts[0], params)
+    engine.add_request("r0", prompts[0], params[0])
     outputs: dict[str, list] = {}
     steps = 0
     while engine.has_unfinished():
         if steps == 3:
             for i, prompt in enumerate(prompts[1:], 1):
                 ids.append(f"r{i}")
-                engine.add_request(f"r{i}", prompt, params)
+                engine.add_request(f"r{i}", prompt, params[i])
         for out in engine.step():
             outputs.setdefault(out.request_id, []).extend(out.new_logprobs)
         steps += 1
@@ -238,17 +239,41 @@ def test_engine_gives_the_same_tokens_with_and_without_kernels(case, ops, tmp_pa
     prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=gen).tolist() for n in (21, 5, 40, 16)]
     results = {}
     for kernels in (True, False):
-        config = EngineConfig(
-            block_size=4,
-            num_blocks=256,
-            long_prefill_chunk=16,
-            max_num_batched_tokens=24,
-            cpu_kernels=kernels,
-        )
-        engine = LLMEngine.from_store(store_root / name, config)
+        engine = LLMEngine.from_store(store_root / name, engine_config(kernels))
         assert (engine.runner.cpu_stack is not None) == (kernels and CASES[case])
         assert (engine.runner.kernels is not None) == kernels
         results[kernels] = run(engine, prompts)
-    for fast, slow in zip(results[True], results[False], strict=True):
+    assert_same(results[True], results[False])
+
+
+def engine_config(kernels: bool) -> EngineConfig:
+    return EngineConfig(
+        block_size=4, num_blocks=256, long_prefill_chunk=16, max_num_batched_tokens=24, cpu_kernels=kernels
+    )
+
+
+def assert_same(with_kernels, without):
+    """Per request: the same greedy tokens, log-probabilities within 1e-4."""
+    for fast, slow in zip(with_kernels, without, strict=True):
         assert [t for t, _ in fast] == [t for t, _ in slow]
         assert max(abs(a - b) for (_, a), (_, b) in zip(fast, slow, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["llama-bias", "mistral-sliding"])
+def test_decode_steps_over_long_contexts(case, ops, tmp_path, store_root):
+    """The one-team decode path (decode_step.h) where it splits each sequence's keys into chunks (64+
+    keys): steps of 1, 2, 3 and 4 decodes as requests finish at different lengths, with biases or a
+    sliding window, against the PyTorch path."""
+    make_tiny(case, tmp_path / case)
+    name = f"long-{case}"
+    assert (
+        tandem_main(["models", "--store", str(store_root), "import", str(tmp_path / case), "--name", name])
+        == 0
+    )
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=gen).tolist() for n in (90, 70, 130, 64)]
+    results = [
+        run(LLMEngine.from_store(store_root / name, engine_config(kernels)), prompts, (40, 30, 14, 20))
+        for kernels in (True, False)
+    ]
+    assert_same(*results)

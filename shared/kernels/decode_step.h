@@ -1,0 +1,328 @@
+// A decode step of a dense decoder stack — 1 to 4 sequences, one new token each — on one team of
+// threads for the whole stack.
+//
+// forward_layers' general path calls a kernel per operation, and each kernel forks and joins the
+// thread pool (at::parallel_for) and allocates its output. For a prefill chunk or a batch the work
+// per call dwarfs that; for one token it does not: a layer is six parallel regions of 10-50 us each,
+// and two threads ran the stack only 1.4x faster than one. Here the threads enter one parallel region
+// for all layers and meet at five barriers per layer:
+//
+//   every thread    h = rms_norm(x) (its own copy of x and h: a few hundred floats, no barrier)
+//   split by rows   qkv^T = W_qkv h^T (+ bias)                                      -> barrier
+//   every thread    RoPE on its copy of q and k
+//   split by items  attention partials: (sequence, KV head, chunk of keys), the chunk holding the
+//                   new token writes its k and v to the cache first                  -> barrier
+//   every thread    merge the chunks' softmax partials into the attention output
+//   split by rows   o^T = W_o a^T (+ bias)                                           -> barrier
+//   every thread    x += o, h = rms_norm(x)
+//   split by rows   gate and up rows of the same intermediate indices, SiLU(gate) * up -> barrier
+//   split by rows   down^T = W_down act^T                                            -> barrier
+//   every thread    x += down
+//
+// Splitting attention's keys into chunks keeps two threads busy when a step has fewer (sequence, KV
+// head) pairs than threads can share evenly (one sequence of a 3-KV-head model: 3 items on 2 threads).
+// The GEMM tiles are quant_gemm.h's and skinny_gemm.h's; only the split is new. Same arithmetic as the
+// general path, up to float summation order (the split softmax).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "quant_gemm.h"
+#include "skinny_gemm.h"
+
+namespace tandem {
+
+// exp, vectorisable (the compiler inlines it into simd loops): 2^n * p(r), |rel err| < 2e-7.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float nf = (t + magic) - magic;
+  const float r = (x - nf * 0.693145751953125f) - nf * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(nf);
+  int32_t bits;
+  std::memcpy(&bits, &p, 4);
+  bits += n << 23;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// out[i] = weight[i] * x[i] / rms(x), for one token's row of `width`
+inline void rms_norm_row(const float* x, const float* weight, int64_t width, float eps, float* out) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < width; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(width) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) out[i] = weight[i] * (x[i] * r);
+}
+
+// One projection as forward_layers' weights give it: a float W [N, K], or integers (int8 [N, K] or
+// nibbles [N, K/2]) with scales and offsets [N, K/group], all float16 or all float32.
+struct Proj {
+  const void* w = nullptr;
+  const void* scales = nullptr;
+  const void* offsets = nullptr;
+  const float* bias = nullptr;
+  int64_t n = 0, k = 0, bits = 0, group = 0;  // bits 0: float
+  bool half = false;
+
+  // Weight rows per register tile for m tokens: a thread's share is whole tiles.
+  int64_t tile(int64_t m) const {
+    switch (m) {
+      case 1: return bits ? quant_r<1>() : dot_r<1>();
+      case 2: return bits ? quant_r<2>() : dot_r<2>();
+      case 3: return bits ? quant_r<3>() : dot_r<3>();
+      default: return bits ? quant_r<4>() : dot_r<4>();
+    }
+  }
+};
+
+// Rows [lo, hi) of n, in whole tiles, for thread t of nt.
+struct Share {
+  int64_t lo, hi;
+  Share(int64_t n, int64_t tile, int t, int nt) {
+    const int64_t tiles = (n + tile - 1) / tile;
+    lo = std::min(n, tiles * t / nt * tile);
+    hi = std::min(n, tiles * (t + 1) / nt * tile);
+  }
+};
+
+// A thread's x for one projection: float tiles read prepare_x's layout, VNNI tiles an int8 copy.
+struct PreparedX {
+  const float* rows = nullptr;  // [M, K] (float W)
+  XFloat xf{};
+#ifdef TANDEM_VNNI
+  XInt8 xq;
+  bool int8 = false;
+#endif
+};
+
+struct DecodeStep {
+  // shapes: M tokens (one per sequence), C hidden, H query and KV heads of D, I intermediate
+  int64_t m, c, h, kv, d, inter, rot_half, bs, max_blocks;
+  float scale, eps;
+  bool int8_x;
+  std::vector<Proj> projs;           // per layer: qkv, o, gate_up, down
+  std::vector<const float*> norms;   // per layer: input, post-attention
+  std::vector<float*> kc, vc;        // per layer: caches [blocks, KV, B, D]
+  std::vector<int64_t> windows;      // per layer
+  const float *x_in, *final_norm, *cos, *sin;  // x_in [M, C]; cos, sin [M, rot_half]
+  const int64_t *slots, *tables, *lens;        // [M], [M, max_blocks], [M]
+  std::vector<int64_t> chunks;       // per sequence: key chunks attention splits into
+  std::vector<int64_t> item_start;   // per (sequence, KV head): its first attention item
+  int64_t n_items = 0;
+  // shared between the threads: each writes its own rows, all read after a barrier
+  std::vector<float> qkv_t, o_t, gu_t, act_t, down_t, partials;
+  float* out;  // [M, C]
+
+  void prepare(const Proj& p, const float* rows, PreparedX& px, std::vector<float>& buf) const {
+    px.rows = rows;
+    if (!p.bits) return;
+#ifdef TANDEM_VNNI
+    px.int8 = int8_x && p.k % 32 == 0 && p.group % 32 == 0;
+    if (px.int8) {
+      quantize_x(rows, m, p.k, p.group, p.bits, px.xq);
+      return;
+    }
+#endif
+    buf.resize(x_floats(m, p.k, p.group, p.bits));
+    px.xf = prepare_x(rows, m, p.k, p.group, p.bits, buf.data());
+  }
+
+  // y^T rows [lo, hi) of x @ W^T (+ bias): yt [N, M]
+  void gemm(const Proj& p, const PreparedX& px, float* yt, int64_t lo, int64_t hi) const {
+    if (lo >= hi) return;
+    for_rows(m, [&](auto rows) {
+      constexpr int M = decltype(rows)::value;
+      if (!p.bits) {
+        dot_range<M>(static_cast<const float*>(p.w), p.k, px.rows, yt, lo, hi);
+      } else if (p.half) {
+        gemm_as<M>(p, px, static_cast<const at::Half*>(p.scales), static_cast<const at::Half*>(p.offsets), yt, lo, hi);
+      } else {
+        gemm_as<M>(p, px, static_cast<const float*>(p.scales), static_cast<const float*>(p.offsets), yt, lo, hi);
+      }
+    });
+    if (p.bias)
+      for (int64_t n = lo; n < hi; ++n)
+        for (int64_t t = 0; t < m; ++t) yt[n * m + t] += p.bias[n];
+  }
+
+  template <int M, typename S>
+  void gemm_as(const Proj& p, const PreparedX& px, const S* s, const S* o, float* yt, int64_t lo, int64_t hi) const {
+    const auto* q = static_cast<const uint8_t*>(p.w);
+    const int64_t row_bytes = p.bits == 8 ? p.k : p.k / 2;
+#ifdef TANDEM_VNNI
+    if (px.int8) {
+      if (p.bits == 8) vnni_range<M, 8>(q, row_bytes, s, o, p.k, p.group, px.xq, yt, lo, hi);
+      else vnni_range<M, 4>(q, row_bytes, s, o, p.k, p.group, px.xq, yt, lo, hi);
+      return;
+    }
+#endif
+    if (p.bits == 8) quant_range<M, 8>(q, row_bytes, s, o, p.k, p.group, px.xf.xs, p.k, px.xf.gsum, yt, lo, hi);
+    else quant_range<M, 4>(q, row_bytes, s, o, p.k, p.group, px.xf.xs, p.k, px.xf.gsum, yt, lo, hi);
+  }
+
+  // dst [M, N] = src^T for src [N, M]
+  void rows_of(const float* src_t, int64_t n, float* dst) const {
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t j = 0; j < n; ++j) dst[t * n + j] = src_t[j * m + t];
+  }
+
+  // Attention item `item` of layer l: one sequence's KV head over one chunk of its keys, for the
+  // group's query heads (roped q in qkv rows). Writes per query head (max score, sum of exp, sum of
+  // exp * v [D]) to partials. The chunk ending at the new token writes its k and v to the cache first.
+  void attend(int64_t l, int64_t item, const float* qkv, std::vector<float>& scores) {
+    int64_t t = 0;
+    while (t + 1 < m && item_start[(t + 1) * kv] <= item) ++t;
+    const int64_t g = (item - item_start[t * kv]) / chunks[t], ch = (item - item_start[t * kv]) % chunks[t];
+    const int64_t len = lens[t], first = windows[l] > 0 ? std::max<int64_t>(0, len - windows[l]) : 0;
+    const int64_t keys = len - first, a = first + keys * ch / chunks[t], b = first + keys * (ch + 1) / chunks[t];
+    const int64_t width = (h + 2 * kv) * d, group = h / kv, row = bs * d, blk = kv * row;
+    const float* qrow = qkv + t * width;
+    const int64_t* table = tables + t * max_blocks;
+    if (b == len) {  // the new token's k and v into its slot
+      const int64_t slot = slots[t], dst = ((slot / bs) * kv + g) * row + (slot % bs) * d;
+      std::memcpy(kc[l] + dst, qrow + (h + g) * d, d * sizeof(float));
+      std::memcpy(vc[l] + dst, qrow + (h + kv + g) * d, d * sizeof(float));
+    }
+    const int64_t n_keys = b - a;
+    scores.resize(std::max<int64_t>(1, group * n_keys));
+    for (int64_t p = a; p < b; ++p) {
+      const float* key = kc[l] + table[p / bs] * blk + g * row + (p % bs) * d;
+      for (int64_t j = 0; j < group; ++j) scores[j * n_keys + (p - a)] = dot(qrow + (g * group + j) * d, key, d) * scale;
+    }
+    float* part = partials.data() + (item * group) * (d + 2);
+    for (int64_t j = 0; j < group; ++j) {
+      float* pj = part + j * (d + 2);
+      float* sj = scores.data() + j * n_keys;
+      float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+      for (int64_t i = 0; i < n_keys; ++i) mx = std::max(mx, sj[i]);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < n_keys; ++i) {
+        sj[i] = fast_exp(sj[i] - mx);
+        sum += sj[i];
+      }
+      pj[0] = mx, pj[1] = sum;
+      std::fill(pj + 2, pj + 2 + d, 0.f);
+    }
+    for (int64_t p = a; p < b; ++p) {
+      const float* value = vc[l] + table[p / bs] * blk + g * row + (p % bs) * d;
+      for (int64_t j = 0; j < group; ++j) {
+        const float w = scores[j * n_keys + (p - a)];
+        float* acc = part + j * (d + 2) + 2;
+#pragma omp simd
+        for (int64_t i = 0; i < d; ++i) acc[i] += w * value[i];
+      }
+    }
+  }
+
+  // attention output rows [M, H * D] from the items' partials
+  void merge(float* attn) const {
+    const int64_t group = h / kv;
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t head = 0; head < h; ++head) {
+        const int64_t g = head / group, j = head % group, first = item_start[t * kv] + g * chunks[t];
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t c = 0; c < chunks[t]; ++c) {
+          const float* pc = partials.data() + ((first + c) * group + j) * (d + 2);
+          if (pc[1] > 0.f) mx = std::max(mx, pc[0]);
+        }
+        float* o = attn + t * h * d + head * d;
+        std::fill(o, o + d, 0.f);
+        float denom = 0.f;
+        for (int64_t c = 0; c < chunks[t]; ++c) {
+          const float* pc = partials.data() + ((first + c) * group + j) * (d + 2);
+          if (!(pc[1] > 0.f)) continue;
+          const float w = fast_exp(pc[0] - mx);
+          denom += w * pc[1];
+#pragma omp simd
+          for (int64_t i = 0; i < d; ++i) o[i] += w * pc[2 + i];
+        }
+        const float inv = 1.f / denom;
+        for (int64_t i = 0; i < d; ++i) o[i] *= inv;
+      }
+  }
+
+  // RoPE (rotate-half pairing over the first 2 * rot_half channels) on every q and k head of qkv rows
+  void rope(float* qkv) const {
+    const int64_t width = (h + 2 * kv) * d;
+    for (int64_t t = 0; t < m; ++t) {
+      const float* ct = cos + t * rot_half;
+      const float* st = sin + t * rot_half;
+      for (int64_t head = 0; head < h + kv; ++head) {
+        float* x = qkv + t * width + head * d;
+#pragma omp simd
+        for (int64_t i = 0; i < rot_half; ++i) {
+          const float x1 = x[i], x2 = x[i + rot_half];
+          x[i] = x1 * ct[i] - x2 * st[i];
+          x[i + rot_half] = x2 * ct[i] + x1 * st[i];
+        }
+      }
+    }
+  }
+
+  void run(int tid, int nt) {
+    const int64_t n_layers = static_cast<int64_t>(kc.size()), width = (h + 2 * kv) * d;
+    std::vector<float> x(x_in, x_in + m * c), hn(m * c), qkv(m * width), attn(m * h * d), act(m * inter);
+    std::vector<float> buf, scores;
+    PreparedX px;
+    for (int64_t l = 0; l < n_layers; ++l) {
+      const Proj* p = projs.data() + 4 * l;
+      for (int64_t t = 0; t < m; ++t) rms_norm_row(x.data() + t * c, norms[2 * l], c, eps, hn.data() + t * c);
+      prepare(p[0], hn.data(), px, buf);
+      const Share qs(p[0].n, p[0].tile(m), tid, nt);
+      gemm(p[0], px, qkv_t.data(), qs.lo, qs.hi);
+#pragma omp barrier
+      rows_of(qkv_t.data(), width, qkv.data());
+      rope(qkv.data());
+      for (int64_t i = n_items * tid / nt; i < n_items * (tid + 1) / nt; ++i) attend(l, i, qkv.data(), scores);
+#pragma omp barrier
+      merge(attn.data());
+      prepare(p[1], attn.data(), px, buf);
+      const Share os(p[1].n, p[1].tile(m), tid, nt);
+      gemm(p[1], px, o_t.data(), os.lo, os.hi);
+#pragma omp barrier
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t j = 0; j < c; ++j) x[t * c + j] += o_t[j * m + t];
+      for (int64_t t = 0; t < m; ++t) rms_norm_row(x.data() + t * c, norms[2 * l + 1], c, eps, hn.data() + t * c);
+      prepare(p[2], hn.data(), px, buf);
+      const Share is(inter, p[2].tile(m), tid, nt);  // the same intermediate indices of gate and up
+      gemm(p[2], px, gu_t.data(), is.lo, is.hi);
+      gemm(p[2], px, gu_t.data(), inter + is.lo, inter + is.hi);
+      for (int64_t i = is.lo * m; i < is.hi * m; ++i) {
+        const float g = gu_t[i];
+        act_t[i] = g / (1.f + fast_exp(-g)) * gu_t[inter * m + i];
+      }
+#pragma omp barrier
+      rows_of(act_t.data(), inter, act.data());
+      prepare(p[3], act.data(), px, buf);
+      const Share ds(p[3].n, p[3].tile(m), tid, nt);
+      gemm(p[3], px, down_t.data(), ds.lo, ds.hi);
+#pragma omp barrier
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t j = 0; j < c; ++j) x[t * c + j] += down_t[j * m + t];
+    }
+    if (tid == 0)
+      for (int64_t t = 0; t < m; ++t) rms_norm_row(x.data() + t * c, final_norm, c, eps, out + t * c);
+  }
+};
+
+}  // namespace tandem
