@@ -180,6 +180,20 @@ struct DecodeStep {
     else quant_range<M, 4>(q, row_bytes, s, o, p.k, p.group, px.xf.xs, p.k, px.xf.gsum, yt, lo, hi);
   }
 
+  // this thread's share of y^T = W x^T (+ bias), x rows [M, K]
+  void project(const Proj& p, const float* x, float* yt, PreparedX& px, std::vector<float>& buf, int tid,
+               int nt) const {
+    prepare(p, x, px, buf);
+    const Share share(p.n, p.tile(m), tid, nt);
+    gemm(p, px, yt, share.lo, share.hi);
+  }
+
+  // x [M, C] += y^T's transpose (the residual)
+  void add_rows(const float* y_t, float* x) const {
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t j = 0; j < c; ++j) x[t * c + j] += y_t[j * m + t];
+  }
+
   // dst [M, N] = src^T for src [N, M]
   void rows_of(const float* src_t, int64_t n, float* dst) const {
     for (int64_t t = 0; t < m; ++t)
@@ -287,21 +301,16 @@ struct DecodeStep {
     for (int64_t l = 0; l < n_layers; ++l) {
       const Proj* p = projs.data() + 4 * l;
       for (int64_t t = 0; t < m; ++t) rms_norm_row(x.data() + t * c, norms[2 * l], c, eps, hn.data() + t * c);
-      prepare(p[0], hn.data(), px, buf);
-      const Share qs(p[0].n, p[0].tile(m), tid, nt);
-      gemm(p[0], px, qkv_t.data(), qs.lo, qs.hi);
+      project(p[0], hn.data(), qkv_t.data(), px, buf, tid, nt);
 #pragma omp barrier
       rows_of(qkv_t.data(), width, qkv.data());
       rope(qkv.data());
       for (int64_t i = n_items * tid / nt; i < n_items * (tid + 1) / nt; ++i) attend(l, i, qkv.data(), scores);
 #pragma omp barrier
       merge(attn.data());
-      prepare(p[1], attn.data(), px, buf);
-      const Share os(p[1].n, p[1].tile(m), tid, nt);
-      gemm(p[1], px, o_t.data(), os.lo, os.hi);
+      project(p[1], attn.data(), o_t.data(), px, buf, tid, nt);
 #pragma omp barrier
-      for (int64_t t = 0; t < m; ++t)
-        for (int64_t j = 0; j < c; ++j) x[t * c + j] += o_t[j * m + t];
+      add_rows(o_t.data(), x.data());
       for (int64_t t = 0; t < m; ++t) rms_norm_row(x.data() + t * c, norms[2 * l + 1], c, eps, hn.data() + t * c);
       prepare(p[2], hn.data(), px, buf);
       const Share is(inter, p[2].tile(m), tid, nt);  // the same intermediate indices of gate and up
@@ -313,12 +322,9 @@ struct DecodeStep {
       }
 #pragma omp barrier
       rows_of(act_t.data(), inter, act.data());
-      prepare(p[3], act.data(), px, buf);
-      const Share ds(p[3].n, p[3].tile(m), tid, nt);
-      gemm(p[3], px, down_t.data(), ds.lo, ds.hi);
+      project(p[3], act.data(), down_t.data(), px, buf, tid, nt);
 #pragma omp barrier
-      for (int64_t t = 0; t < m; ++t)
-        for (int64_t j = 0; j < c; ++j) x[t * c + j] += down_t[j * m + t];
+      add_rows(down_t.data(), x.data());
     }
     if (tid == 0)
       for (int64_t t = 0; t < m; ++t) rms_norm_row(x.data() + t * c, final_norm, c, eps, out + t * c);

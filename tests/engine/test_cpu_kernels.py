@@ -229,12 +229,7 @@ CASES = {  # case -> is the whole decoder stack run by the kernels?
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_engine_gives_the_same_tokens_with_and_without_kernels(case, ops, tmp_path, store_root):
-    make_tiny(case, tmp_path / case)
-    name = f"kernels-{case}"
-    assert (
-        tandem_main(["models", "--store", str(store_root), "import", str(tmp_path / case), "--name", name])
-        == 0
-    )
+    name = import_tiny(case, f"kernels-{case}", tmp_path, store_root)
     gen = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=gen).tolist() for n in (21, 5, 40, 16)]
     results = {}
@@ -244,6 +239,14 @@ def test_engine_gives_the_same_tokens_with_and_without_kernels(case, ops, tmp_pa
         assert (engine.runner.kernels is not None) == kernels
         results[kernels] = run(engine, prompts)
     assert_same(results[True], results[False])
+
+
+def import_tiny(case: str, name: str, tmp_path, store_root) -> str:
+    """The tiny `case` checkpoint imported into the store as `name` by the CLI."""
+    make_tiny(case, tmp_path / case)
+    argv = ["models", "--store", str(store_root), "import", str(tmp_path / case), "--name", name]
+    assert tandem_main(argv) == 0
+    return name
 
 
 def engine_config(kernels: bool) -> EngineConfig:
@@ -264,12 +267,7 @@ def test_decode_steps_over_long_contexts(case, ops, tmp_path, store_root):
     """The one-team decode path (decode_step.h) where it splits each sequence's keys into chunks (64+
     keys): steps of 1, 2, 3 and 4 decodes as requests finish at different lengths, with biases or a
     sliding window, against the PyTorch path."""
-    make_tiny(case, tmp_path / case)
-    name = f"long-{case}"
-    assert (
-        tandem_main(["models", "--store", str(store_root), "import", str(tmp_path / case), "--name", name])
-        == 0
-    )
+    name = import_tiny(case, f"long-{case}", tmp_path, store_root)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=gen).tolist() for n in (90, 70, 130, 64)]
     results = [
