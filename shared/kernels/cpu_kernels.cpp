@@ -454,6 +454,17 @@ Tensor argmax_rows(const Tensor& x) {
       float* bv = best.data() + c * m;
       int64_t* bi = where.data() + c * m;
       for (int64_t r = 0; r < m; ++r) bi[r] = lo;
+      if (m == 1 && s1 == 1) {  // one contiguous row (a decode's logits): the maximum, then where it is
+        float mx = bv[0];
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = lo; j < hi; ++j) mx = xp[j] > mx ? xp[j] : mx;
+        for (int64_t j = lo; j < hi && mx > bv[0]; ++j)  // (none above -inf: stays at lo, as below)
+          if (xp[j] == mx) {
+            bv[0] = mx, bi[0] = j;
+            break;
+          }
+        continue;
+      }
       for (int64_t j = lo; j < hi; ++j) {
         const float* col = xp + j * s1;
         for (int64_t r = 0; r < m; ++r) {

@@ -145,6 +145,10 @@ def test_argmax_rows_takes_the_first_maximum_in_either_layout(ops):
     assert torch.equal(ops.argmax_rows(logits), want)
     assert torch.equal(ops.argmax_rows(logits.t().contiguous().t()), want)
     assert ops.argmax_rows(logits)[3] == 7 and ops.argmax_rows(logits)[5] == 0
+    for r in (0, 3, 5):  # one row (a decode's logits), contiguous or as the GEMM's [N, 1] transposed
+        assert ops.argmax_rows(logits[r : r + 1]).tolist() == [want[r]]
+        assert ops.argmax_rows(logits[r : r + 1].t().contiguous().t()).tolist() == [want[r]]
+    assert ops.argmax_rows(torch.full((1, 50000), float("-inf"))).tolist() == [0]
 
 
 @pytest.mark.parametrize(
