@@ -47,13 +47,6 @@ using at::Tensor;
 
 using tandem::fast_exp;
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 void check_cache(const Tensor& k_cache, const Tensor& v_cache) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "KV caches must be contiguous [num_blocks, K, B, D]");
@@ -79,11 +72,8 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
   const int64_t group = n_heads / n_kv, max_blocks = tab.size(1);
   const int64_t* tp = tab.data_ptr<int64_t>();
   const int64_t* lp = len.data_ptr<int64_t>();
-  int64_t max_len = 0;
-  for (int64_t i = 0; i < n_seq; ++i) {
+  for (int64_t i = 0; i < n_seq; ++i)
     TORCH_CHECK(lp[i] > 0 && lp[i] <= max_blocks * bs, "sequence length out of range of its block table");
-    max_len = std::max(max_len, lp[i]);
-  }
   auto out = at::empty({n_seq, n_heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
@@ -94,46 +84,18 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
   const int64_t row = bs * dim, blk = n_kv * row;  // a (block, head) row; a block
 
   at::parallel_for(0, n_seq * n_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(group * max_len);
-    std::vector<float> acc(group * dim);
-    std::vector<float> denom(group);
+    std::vector<float> scores, part(group * (dim + 2));
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / n_kv, g = item % n_kv;
       const int64_t L = lp[s];
       const int64_t first = window > 0 ? std::max<int64_t>(0, L - window) : 0;
-      const int64_t n_keys = L - first;
-      const int64_t* table = tp + s * max_blocks;
-      const float* qh = qp + s * qs0 + g * group * qs1;
-      for (int64_t p = first; p < L; ++p) {
-        const float* key = kp + table[p / bs] * blk + g * row + (p % bs) * dim;
-        for (int64_t j = 0; j < group; ++j) scores[j * n_keys + (p - first)] = dot(qh + j * qs1, key, dim) * sc;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      const tandem::PagedHead head{kp + g * row, vp + g * row, tp + s * max_blocks, bs, dim, blk};
+      tandem::attend_keys(qp + s * qs0 + g * group * qs1, qs1, group, head, dim, first, L, sc, scores, part.data());
       for (int64_t j = 0; j < group; ++j) {
-        float* sj = scores.data() + j * n_keys;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t i = 0; i < n_keys; ++i) m = std::max(m, sj[i]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < n_keys; ++i) {
-          sj[i] = fast_exp(sj[i] - m);
-          sum += sj[i];
-        }
-        denom[j] = sum;
-      }
-      for (int64_t p = first; p < L; ++p) {
-        const float* value = vp + table[p / bs] * blk + g * row + (p % bs) * dim;
-        for (int64_t j = 0; j < group; ++j) {
-          const float w = scores[j * n_keys + (p - first)];
-          float* a = acc.data() + j * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) a[d] += w * value[d];
-        }
-      }
-      for (int64_t j = 0; j < group; ++j) {
+        const float* pj = part.data() + j * (dim + 2);
         float* o = op + (s * n_heads + g * group + j) * dim;
-        const float inv = 1.f / denom[j];
-        for (int64_t d = 0; d < dim; ++d) o[d] = acc[j * dim + d] * inv;
+        const float inv = 1.f / pj[1];
+        for (int64_t d = 0; d < dim; ++d) o[d] = pj[2 + d] * inv;
       }
     }
   });
@@ -301,15 +263,7 @@ void rope_and_cache(Tensor qkv, const Tensor& cos, const Tensor& sin, Tensor k_c
       float* x = xp + t * width;
       const float* ct = cp + t * half;
       const float* st = sp + t * half;
-      for (int64_t h = 0; h < n_heads + n_kv; ++h) {
-        float* head = x + h * dim;
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = head[i], x2 = head[i + half];
-          head[i] = x1 * ct[i] - x2 * st[i];
-          head[i + half] = x2 * ct[i] + x1 * st[i];
-        }
-      }
+      for (int64_t h = 0; h < n_heads + n_kv; ++h) tandem::rope_head(x + h * dim, ct, st, half);
       const int64_t slot = slp[t], block = slot / bs, off = slot % bs;
       TORCH_CHECK(block >= 0 && block < n_blocks, "cache slot out of range");
       for (int64_t g = 0; g < n_kv; ++g) {
@@ -339,13 +293,7 @@ Tensor add_rms_norm(Tensor x, const c10::optional<Tensor>& add, const Tensor& we
         const float* a = ap + t * as0;
         for (int64_t i = 0; i < width; ++i) row[i] += a[i * as1];
       }
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < width; ++i) ss += row[i] * row[i];
-      const float r = 1.f / std::sqrt(ss / static_cast<float>(width) + e);
-      float* o = op + t * width;
-#pragma omp simd
-      for (int64_t i = 0; i < width; ++i) o[i] = wp[i] * (row[i] * r);
+      tandem::rms_norm_row(row, wp, width, e, op + t * width);
     }
   });
   return out;

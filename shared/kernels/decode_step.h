@@ -74,6 +74,61 @@ inline void rms_norm_row(const float* x, const float* weight, int64_t width, flo
   for (int64_t i = 0; i < width; ++i) out[i] = weight[i] * (x[i] * r);
 }
 
+// RoPE (rotate-half pairing) on one head in place: its first 2 * half channels with cos, sin [half]
+inline void rope_head(float* x, const float* cos, const float* sin, int64_t half) {
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i] + x1 * sin[i];
+  }
+}
+
+// One KV head of a paged cache [blocks, KV, B, D] as one sequence's block table reaches it: k and v
+// point at the head's first row in block 0; blk is the floats per block.
+struct PagedHead {
+  const float *k, *v;
+  const int64_t* table;
+  int64_t bs, d, blk;
+  const float* key(int64_t p) const { return k + table[p / bs] * blk + (p % bs) * d; }
+  const float* value(int64_t p) const { return v + table[p / bs] * blk + (p % bs) * d; }
+};
+
+// Softmax partials of `group` query heads (q rows qs1 floats apart) over keys [a, b) of one KV head:
+// per head j, part[j * (d + 2) ...] = (max score, sum of exp, sum of exp * value [d]). The output is
+// the last d floats over the second; partials of several key ranges merge by their maxima.
+inline void attend_keys(const float* q, int64_t qs1, int64_t group, const PagedHead& head, int64_t d, int64_t a,
+                        int64_t b, float scale, std::vector<float>& scores, float* part) {
+  const int64_t n_keys = b - a;
+  scores.resize(std::max<int64_t>(1, group * n_keys));
+  for (int64_t p = a; p < b; ++p) {
+    const float* key = head.key(p);
+    for (int64_t j = 0; j < group; ++j) scores[j * n_keys + (p - a)] = dot(q + j * qs1, key, d) * scale;
+  }
+  for (int64_t j = 0; j < group; ++j) {
+    float* pj = part + j * (d + 2);
+    float* sj = scores.data() + j * n_keys;
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t i = 0; i < n_keys; ++i) mx = std::max(mx, sj[i]);
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n_keys; ++i) {
+      sj[i] = fast_exp(sj[i] - mx);
+      sum += sj[i];
+    }
+    pj[0] = mx, pj[1] = sum;
+    std::fill(pj + 2, pj + 2 + d, 0.f);
+  }
+  for (int64_t p = a; p < b; ++p) {
+    const float* value = head.value(p);
+    for (int64_t j = 0; j < group; ++j) {
+      const float w = scores[j * n_keys + (p - a)];
+      float* acc = part + j * (d + 2) + 2;
+#pragma omp simd
+      for (int64_t i = 0; i < d; ++i) acc[i] += w * value[i];
+    }
+  }
+}
+
 // One projection as forward_layers' weights give it: a float W [N, K], or integers (int8 [N, K] or
 // nibbles [N, K/2]) with scales and offsets [N, K/group], all float16 or all float32.
 struct Proj {
@@ -217,35 +272,9 @@ struct DecodeStep {
       std::memcpy(kc[l] + dst, qrow + (h + g) * d, d * sizeof(float));
       std::memcpy(vc[l] + dst, qrow + (h + kv + g) * d, d * sizeof(float));
     }
-    const int64_t n_keys = b - a;
-    scores.resize(std::max<int64_t>(1, group * n_keys));
-    for (int64_t p = a; p < b; ++p) {
-      const float* key = kc[l] + table[p / bs] * blk + g * row + (p % bs) * d;
-      for (int64_t j = 0; j < group; ++j) scores[j * n_keys + (p - a)] = dot(qrow + (g * group + j) * d, key, d) * scale;
-    }
-    float* part = partials.data() + (item * group) * (d + 2);
-    for (int64_t j = 0; j < group; ++j) {
-      float* pj = part + j * (d + 2);
-      float* sj = scores.data() + j * n_keys;
-      float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
-      for (int64_t i = 0; i < n_keys; ++i) mx = std::max(mx, sj[i]);
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < n_keys; ++i) {
-        sj[i] = fast_exp(sj[i] - mx);
-        sum += sj[i];
-      }
-      pj[0] = mx, pj[1] = sum;
-      std::fill(pj + 2, pj + 2 + d, 0.f);
-    }
-    for (int64_t p = a; p < b; ++p) {
-      const float* value = vc[l] + table[p / bs] * blk + g * row + (p % bs) * d;
-      for (int64_t j = 0; j < group; ++j) {
-        const float w = scores[j * n_keys + (p - a)];
-        float* acc = part + j * (d + 2) + 2;
-#pragma omp simd
-        for (int64_t i = 0; i < d; ++i) acc[i] += w * value[i];
-      }
-    }
+    const PagedHead head{kc[l] + g * row, vc[l] + g * row, table, bs, d, blk};
+    attend_keys(qrow + g * group * d, d, group, head, d, a, b, scale, scores,
+                partials.data() + (item * group) * (d + 2));
   }
 
   // attention output rows [M, H * D] from the items' partials
@@ -281,15 +310,7 @@ struct DecodeStep {
     for (int64_t t = 0; t < m; ++t) {
       const float* ct = cos + t * rot_half;
       const float* st = sin + t * rot_half;
-      for (int64_t head = 0; head < h + kv; ++head) {
-        float* x = qkv + t * width + head * d;
-#pragma omp simd
-        for (int64_t i = 0; i < rot_half; ++i) {
-          const float x1 = x[i], x2 = x[i + rot_half];
-          x[i] = x1 * ct[i] - x2 * st[i];
-          x[i + rot_half] = x2 * ct[i] + x1 * st[i];
-        }
-      }
+      for (int64_t head = 0; head < h + kv; ++head) rope_head(qkv + t * width + head * d, ct, st, rot_half);
     }
   }
 
