@@ -9,9 +9,10 @@
 //
 // so the inner loop converts integers to floats in registers and multiplies them with x; the group's
 // sum of x is computed once per call. (With AVX-512 and 4-bit groups of 32, GGUF Q4's, a group's 16
-// possible weights are built as a table instead and the nibbles index it.) For 4 bits, x is split into
-// its even and odd columns once per call, so the low and high nibbles of a byte vector meet their x
-// values without any shuffle.
+// possible weights are built as a table instead and the nibbles index it; with AVX2 and 1-3 tokens,
+// each nibble is masked in place and x is permuted and scaled by powers of 16 to meet it: mask_tile.)
+// Otherwise, for 4 bits, x is split into its even and odd columns once per call, so the low and high
+// nibbles of a byte vector meet their x values without any shuffle.
 // Rows of W are split across threads; M (the tokens) goes up to 4 per pass. Beyond 4 rows (batches,
 // prefill), blocks of rows are converted once into an L2-sized float buffer and skinny_gemm.h's
 // outer-product tiles run over it for every row of x: W leaves DRAM as integers either way.
@@ -24,6 +25,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -134,12 +136,95 @@ inline void scaled_fma(vf lo, vf hi, vf s, const vf* xe, const vf* xo, vf* acc) 
   }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#define TANDEM_MASK_PATH 1
+// AVX2, 4 bits, groups of 32 or of a multiple of 64: no table lookup (vpermps has 8 entries) and no
+// byte widening. A 32-byte load of a row is 8 dwords of 8 nibbles, and in the packed layout dword i
+// nibble j is column 8i + j of the row's 64-column block. (dword & (15 << 4j)) converted to float is
+// q * 16^j exactly, so x is prepared per block as 8 vectors, x'[j][i] = x[8i + j] * 16^-j (exact:
+// powers of two), and each 8 weights cost an AND, a conversion and an FMA — no shuffles. Nibble 7 is
+// shifted down instead (q << 28 would read as negative) and meets x unscaled. With groups of 32 the
+// block's lanes 0-3 are one group and 4-7 the next, so its scale vector holds two scales.
+// (4 tokens' accumulators and partial sums spill AVX2's 16 registers: they take the widening path)
+inline bool mask_path(int64_t bits, int64_t group, int64_t k_dim, int64_t m_dim) {
+  return bits == 4 && (group == 32 || group % 64 == 0) && k_dim % 64 == 0 && m_dim <= 3;
+}
+
+inline __m256 block_scales(const float* s, int64_t group, int64_t b) {
+  if (group != 32) return _mm256_set1_ps(s[b * 64 / group]);
+  return _mm256_set_m128(_mm_set1_ps(s[2 * b + 1]), _mm_set1_ps(s[2 * b]));
+}
+inline __m256 block_scales(const at::Half* s, int64_t group, int64_t b) {
+  if (group != 32) return _mm256_set1_ps(scalar(s[b * 64 / group]));
+  int32_t two;  // the block's two float16 scales, each repeated over four lanes
+  std::memcpy(&two, s + 2 * b, 4);
+  const __m128i pattern = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
+  return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128(two), pattern));
+}
+
+template <int M, int R, typename S>
+inline void mask_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t k_dim,
+                      int64_t group, const float* xs, int64_t ldx, const float* gsum, int64_t groups, float* yt) {
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
+  for (int64_t b = 0; b < k_dim / 64; ++b) {
+    const float* xb = xs + b * 64;
+    __m256 part[R][M];
+    for (int r = 0; r < R; ++r) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + b * 32));
+      // one token: two FMA chains a row (a block's 8 products in one chain wait on its latency)
+      constexpr int CHAINS = M == 1 ? 2 : 1;
+      __m256 chain[CHAINS][M];
+      for (int j = 0; j < 8; ++j) {
+        const __m256i t = j == 7 ? _mm256_srli_epi32(w, 28) : _mm256_and_si256(w, _mm256_set1_epi32(15 << (4 * j)));
+        const __m256 f = _mm256_cvtepi32_ps(t);
+        const int c = j % CHAINS;
+        for (int m = 0; m < M; ++m) {
+          const __m256 xv = _mm256_loadu_ps(xb + m * ldx + j * 8);
+          chain[c][m] = j < CHAINS ? _mm256_mul_ps(f, xv) : _mm256_fmadd_ps(f, xv, chain[c][m]);
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        for (int c = 1; c < CHAINS; ++c) chain[0][m] = _mm256_add_ps(chain[0][m], chain[c][m]);
+        part[r][m] = chain[0][m];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = block_scales(scale + r * groups, group, b);
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(part[r][m], s, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      yt[r * M + m] = hsum(reinterpret_cast<vf>(acc[r][m])) + dot(offset + r * groups, gsum + m * groups, groups);
+}
+
+// x' for mask_tile: per token and 64-column block, x'[j * 8 + i] = x[8i + j] * 16^-j (j < 7), x[8i + 7]
+inline void mask_x(const float* x, int64_t k_dim, float* out) {
+  static const float pow16[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.f};
+  for (int64_t b = 0; b < k_dim; b += 64)
+    for (int j = 0; j < 8; ++j)
+      for (int i = 0; i < 8; ++i) out[b + j * 8 + i] = x[b + 8 * i + j] * pow16[j];
+}
+#else
+inline bool mask_path(int64_t, int64_t, int64_t, int64_t) { return false; }
+inline void mask_x(const float*, int64_t, float*) {}
+#endif
+
 // y^T[n0:n0+R, 0:M] for R weight rows (R rows at once: independent accumulator chains, shared x loads).
 // xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx` floats apart; gsum [M, G]:
 // each token's sum of x per group.
 template <int M, int R, int BITS, typename S>
 inline void quant_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t k_dim,
                        int64_t group, const float* xs, int64_t ldx, const float* gsum, int64_t groups, float* yt) {
+#ifdef TANDEM_MASK_PATH
+  if (mask_path(BITS, group, k_dim, M)) {
+    mask_tile<M, R>(q, row_bytes, scale, offset, k_dim, group, xs, ldx, gsum, groups, yt);
+    return;
+  }
+#endif
   vf acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = vf{};
@@ -460,6 +545,10 @@ inline XFloat prepare_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t gr
       }
   if (bits == 8) return {x, gsum};
   float* split = gsum + m_dim * groups;
+  if (mask_path(bits, group, k_dim, m_dim)) {
+    for (int64_t m = 0; m < m_dim; ++m) mask_x(x + m * k_dim, k_dim, split + m * k_dim);
+    return {split, gsum};
+  }
   for (int64_t m = 0; m < m_dim; ++m)
     for (int64_t j = 0; j < k_dim / 2; ++j) {
       split[m * k_dim + j] = x[m * k_dim + 2 * j];

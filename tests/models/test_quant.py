@@ -47,15 +47,22 @@ def test_fused_layers_compute_the_parts_side_by_side():
 
 
 @pytest.mark.skipif(cpu_ops() is None, reason="the CPU kernels are not built here")
-@pytest.mark.parametrize("bits, group", [(8, 576), (8, 32), (4, 32), (4, 64)])
+@pytest.mark.parametrize(
+    "bits, group, shape",
+    [(8, 576, (576, 200)), (8, 32, (576, 200)), (4, 32, (576, 200)), (4, 64, (576, 200)),
+     # AVX2's 4-bit path takes 64-column blocks: a group over several blocks, a tail row beyond the
+     # tiles, and a width that is not whole blocks (the widening path)
+     (4, 192, (576, 203)), (4, 32, (544, 203))],
+)  # fmt: skip
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
-def test_the_kernel_matches_the_dequantized_reference(bits, group, scale_dtype):
+def test_the_kernel_matches_the_dequantized_reference(bits, group, shape, scale_dtype):
     ops = cpu_ops()
     torch.manual_seed(1)
-    q = quant.quantize_linear(torch.nn.Linear(576, 200, bias=False), bits, group)
+    k_dim, n_dim = shape
+    q = quant.quantize_linear(torch.nn.Linear(k_dim, n_dim, bias=False), bits, group)
     scales, offsets = q.scales.to(scale_dtype), q.offsets.to(scale_dtype)
     for rows in (1, 2, 3, 4, 5, 17, 64, 100):  # register tiles, then converted blocks (batches, prefill)
-        x = torch.randn(rows, 576)
+        x = torch.randn(rows, k_dim)
         want = x @ q.dequantize().t()
         got = ops.quant_linear(x, q.qweight, scales, offsets, bits, group)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
