@@ -196,9 +196,19 @@ inline void mask_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const
       for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(part[r][m], s, acc[r][m]);
     }
   }
+  // the offsets' term: whole vectors of groups into the accumulators, the rest after the sums
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8)
+    for (int r = 0; r < R; ++r) {
+      const __m256 o = reinterpret_cast<__m256>(vload_s(offset + r * groups + g));
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(o, _mm256_loadu_ps(gsum + m * groups + g), acc[r][m]);
+    }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m)
-      yt[r * M + m] = hsum(reinterpret_cast<vf>(acc[r][m])) + dot(offset + r * groups, gsum + m * groups, groups);
+    for (int m = 0; m < M; ++m) {
+      float tail = 0.f;
+      for (int64_t t = g; t < groups; ++t) tail += scalar(offset[r * groups + t]) * gsum[m * groups + t];
+      yt[r * M + m] = hsum(reinterpret_cast<vf>(acc[r][m])) + tail;
+    }
 }
 
 // x' for mask_tile: per token and 64-column block, x'[j * 8 + i] = x[8i + j] * 16^-j (j < 7), x[8i + 7]
