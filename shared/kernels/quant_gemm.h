@@ -524,10 +524,11 @@ struct QuantRows {
 
 // What the float tiles read of x: per token the sums of x over each group (the offsets' term; not
 // needed by the table path) and, for 4 bits, x split into its even then its odd columns, so the low
-// and high nibbles of a byte vector meet their x values without a shuffle. Plain loops into `buf`
+// and high nibbles of a byte vector meet their x values without a shuffle (mask_tile's rows: x
+// permuted and scaled per 64-column block, mask_x). Plain loops into `buf`
 // (x_floats of them): for 1-4 rows, ATen's slice/cat/sum calls cost more than the work.
 struct XFloat {
-  const float* xs;    // x (8 bits) or [x_even | x_odd], per token k_dim floats apart
+  const float* xs;    // x (8 bits), [x_even | x_odd] or mask_x's blocks, per token k_dim floats apart
   const float* gsum;  // [M, K / group]
 };
 
