@@ -49,6 +49,12 @@ def kernels_dir() -> Path:
     return tandem_home() / "kernels"
 
 
+def kernel_cflags() -> list[str]:
+    """Extra compiler flags for the CPU kernels after -march=native: `-mno-avx512f` builds and tests
+    the AVX2 paths on an AVX-512 machine."""
+    return os.environ.get("TANDEM_KERNEL_CFLAGS", "").split()
+
+
 def controller_address() -> str | None:
     return os.environ.get("TANDEM_CONTROLLER") or None
 

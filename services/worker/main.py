@@ -27,7 +27,7 @@ class Config(ServiceConfig):
     speculative: str = "off"  # speculative decoding's default: off | ngram | draft
     num_speculative_tokens: int = 4
     draft_model: str | None = None  # the 'draft' method's model, by its store name
-    int8_activations: bool = False  # quantized models: int8 activations, integer dot products (VNNI)
+    int8_activations: bool = False  # quantized models: int8 activations, integer dot products (VNNI/AVX2)
 
     def engine_config(self):
         from shared.engine import EngineConfig

@@ -68,7 +68,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cpu_kernels: bool = True  # Tandem's compiled CPU kernels where they apply (shared/kernels)
     max_loras: int = 8  # LoRA adapters held at once (the least recently used idle one makes room)
-    # quantized models on CPUs with AVX-512 VNNI: 1-4 row GEMMs take activations as int8 (per 32
+    # quantized models on CPUs with AVX-512 VNNI or AVX2: 1-4 row GEMMs take activations as int8 (per 32
     # columns) and use integer dot products (llama.cpp's scheme; W4A8/W8A8 rather than weight-only)
     int8_activations: bool = False
     # speculative decoding (speculative.py): the default of requests that do not choose, drafts per

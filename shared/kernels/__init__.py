@@ -5,7 +5,8 @@
 
 The kernels are compiled once per machine with the system C++ compiler through
 torch.utils.cpp_extension (`make install` builds them ahead of time; `python -m shared.kernels`
-does the same) into $TANDEM_KERNEL_DIR (default $TANDEM_HOME/kernels)/<hash of CPU and sources>.
+does the same) into $TANDEM_KERNEL_DIR (default $TANDEM_HOME/kernels)/<hash of CPU, sources and
+$TANDEM_KERNEL_CFLAGS>.
 They are an optimisation only: when no compiler is there, the build fails, or TANDEM_CPU_KERNELS=0,
 `cpu_ops()` returns None after one warning and callers run the PyTorch path, which gives the same
 results (up to float summation order). They take float32 CPU tensors; GPU paths never call them.
@@ -47,6 +48,7 @@ def build_dir() -> Path:
         b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
         + _cpu_signature().encode()
         + torch.__version__.encode()
+        + " ".join(envs.kernel_cflags()).encode()
     ).hexdigest()[:16]
     return envs.kernels_dir() / digest
 
@@ -75,7 +77,7 @@ def _load():
     library, done = directory / f"{name}.so", directory / "built"
     if not done.exists():  # (the marker, not the .so: a concurrent build may be mid-link)
         directory.mkdir(parents=True, exist_ok=True)
-        flags = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
+        flags = ["-O3", "-march=native", *envs.kernel_cflags(), "-fopenmp", "-DNDEBUG"]
         cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],

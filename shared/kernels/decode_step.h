@@ -160,11 +160,11 @@ struct Share {
   }
 };
 
-// A thread's x for one projection: float tiles read prepare_x's layout, VNNI tiles an int8 copy.
+// A thread's x for one projection: float tiles read prepare_x's layout, integer tiles an int8 copy.
 struct PreparedX {
   const float* rows = nullptr;  // [M, K] (float W)
   XFloat xf{};
-#ifdef TANDEM_VNNI
+#ifdef TANDEM_INT8_X
   XInt8 xq;
   bool int8 = false;
 #endif
@@ -191,8 +191,8 @@ struct DecodeStep {
   void prepare(const Proj& p, const float* rows, PreparedX& px, std::vector<float>& buf) const {
     px.rows = rows;
     if (!p.bits) return;
-#ifdef TANDEM_VNNI
-    px.int8 = int8_x && p.k % 32 == 0 && p.group % 32 == 0;
+#ifdef TANDEM_INT8_X
+    px.int8 = int8_x && int8_x_ok(p.bits, p.group, p.k);
     if (px.int8) {
       quantize_x(rows, m, p.k, p.group, p.bits, px.xq);
       return;
@@ -224,10 +224,10 @@ struct DecodeStep {
   void gemm_as(const Proj& p, const PreparedX& px, const S* s, const S* o, float* yt, int64_t lo, int64_t hi) const {
     const auto* q = static_cast<const uint8_t*>(p.w);
     const int64_t row_bytes = p.bits == 8 ? p.k : p.k / 2;
-#ifdef TANDEM_VNNI
+#ifdef TANDEM_INT8_X
     if (px.int8) {
-      if (p.bits == 8) vnni_range<M, 8>(q, row_bytes, s, o, p.k, p.group, px.xq, yt, lo, hi);
-      else vnni_range<M, 4>(q, row_bytes, s, o, p.k, p.group, px.xq, yt, lo, hi);
+      if (p.bits == 8) int8_range<M, 8>(q, row_bytes, s, o, p.k, p.group, px.xq, yt, lo, hi);
+      else int8_range<M, 4>(q, row_bytes, s, o, p.k, p.group, px.xq, yt, lo, hi);
       return;
     }
 #endif

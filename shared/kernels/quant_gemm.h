@@ -136,6 +136,23 @@ inline void scaled_fma(vf lo, vf hi, vf s, const vf* xe, const vf* xo, vf* acc) 
   }
 }
 
+// A 64-column block's scales for 8 lanes of 8 columns: lanes 0-3 get the group of columns 0-31, lanes
+// 4-7 the group of columns 32-63 (groups are multiples of 32 columns).
+inline __m256 block_scales(const float* s, int64_t group, int64_t b) {
+  const int64_t g0 = b * 64 / group, g1 = (b * 64 + 32) / group;
+  if (g0 == g1) return _mm256_set1_ps(s[g0]);
+  return _mm256_set_m128(_mm_set1_ps(s[g1]), _mm_set1_ps(s[g0]));
+}
+inline __m256 block_scales(const at::Half* s, int64_t group, int64_t b) {
+  const int64_t g0 = b * 64 / group, g1 = (b * 64 + 32) / group;
+  if (g0 == g1) return _mm256_set1_ps(scalar(s[g0]));
+  if (group != 32) return _mm256_set_m128(_mm_set1_ps(scalar(s[g1])), _mm_set1_ps(scalar(s[g0])));
+  int32_t two;  // the block's two float16 scales, each repeated over four lanes
+  std::memcpy(&two, s + 2 * b, 4);
+  const __m128i pattern = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
+  return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128(two), pattern));
+}
+
 #if defined(__AVX2__) && !defined(__AVX512F__)
 #define TANDEM_MASK_PATH 1
 // AVX2, 4 bits, groups of 32 or of a multiple of 64: no table lookup (vpermps has 8 entries) and no
@@ -148,18 +165,6 @@ inline void scaled_fma(vf lo, vf hi, vf s, const vf* xe, const vf* xo, vf* acc) 
 // (4 tokens' accumulators and partial sums spill AVX2's 16 registers: they take the widening path)
 inline bool mask_path(int64_t bits, int64_t group, int64_t k_dim, int64_t m_dim) {
   return bits == 4 && (group == 32 || group % 64 == 0) && k_dim % 64 == 0 && m_dim <= 3;
-}
-
-inline __m256 block_scales(const float* s, int64_t group, int64_t b) {
-  if (group != 32) return _mm256_set1_ps(s[b * 64 / group]);
-  return _mm256_set_m128(_mm_set1_ps(s[2 * b + 1]), _mm_set1_ps(s[2 * b]));
-}
-inline __m256 block_scales(const at::Half* s, int64_t group, int64_t b) {
-  if (group != 32) return _mm256_set1_ps(scalar(s[b * 64 / group]));
-  int32_t two;  // the block's two float16 scales, each repeated over four lanes
-  std::memcpy(&two, s + 2 * b, 4);
-  const __m128i pattern = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
-  return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128(two), pattern));
 }
 
 template <int M, int R, typename S>
@@ -346,6 +351,7 @@ void quant_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* o
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define TANDEM_VNNI 1
+#define TANDEM_INT8_X 1
 // Integer dot products (AVX-512 VNNI, llama.cpp's Q8 x Q4 scheme): x is quantized per token and per 32
 // columns to int8, and vpdpbusd multiplies 64 weight bytes by 64 activation bytes into 16 int32 lanes
 // at once — no conversion of weights to floats. A chunk is 64 weight bytes (4 bits: 128 columns, the
@@ -362,6 +368,8 @@ struct XInt8 {
   std::vector<int64_t> base;                       // [chunks]: the chunk's first weight group
   std::vector<int32_t> n_groups;                   // [chunks]: weight groups the chunk touches
 };
+
+inline bool int8_x_ok(int64_t, int64_t group, int64_t k_dim) { return k_dim % 32 == 0 && group % 32 == 0; }
 
 // into `out`, whose buffers a caller may reuse from call to call
 inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, XInt8& out) {
@@ -462,7 +470,7 @@ inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const
 }
 
 template <int M, int BITS, typename S>
-void vnni_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t k_dim, int64_t group,
+void int8_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t k_dim, int64_t group,
                 const XInt8& xq, float* yt, int64_t n0, int64_t n1) {
   constexpr int R = quant_r<M>();
   const int64_t groups = k_dim / group;
@@ -476,11 +484,166 @@ void vnni_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* o
 }
 
 template <int M, int BITS, typename S>
-void vnni_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t n_dim,
+void int8_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t n_dim,
                int64_t k_dim, int64_t group, const XInt8& xq, float* yt) {
   constexpr int R = quant_r<M>();
   at::parallel_for(0, (n_dim + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
-    vnni_range<M, BITS>(q, row_bytes, scales, offsets, k_dim, group, xq, yt, begin * R, std::min(n_dim, end * R));
+    int8_range<M, BITS>(q, row_bytes, scales, offsets, k_dim, group, xq, yt, begin * R, std::min(n_dim, end * R));
+  });
+}
+#elif defined(__AVX2__)
+#define TANDEM_INT8_X 1
+// Integer dot products on AVX2 (llama.cpp's scheme for CPUs without VNNI): x quantized per token and per
+// 32 columns to int8 (|q| <= 127), then vpmaddubsw multiplies unsigned by signed bytes and adds
+// neighbouring pairs into int16, and vpmaddwd by ones adds pairs of those into int32 lanes.
+//   4 bits: a 32-byte load of a row is a 64-column block (byte B: columns 2B and 2B + 1), so x is stored
+//     per block as its 32 even then its 32 odd columns; the low nibbles meet the even ones, the high
+//     nibbles the odd ones, and the two int16 products add up (|sum| <= 4 * 15 * 127, no saturation).
+//     Lane l of the int32 sums covers columns 8l .. 8l + 7: lanes 0-3 one group of 32, lanes 4-7 the next.
+//   8 bits: weights are signed, so |w| meets x with w's sign (vpsignb): |sum| <= 2 * 128 * 127.
+// Each lane's sum is scaled by its weight scale times x's scale; the offsets' term, offset x (sum of x
+// over the group), is added once per row from x's float sums.
+struct XInt8 {
+  int64_t k_dim = 0, groups = 0;
+  std::vector<int8_t> q;      // [M][K]: 8 bits in column order; 4 bits per 64-column block, even then odd
+  std::vector<float> d;       // [M][K / 32]: x's scale per 32 columns
+  std::vector<float> dlane;   // 4 bits: [M][K / 64][8], per lane of a block (d of its 32 columns)
+  std::vector<float> gsum;    // [M][K / group]: x's float sum per weight group
+};
+
+inline bool int8_x_ok(int64_t bits, int64_t group, int64_t k_dim) {
+  return group % 32 == 0 && k_dim % (bits == 4 ? 64 : 32) == 0;
+}
+
+// 32 floats -> int8 in column order (rounded to nearest), returning the scale (max |x| / 127) and the sum
+inline __m256i quantize32(const float* x, float& d, float& sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 v[4], amax = _mm256_setzero_ps(), total = _mm256_setzero_ps();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    total = _mm256_add_ps(total, v[i]);
+  }
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  const float m = _mm_cvtss_f32(h);
+  d = m / 127.f;
+  sum = hsum8(total);
+  const __m256 inv = _mm256_set1_ps(m > 0.f ? 127.f / m : 0.f);
+  __m256i n[4];
+  for (int i = 0; i < 4; ++i) n[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+  // packs interleave the 128-bit lanes: dwords come out as 0 2 4 6 1 3 5 7 (in groups of 4 bytes)
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(n[0], n[1]), _mm256_packs_epi32(n[2], n[3]));
+  return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// into `out`, whose buffers a caller may reuse from call to call
+inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, XInt8& out) {
+  const int64_t chunks = k_dim / 32, groups = k_dim / group, per_group = group / 32;
+  out.k_dim = k_dim, out.groups = groups;
+  out.q.resize(m_dim * k_dim);
+  out.d.resize(m_dim * chunks);
+  out.gsum.assign(m_dim * groups, 0.f);
+  if (bits == 4) out.dlane.resize(m_dim * chunks * 4);
+  // within each 128-bit lane: the 8 even bytes, then the 8 odd ones
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t m = 0; m < m_dim; ++m) {
+    const float* xr = x + m * k_dim;
+    int8_t* qr = out.q.data() + m * k_dim;
+    float* d = out.d.data() + m * chunks;
+    float* gsum = out.gsum.data() + m * groups;
+    for (int64_t c = 0; c < chunks; c += bits == 4 ? 2 : 1) {
+      float sum;
+      const __m256i a = quantize32(xr + c * 32, d[c], sum);
+      gsum[c / per_group] += sum;
+      if (bits == 8) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + c * 32), a);
+        continue;
+      }
+      const __m256i b = quantize32(xr + c * 32 + 32, d[c + 1], sum);
+      gsum[(c + 1) / per_group] += sum;
+      // the shuffle leaves a's 64-bit quarters as lane 0's evens, its odds, lane 1's evens, its odds;
+      // 0xD8 orders them [16 evens | 16 odds], and the 128-bit halves of a and b make the block's two rows
+      const __m256i ea = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(a, split), 0xD8);
+      const __m256i eb = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, split), 0xD8);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + c * 32), _mm256_permute2x128_si256(ea, eb, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qr + c * 32 + 32), _mm256_permute2x128_si256(ea, eb, 0x31));
+      float* lane = out.dlane.data() + (m * chunks + c) * 4;
+      for (int i = 0; i < 4; ++i) lane[i] = d[c], lane[4 + i] = d[c + 1];
+    }
+  }
+}
+
+template <int M, int R, int BITS, typename S>
+inline void maddubs_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t groups,
+                         int64_t k_dim, int64_t group, const XInt8& xq, float* yt) {
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
+  if constexpr (BITS == 4) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const int64_t blocks = k_dim / 64;
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int r = 0; r < R; ++r) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + b * 32));
+        const __m256i lo = _mm256_and_si256(w, low4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), low4);
+        const __m256 s = block_scales(scale + r * groups, group, b);
+        for (int m = 0; m < M; ++m) {
+          const int8_t* xp = xq.q.data() + m * k_dim + b * 64;
+          const __m256i even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+          const __m256i odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, even), _mm256_maddubs_epi16(hi, odd));
+          const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+          const __m256 sd = _mm256_mul_ps(s, _mm256_loadu_ps(xq.dlane.data() + (m * blocks + b) * 8));
+          acc[r][m] = _mm256_fmadd_ps(dot, sd, acc[r][m]);
+        }
+      }
+    }
+  } else {
+    const int64_t chunks = k_dim / 32, per_group = group / 32;
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int r = 0; r < R; ++r) {
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + c * 32));
+        const __m256i aw = _mm256_abs_epi8(w);
+        const float s = scalar(scale[r * groups + c / per_group]);
+        for (int m = 0; m < M; ++m) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + m * k_dim + c * 32));
+          const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w));
+          const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+          acc[r][m] = _mm256_fmadd_ps(dot, _mm256_set1_ps(s * xq.d[m * chunks + c]), acc[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      yt[r * M + m] = hsum8(acc[r][m]) + dot(offset + r * groups, xq.gsum.data() + m * groups, groups);
+}
+
+template <int M, int BITS, typename S>
+void int8_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t k_dim, int64_t group,
+                const XInt8& xq, float* yt, int64_t n0, int64_t n1) {
+  constexpr int R = quant_r<M>();
+  const int64_t groups = k_dim / group;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R)
+    maddubs_tile<M, R, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups, k_dim,
+                             group, xq, yt + n * M);
+  for (; n < n1; ++n)
+    maddubs_tile<M, 1, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups, k_dim,
+                             group, xq, yt + n * M);
+}
+
+template <int M, int BITS, typename S>
+void int8_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t n_dim,
+               int64_t k_dim, int64_t group, const XInt8& xq, float* yt) {
+  constexpr int R = quant_r<M>();
+  at::parallel_for(0, (n_dim + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
+    int8_range<M, BITS>(q, row_bytes, scales, offsets, k_dim, group, xq, yt, begin * R, std::min(n_dim, end * R));
   });
 }
 #endif
@@ -600,14 +763,14 @@ at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, co
   const int64_t row_bytes = bits == 8 ? k_dim : k_dim / 2;
   const S *s = scales.data_ptr<S>(), *o = offsets.data_ptr<S>();
   float* y = yt.data_ptr<float>();
-#ifdef TANDEM_VNNI
-  if (int8_x && k_dim % 32 == 0 && group % 32 == 0) {
+#ifdef TANDEM_INT8_X
+  if (int8_x && int8_x_ok(bits, group, k_dim)) {
     thread_local XInt8 xq;
     quantize_x(x.data_ptr<float>(), m_dim, k_dim, group, bits, xq);
     for_rows(m_dim, [&](auto rows) {
       constexpr int M = decltype(rows)::value;
-      if (bits == 8) vnni_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
-      else vnni_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
+      if (bits == 8) int8_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
+      else int8_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);
     });
     return yt.t();
   }
@@ -625,7 +788,7 @@ at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, co
 
 // x [M, K] float32, any M; returns y [M, N] (a transposed view up to 64 rows, row-major beyond).
 // Scales and offsets: float32 or float16, both the same. int8_x: for 1-4 rows, quantize x to int8 and
-// use integer dot products where the CPU has them (AVX-512 VNNI); otherwise x stays float.
+// use integer dot products (AVX-512 VNNI, or AVX2's vpmaddubsw); otherwise x stays float.
 inline at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                const at::Tensor& offsets, int64_t bits, int64_t group, bool int8_x = false) {
   const auto kind = scales.scalar_type();

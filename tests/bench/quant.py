@@ -5,7 +5,7 @@
 Models (SmolLM2-135M-Instruct): fp32 (the store's default import), int8 (`tandem models quantize
 --bits 8`: per channel) and int4 (the built-in GGUF's own Q4_1 projections and Q8_0 head, imported
 with --keep-quantized: the integers the fp32 model was dequantized from), and int4a8 (those integers
-with `int8_activations`: x quantized to int8 for integer dot products where the CPU has AVX-512 VNNI).
+with `int8_activations`: x quantized to int8 for integer dot products where the CPU has AVX-512 VNNI or AVX2).
 Measures, greedy with EOS
 ignored:
   b1        one request x 128 new tokens: tok/s
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
         "fp32": LLMEngine.from_store(fp32_path, EngineConfig()),
         "int8": LLMEngine.from_store(store.path("int8"), EngineConfig()),
         "int4": LLMEngine.from_store(store.path("int4"), EngineConfig()),
-        # the same integers with int8 activations and integer dot products (AVX-512 VNNI, 1-4 rows)
+        # the same integers with int8 activations and integer dot products (VNNI or AVX2, 1-4 rows)
         "int4a8": LLMEngine.from_store(store.path("int4"), EngineConfig(int8_activations=True)),
     }
     results = {"model": args.model, "new_tokens": new_tokens, **environment(args)}

@@ -68,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--draft-model", help="the draft model of --speculative draft (a store model name)")
     q.add_argument(
         "--int8-activations", action="store_true",
-        help="quantized models: int8 activations and integer dot products where the CPU has AVX-512 VNNI",
+        help="quantized models: int8 activations and integer dot products where the CPU has AVX-512 VNNI or AVX2",
     )  # fmt: skip
     q.add_argument(
         "--max-waiting", type=int, default=256, help="queue length beyond which requests are refused"

@@ -119,7 +119,7 @@ class EngineSection(_Section):
     speculative: Literal["off", "ngram", "draft"] = "off"
     num_speculative_tokens: int = Field(4, ge=1, le=16)
     draft_model: str | None = None
-    # quantized models on CPUs with AVX-512 VNNI: int8 activations and integer dot products
+    # quantized models on CPUs with AVX-512 VNNI or AVX2: int8 activations and integer dot products
     int8_activations: bool = False
 
     @model_validator(mode="after")
