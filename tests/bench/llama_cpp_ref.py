@@ -23,7 +23,12 @@ class LlamaCpp:
         self.api = api = llama_cpp
         api.llama_backend_init()
         api.llama_log_set(_quiet, ctypes.c_void_p(0))
-        self.model = api.llama_model_load_from_file(str(gguf).encode(), api.llama_model_default_params())
+        model_params = api.llama_model_default_params()
+        # ggml's AMX kernels (its only extra buffer type for Q4_1 on x86) segfault in
+        # ggml_backend_amx_mul_mat on the AMX VMs this was tried on; without them Q4_1 runs ggml's AVX-512
+        # VNNI dot products, as on any AVX-512 CPU
+        model_params.use_extra_bufts = not _has_amx()
+        self.model = api.llama_model_load_from_file(str(gguf).encode(), model_params)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {gguf}")
         params = api.llama_context_default_params()
@@ -117,3 +122,10 @@ try:
     _quiet = _api.llama_log_callback(_quiet_log)
 except ImportError:  # not installed: LlamaCpp.load returns None before _quiet is needed
     _quiet = None
+
+
+def _has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
