@@ -231,8 +231,8 @@ struct DecodeStep {
       return;
     }
 #endif
-    if (p.bits == 8) quant_range<M, 8>(q, row_bytes, s, o, p.k, p.group, px.xf.xs, p.k, px.xf.gsum, yt, lo, hi);
-    else quant_range<M, 4>(q, row_bytes, s, o, p.k, p.group, px.xf.xs, p.k, px.xf.gsum, yt, lo, hi);
+    if (p.bits == 8) quant_range<M, 8>(q, row_bytes, s, o, p.k, p.group, px.xf.xs, px.xf.ldx, px.xf.gsum, yt, lo, hi);
+    else quant_range<M, 4>(q, row_bytes, s, o, p.k, p.group, px.xf.xs, px.xf.ldx, px.xf.gsum, yt, lo, hi);
   }
 
   // this thread's share of y^T = W x^T (+ bias), x rows [M, K]

@@ -8,11 +8,11 @@
 //   sum_k w[n, k] x[m, k] = scale[n, g] * sum_k q[n, k] x[m, k] + offset[n, g] * sum_k x[m, k]
 //
 // so the inner loop converts integers to floats in registers and multiplies them with x; the group's
-// sum of x is computed once per call. (With AVX-512 and 4-bit groups of 32, GGUF Q4's, a group's 16
-// possible weights are built as a table instead and the nibbles index it; with AVX2 and 1-3 tokens,
-// each nibble is masked in place and x is permuted and scaled by powers of 16 to meet it: mask_tile.)
-// Otherwise, for 4 bits, x is split into its even and odd columns once per call, so the low and high
-// nibbles of a byte vector meet their x values without any shuffle.
+// sum of x is computed once per call. For 4 bits and 1-2 tokens (AVX2: 1-3), each nibble is masked in
+// place and x is permuted and scaled by powers of 16 to meet it (mask_tile); otherwise, with AVX-512 and
+// groups of 32 (GGUF Q4's), a group's 16 possible weights are built as a table and the nibbles index it;
+// and otherwise x is split into its even and odd columns once per call, so the low and high nibbles of
+// a byte vector meet their x values without any shuffle.
 // Rows of W are split across threads; M (the tokens) goes up to 4 per pass. Beyond 4 rows (batches,
 // prefill), blocks of rows are converted once into an L2-sized float buffer and skinny_gemm.h's
 // outer-product tiles run over it for every row of x: W leaves DRAM as integers either way.
@@ -65,6 +65,11 @@ inline vf vload_s(const float* p) { return vload(p); }
 #if defined(__AVX512F__)
 inline vf vload_s(const at::Half* p) {
   return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+// up to 16 scales or offsets (the lanes of `mask`) as floats
+inline __m512 masked_s(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 masked_s(__mmask16 mask, const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
 #else
 inline vf vload_s(const at::Half* p) {
@@ -153,80 +158,124 @@ inline __m256 block_scales(const at::Half* s, int64_t group, int64_t b) {
   return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128(two), pattern));
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-#define TANDEM_MASK_PATH 1
-// AVX2, 4 bits, groups of 32 or of a multiple of 64: no table lookup (vpermps has 8 entries) and no
-// byte widening. A 32-byte load of a row is 8 dwords of 8 nibbles, and in the packed layout dword i
-// nibble j is column 8i + j of the row's 64-column block. (dword & (15 << 4j)) converted to float is
-// q * 16^j exactly, so x is prepared per block as 8 vectors, x'[j][i] = x[8i + j] * 16^-j (exact:
-// powers of two), and each 8 weights cost an AND, a conversion and an FMA — no shuffles. Nibble 7 is
-// shifted down instead (q << 28 would read as negative) and meets x unscaled. With groups of 32 the
-// block's lanes 0-3 are one group and 4-7 the next, so its scale vector holds two scales.
-// (4 tokens' accumulators and partial sums spill AVX2's 16 registers: they take the widening path)
+// 4 bits, groups of 32, 64 or a multiple of a block: no table lookup and no byte widening. A vector
+// load of a row is VW dwords of 8 nibbles (a block of 8 * VW columns: 64 on AVX2, 128 on AVX-512), and
+// in the packed layout dword i nibble j is column 8i + j of the block. (dword & (15 << 4j)) converted
+// to float is q * 16^j exactly, so x is prepared per block as 8 vectors, x'[j][i] = x[8i + j] * 16^-j
+// (exact: powers of two), and each VW weights cost an AND, a conversion and an FMA — no shuffles (the
+// conversions and FMAs run on ports the table path's vpermps and widening loads leave to the
+// shuffles). Nibble 7 is shifted down instead (q << 28 would read as negative) and meets x unscaled.
+// Lane i's 8 columns lie in one group; the block's scale vector holds each lane's group scale. On
+// AVX-512 a row of 64-column multiples may end in half a block: its upper lanes load as zero.
+// Tokens: AVX2 up to 3 (4 tokens' accumulators and partial sums spill its 16 registers), AVX-512 up to
+// 2 (3-4 ran at half the table path's speed); more take the table or widening paths.
+typedef int32_t vi __attribute__((vector_size(VW * 4), aligned(4), __may_alias__));
+typedef uint32_t vu __attribute__((vector_size(VW * 4), aligned(4), __may_alias__));
+constexpr int64_t MASK_BLOCK = 8 * VW;  // columns per block
+
 inline bool mask_path(int64_t bits, int64_t group, int64_t k_dim, int64_t m_dim) {
-  return bits == 4 && (group == 32 || group % 64 == 0) && k_dim % 64 == 0 && m_dim <= 3;
+  return bits == 4 && (group == 32 || group == 64 || group % MASK_BLOCK == 0) && k_dim % 64 == 0 &&
+         m_dim <= (VW == 16 ? 2 : 3);
+}
+
+// a block of a row's nibbles (AVX-512: the last may be half a block, its upper lanes zero)
+inline vi mask_block(const uint8_t* p, bool half) {
+#if defined(__AVX512F__)
+  if (half) return reinterpret_cast<vi>(_mm512_maskz_loadu_epi32(0x00FF, p));
+#endif
+  return *reinterpret_cast<const vi*>(p);
+}
+
+// the scale of each lane's group in block b (lanes past the row's end: 0)
+template <typename S>
+inline vf mask_scales(const S* s, int64_t group, int64_t groups, int64_t b) {
+  const int64_t g0 = b * MASK_BLOCK / group;
+  if (group % MASK_BLOCK == 0) return vsplat(scalar(s[g0]));
+#if defined(__AVX512F__)
+  // 2 (groups of 64) or 4 (of 32) scales, each over 16 / n lanes
+  const int64_t n = MASK_BLOCK / group;
+  const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(n, groups - g0)) - 1);
+  const __m512i idx = group == 64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                  : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return reinterpret_cast<vf>(_mm512_permutexvar_ps(idx, masked_s(mask, s + g0)));
+#else
+  (void)groups;
+  return reinterpret_cast<vf>(block_scales(s, group, b));  // groups of 32: lanes 0-3 and 4-7
+#endif
 }
 
 template <int M, int R, typename S>
 inline void mask_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t k_dim,
                       int64_t group, const float* xs, int64_t ldx, const float* gsum, int64_t groups, float* yt) {
-  __m256 acc[R][M];
+  vf acc[R][M];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int m = 0; m < M; ++m) acc[r][m] = vf{};
   prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
-  for (int64_t b = 0; b < k_dim / 64; ++b) {
-    const float* xb = xs + b * 64;
-    __m256 part[R][M];
+  const int64_t blocks = (k_dim + MASK_BLOCK - 1) / MASK_BLOCK;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const bool half = (b + 1) * MASK_BLOCK > k_dim;
+    const float* xb = xs + b * MASK_BLOCK;
+    vf part[R][M];
     for (int r = 0; r < R; ++r) {
-      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + b * 32));
+      const vi w = mask_block(q + r * row_bytes + b * MASK_BLOCK / 2, half);
       // one token: two FMA chains a row (a block's 8 products in one chain wait on its latency)
       constexpr int CHAINS = M == 1 ? 2 : 1;
-      __m256 chain[CHAINS][M];
+      vf chain[CHAINS][M];
       for (int j = 0; j < 8; ++j) {
-        const __m256i t = j == 7 ? _mm256_srli_epi32(w, 28) : _mm256_and_si256(w, _mm256_set1_epi32(15 << (4 * j)));
-        const __m256 f = _mm256_cvtepi32_ps(t);
+        const vi t = j == 7 ? vi(reinterpret_cast<vi>(reinterpret_cast<vu>(w) >> 28)) : (w & (15 << (4 * j)));
+        const vf f = __builtin_convertvector(t, vf);
         const int c = j % CHAINS;
         for (int m = 0; m < M; ++m) {
-          const __m256 xv = _mm256_loadu_ps(xb + m * ldx + j * 8);
-          chain[c][m] = j < CHAINS ? _mm256_mul_ps(f, xv) : _mm256_fmadd_ps(f, xv, chain[c][m]);
+          const vf xv = vload(xb + m * ldx + j * VW);
+          chain[c][m] = j < CHAINS ? f * xv : chain[c][m] + f * xv;
         }
       }
       for (int m = 0; m < M; ++m) {
-        for (int c = 1; c < CHAINS; ++c) chain[0][m] = _mm256_add_ps(chain[0][m], chain[c][m]);
+        for (int c = 1; c < CHAINS; ++c) chain[0][m] += chain[c][m];
         part[r][m] = chain[0][m];
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m256 s = block_scales(scale + r * groups, group, b);
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(part[r][m], s, acc[r][m]);
+      const vf s = mask_scales(scale + r * groups, group, groups, b);
+      for (int m = 0; m < M; ++m) acc[r][m] += part[r][m] * s;
     }
   }
   // the offsets' term: whole vectors of groups into the accumulators, the rest after the sums
   int64_t g = 0;
-  for (; g + 8 <= groups; g += 8)
+  for (; g + VW <= groups; g += VW)
     for (int r = 0; r < R; ++r) {
-      const __m256 o = reinterpret_cast<__m256>(vload_s(offset + r * groups + g));
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(o, _mm256_loadu_ps(gsum + m * groups + g), acc[r][m]);
+      const vf o = vload_s(offset + r * groups + g);
+      for (int m = 0; m < M; ++m) acc[r][m] += o * vload(gsum + m * groups + g);
     }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float tail = 0.f;
       for (int64_t t = g; t < groups; ++t) tail += scalar(offset[r * groups + t]) * gsum[m * groups + t];
-      yt[r * M + m] = hsum(reinterpret_cast<vf>(acc[r][m])) + tail;
+      yt[r * M + m] = hsum(acc[r][m]) + tail;
     }
 }
 
-// x' for mask_tile: per token and 64-column block, x'[j * 8 + i] = x[8i + j] * 16^-j (j < 7), x[8i + 7]
+// x' for mask_tile: per token and block, x'[j * VW + i] = x[8i + j] * 16^-j (j < 7), x[8i + 7]; a
+// half block's upper lanes are zero. `out` holds mask_x_floats(k_dim).
+inline int64_t mask_x_floats(int64_t k_dim) { return (k_dim + MASK_BLOCK - 1) / MASK_BLOCK * MASK_BLOCK; }
 inline void mask_x(const float* x, int64_t k_dim, float* out) {
   static const float pow16[8] = {1.f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.f};
-  for (int64_t b = 0; b < k_dim; b += 64)
+  for (int64_t b = 0; b < k_dim; b += MASK_BLOCK)
     for (int j = 0; j < 8; ++j)
-      for (int i = 0; i < 8; ++i) out[b + j * 8 + i] = x[b + 8 * i + j] * pow16[j];
+      for (int i = 0; i < VW; ++i) {
+        const int64_t k = b + 8 * i + j;
+        out[b + j * VW + i] = k < k_dim ? x[k] * pow16[j] : 0.f;
+      }
 }
+
+// AVX-512, 4-bit groups of 32 where mask_tile does not apply: quant_tile's table lookup
+inline bool table_path(int64_t bits, int64_t group, int64_t k_dim, int64_t m_dim) {
+#if defined(__AVX512F__)
+  return bits == 4 && group == 32 && !mask_path(bits, group, k_dim, m_dim);
 #else
-inline bool mask_path(int64_t, int64_t, int64_t, int64_t) { return false; }
-inline void mask_x(const float*, int64_t, float*) {}
+  return false;
 #endif
+}
 
 // y^T[n0:n0+R, 0:M] for R weight rows (R rows at once: independent accumulator chains, shared x loads).
 // xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx` floats apart; gsum [M, G]:
@@ -234,19 +283,17 @@ inline void mask_x(const float*, int64_t, float*) {}
 template <int M, int R, int BITS, typename S>
 inline void quant_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t k_dim,
                        int64_t group, const float* xs, int64_t ldx, const float* gsum, int64_t groups, float* yt) {
-#ifdef TANDEM_MASK_PATH
   if (mask_path(BITS, group, k_dim, M)) {
     mask_tile<M, R>(q, row_bytes, scale, offset, k_dim, group, xs, ldx, gsum, groups, yt);
     return;
   }
-#endif
   vf acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = vf{};
   prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
   const int64_t half = k_dim / 2;
 #if defined(__AVX512F__)
-  if (BITS == 4 && group == 32) {
+  if (table_path(BITS, group, k_dim, M)) {
     // Q4_0/Q4_1's groups of 32: a group's 16 possible weights q * scale + offset as a table, and the
     // nibbles pick from it (vpermps reads an index's low 4 bits), so no conversions, no scale
     // multiply and no offsets term after
@@ -415,12 +462,6 @@ inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t gro
       }
     }
   }
-}
-
-// up to 16 scales or offsets (the lanes of `mask`) as floats
-inline __m512 masked_s(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 masked_s(__mmask16 mask, const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
 }
 
 template <int M, int R, int BITS, typename S>
@@ -688,47 +729,41 @@ struct QuantRows {
 // What the float tiles read of x: per token the sums of x over each group (the offsets' term; not
 // needed by the table path) and, for 4 bits, x split into its even then its odd columns, so the low
 // and high nibbles of a byte vector meet their x values without a shuffle (mask_tile's rows: x
-// permuted and scaled per 64-column block, mask_x). Plain loops into `buf`
+// permuted and scaled per block, mask_x). Plain loops into `buf`
 // (x_floats of them): for 1-4 rows, ATen's slice/cat/sum calls cost more than the work.
 struct XFloat {
-  const float* xs;    // x (8 bits), [x_even | x_odd] or mask_x's blocks, per token k_dim floats apart
+  const float* xs;    // x (8 bits), [x_even | x_odd] or mask_x's blocks, per token ldx floats apart
   const float* gsum;  // [M, K / group]
+  int64_t ldx;
 };
 
-inline bool table_path(int64_t bits, int64_t group) {
-#if defined(__AVX512F__)
-  return bits == 4 && group == 32;
-#else
-  return false;
-#endif
-}
-
 inline int64_t x_floats(int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits) {
-  return m_dim * (k_dim / group + (bits == 4 ? k_dim : 0));
+  return m_dim * (k_dim / group + (bits == 4 ? mask_x_floats(k_dim) : 0));
 }
 
 inline XFloat prepare_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, float* buf) {
   const int64_t groups = k_dim / group;
   float* gsum = buf;
-  if (!table_path(bits, group))
+  if (!table_path(bits, group, k_dim, m_dim))
     for (int64_t m = 0; m < m_dim; ++m)
       for (int64_t g = 0; g < groups; ++g) {
         float acc = 0.f;
         for (int64_t k = g * group; k < (g + 1) * group; ++k) acc += x[m * k_dim + k];
         gsum[m * groups + g] = acc;
       }
-  if (bits == 8) return {x, gsum};
+  if (bits == 8) return {x, gsum, k_dim};
   float* split = gsum + m_dim * groups;
   if (mask_path(bits, group, k_dim, m_dim)) {
-    for (int64_t m = 0; m < m_dim; ++m) mask_x(x + m * k_dim, k_dim, split + m * k_dim);
-    return {split, gsum};
+    const int64_t ldx = mask_x_floats(k_dim);
+    for (int64_t m = 0; m < m_dim; ++m) mask_x(x + m * k_dim, k_dim, split + m * ldx);
+    return {split, gsum, ldx};
   }
   for (int64_t m = 0; m < m_dim; ++m)
     for (int64_t j = 0; j < k_dim / 2; ++j) {
       split[m * k_dim + j] = x[m * k_dim + 2 * j];
       split[m * k_dim + k_dim / 2 + j] = x[m * k_dim + 2 * j + 1];
     }
-  return {split, gsum};
+  return {split, gsum, k_dim};
 }
 
 // f(std::integral_constant<int, M>) for M = rows (1-4): the register tiles' row count as a constant.
@@ -780,8 +815,8 @@ at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, co
   const XFloat xf = prepare_x(x.data_ptr<float>(), m_dim, k_dim, group, bits, scratch.data());
   for_rows(m_dim, [&](auto rows) {
     constexpr int M = decltype(rows)::value;
-    if (bits == 8) quant_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xf.xs, k_dim, xf.gsum, y);
-    else quant_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xf.xs, k_dim, xf.gsum, y);
+    if (bits == 8) quant_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xf.xs, xf.ldx, xf.gsum, y);
+    else quant_rows<M, 4>(q, row_bytes, s, o, n_dim, k_dim, group, xf.xs, xf.ldx, xf.gsum, y);
   });
   return yt.t();
 }

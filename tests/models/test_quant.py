@@ -50,9 +50,10 @@ def test_fused_layers_compute_the_parts_side_by_side():
 @pytest.mark.parametrize(
     "bits, group, shape",
     [(8, 576, (576, 200)), (8, 32, (576, 200)), (4, 32, (576, 200)), (4, 64, (576, 200)),
-     # AVX2's 4-bit path takes 64-column blocks: a group over several blocks, a tail row beyond the
-     # tiles, and a width that is not whole blocks (the widening path)
-     (4, 192, (576, 203)), (4, 32, (544, 203))],
+     # the 4-bit mask path takes blocks of 64 (AVX2) or 128 columns (AVX-512, where 576 ends in half a
+     # block): groups over several blocks, a tail row beyond the tiles, and a width that is not whole
+     # blocks (the table or widening path)
+     (4, 192, (576, 203)), (4, 256, (768, 203)), (4, 32, (544, 203))],
 )  # fmt: skip
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
 def test_the_kernel_matches_the_dequantized_reference(bits, group, shape, scale_dtype):
