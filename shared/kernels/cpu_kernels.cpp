@@ -513,6 +513,14 @@ c10::optional<Tensor> decode_layers(const Tensor& x, at::TensorList weights, con
       TORCH_CHECK(id >= 0 && id < n_blocks, "block id out of range");
     }
   }
+  // rows that read another row's slot: the blocks of a row's keys hold another row's new token
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t u = 0; u < m; ++u) {
+      if (u == t) continue;
+      const int64_t* tab = step.tables + u * step.max_blocks;
+      for (int64_t b = 0; b < (step.lens[u] + bs - 1) / bs; ++b)
+        step.rows_share_keys |= tab[b] == step.slots[t] / bs;
+    }
   // attention items: each (sequence, KV head) over enough chunks of keys that every thread gets some
   const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
   const int64_t want = std::max<int64_t>(1, (2 * nt + m * n_kv - 1) / (m * n_kv));

@@ -179,6 +179,9 @@ struct DecodeStep {
   std::vector<const float*> norms;   // per layer: input, post-attention
   std::vector<float*> kc, vc;        // per layer: caches [blocks, KV, B, D]
   std::vector<int64_t> windows;      // per layer
+  // some row attends to another's new key (a speculative step's rows of one sequence: each sees the
+  // ones before it), so every row's k and v go into the cache, and a barrier, before attention
+  bool rows_share_keys = false;
   const float *x_in, *final_norm, *cos, *sin;  // x_in [M, C]; cos, sin [M, rot_half]
   const int64_t *slots, *tables, *lens;        // [M], [M, max_blocks], [M]
   std::vector<int64_t> chunks;       // per sequence: key chunks attention splits into
@@ -255,9 +258,19 @@ struct DecodeStep {
       for (int64_t j = 0; j < n; ++j) dst[t * n + j] = src_t[j * m + t];
   }
 
+  // row t's k and v of KV head g into its cache slot
+  void write_kv(int64_t l, int64_t t, int64_t g, const float* qkv) const {
+    const int64_t width = (h + 2 * kv) * d, row = bs * d;
+    const float* qrow = qkv + t * width;
+    const int64_t slot = slots[t], dst = ((slot / bs) * kv + g) * row + (slot % bs) * d;
+    std::memcpy(kc[l] + dst, qrow + (h + g) * d, d * sizeof(float));
+    std::memcpy(vc[l] + dst, qrow + (h + kv + g) * d, d * sizeof(float));
+  }
+
   // Attention item `item` of layer l: one sequence's KV head over one chunk of its keys, for the
   // group's query heads (roped q in qkv rows). Writes per query head (max score, sum of exp, sum of
-  // exp * v [D]) to partials. The chunk ending at the new token writes its k and v to the cache first.
+  // exp * v [D]) to partials. The chunk ending at the new token writes its k and v to the cache first,
+  // unless rows read each other's keys (written before the attention then).
   void attend(int64_t l, int64_t item, const float* qkv, std::vector<float>& scores) {
     int64_t t = 0;
     while (t + 1 < m && item_start[(t + 1) * kv] <= item) ++t;
@@ -267,11 +280,7 @@ struct DecodeStep {
     const int64_t width = (h + 2 * kv) * d, group = h / kv, row = bs * d, blk = kv * row;
     const float* qrow = qkv + t * width;
     const int64_t* table = tables + t * max_blocks;
-    if (b == len) {  // the new token's k and v into its slot
-      const int64_t slot = slots[t], dst = ((slot / bs) * kv + g) * row + (slot % bs) * d;
-      std::memcpy(kc[l] + dst, qrow + (h + g) * d, d * sizeof(float));
-      std::memcpy(vc[l] + dst, qrow + (h + kv + g) * d, d * sizeof(float));
-    }
+    if (b == len && !rows_share_keys) write_kv(l, t, g, qkv);  // the new token's k and v into its slot
     const PagedHead head{kc[l] + g * row, vc[l] + g * row, table, bs, d, blk};
     attend_keys(qrow + g * group * d, d, group, head, d, a, b, scale, scores,
                 partials.data() + (item * group) * (d + 2));
@@ -326,6 +335,11 @@ struct DecodeStep {
 #pragma omp barrier
       rows_of(qkv_t.data(), width, qkv.data());
       rope(qkv.data());
+      if (rows_share_keys) {  // every row's k and v in the cache before any row attends
+        for (int64_t t = tid; t < m; t += nt)
+          for (int64_t g = 0; g < kv; ++g) write_kv(l, t, g, qkv.data());
+#pragma omp barrier
+      }
       for (int64_t i = n_items * tid / nt; i < n_items * (tid + 1) / nt; ++i) attend(l, i, qkv.data(), scores);
 #pragma omp barrier
       merge(attn.data());

@@ -218,3 +218,39 @@ def test_a_worker_configured_with_a_draft_model_keeps_greedy_text(store_root, de
     stats = engine.speculator.stats["draft"]
     assert stats.draft_tokens > 0 and stats.accepted_tokens == stats.draft_tokens
     assert_clean(engine)
+
+
+PASSAGE = (
+    "The lighthouse on the northern cape was built in 1871 from granite quarried on the island. Its lamp "
+    "burned whale oil until 1902, then paraffin, and since 1958 it has been electric. The keeper's house "
+    "beside it is now a museum of shipwrecks, with the bell of the steamer Orkney, which sank in the storm "
+    "of 1893, hanging in its hall. Visitors climb 142 steps to the gallery, from which on a clear day the "
+    "mainland can be seen thirty miles to the south."
+)
+
+
+def test_one_request_verified_in_the_one_team_decode_step_matches_plain_decoding(default_model_dir):
+    """SmolLM2 with up to 3 drafts: the last token and its drafts are 2-4 decode rows of one sequence,
+    which the CPU kernels run on one thread team (decode_step.h). Each row attends to the rows before it,
+    so their K/V must be in the cache before any row attends (a row on the other thread once read a slot
+    still holding a rejected draft's K/V): the same tokens and log-probabilities as plain decoding."""
+    engine = LLMEngine.from_store(default_model_dir, EngineConfig(num_speculative_tokens=3))
+    prompt = engine.tokenizer.encode_chat(
+        [{"role": "user", "content": f"Summarize this text, quoting its key sentences:\n\n{PASSAGE}"}]
+    )
+
+    def decode(method: str) -> list[tuple[int, float]]:
+        params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, speculative=method, logprobs=0)
+        engine.add_request(method, prompt, params)
+        got: list[tuple[int, float]] = []
+        while engine.has_unfinished():
+            for out in engine.step():
+                got += [(lp.token_id, lp.logprob) for lp in out.new_logprobs]
+        return got
+
+    plain, spec = decode("off"), decode("ngram")
+    assert [t for t, _ in spec] == [t for t, _ in plain]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(spec, plain, strict=True)) < 1e-4
+    stats = engine.speculator.stats["ngram"]
+    assert 0 < stats.accepted_tokens < stats.draft_tokens, stats  # verify steps, some drafts rejected
+    assert_clean(engine)
