@@ -2,11 +2,14 @@
 
     load the base model from the store → LoRA / full → wrap for DDP or FSDP (ray.train.torch)
     → restore the latest checkpoint if Ray hands one over → for each step: this worker's
-    micro-batches → Trainer.step → ray.train.report(metrics[, checkpoint])
+    micro-batches → Trainer.step → metrics; at a checkpoint step ray.train.report(metrics, checkpoint)
 
 Ray Train has already joined the workers in a torch.distributed group (gloo on CPU, NCCL on GPU).
-Every worker reports every step (report is a barrier); worker 0 also writes the step's metrics to
-<job dir>/metrics.jsonl and attaches the checkpoints, which Ray persists under <job dir>/run/.
+Worker 0 writes every step's metrics to <job dir>/metrics.jsonl (what the controller and the CLI
+read). Workers report to Ray only at checkpoint steps (every worker: report is a barrier), with the
+checkpoint worker 0 attaches, which Ray persists under <job dir>/run/: a report waits until Ray's
+controller has taken the previous one, which it polls for every 2 s, so reporting every step would
+hold fast steps (a small model, a GPU) to one per poll.
 Running the same job again finds that run and resumes from its latest checkpoint.
 """
 
@@ -101,14 +104,12 @@ def train_loop_per_worker(config: dict) -> None:
                 metrics["loss"],
                 metrics["learning_rate"],
             )
-        reported = {k: v for k, v in metrics.items() if k != "expert_counts"}
         if done or (step + 1) % job.checkpoint.every_steps == 0:
+            reported = {k: v for k, v in metrics.items() if k != "expert_counts"}
             with tempfile.TemporaryDirectory() as d:
                 trainer.save(Path(d), step + 1, write=rank == 0)
                 checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
                 ray.train.report(reported, checkpoint=checkpoint)
-        else:
-            ray.train.report(reported)
         if done:
             break
 
