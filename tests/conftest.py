@@ -15,6 +15,9 @@ from shared.store import BUILTIN, DEFAULT_MODEL, ModelStore
 from tests.redis_server import start_redis
 
 torch.set_num_threads(int(os.environ.get("TANDEM_TEST_THREADS", "2")))
+# Ray Train's controller polls its workers every 2 s (taking each report, noticing the end): a tiny
+# job's finish waits a few polls. Training jobs the tests start (and their subprocesses) poll faster.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 _REPORT: list[str] = []
 
