@@ -59,28 +59,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     model = prepare_model(load_model(Path(config["base_dir"]), device=device), job)
     plan = plan_for(job, len(examples))
-    sparse = any(isinstance(m, SparseMoE) for m in model.modules())
-
-    if job.scaling.strategy == "fsdp":
-        # LoRA mixes frozen and trainable weights in a layer: FSDP must keep the original parameters
-        wrap_kwargs = {"use_orig_params": True}
-    else:
-        # experts that get no token in a micro-batch have no gradient: DDP must not wait for them
-        wrap_kwargs = {"find_unused_parameters": True} if sparse else None
-
-    def wrap(module):
-        return ray.train.torch.prepare_model(
-            module, move_to_device=device, parallel_strategy=job.scaling.strategy,
-            parallel_strategy_kwargs=wrap_kwargs,
-        )  # fmt: skip
-
-    trainer = Trainer(model, job, plan.total_steps, device, wrap=wrap)
-    start = 0
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            start = trainer.load(Path(d))
-        log.info("worker %d resumed from step %d", rank, start)
+    trainer = Trainer(model, job, plan.total_steps, device, wrap=_wrapper(job, model, device))
+    start = _restore(trainer, rank)
     metrics_file = Path(config["job_dir"]) / METRICS
     if rank == 0:
         _truncate_metrics(metrics_file, start)
@@ -97,21 +77,51 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            log.info(
-                "step %d/%d loss %.4f lr %.2e",
-                step + 1,
-                plan.total_steps,
-                metrics["loss"],
-                metrics["learning_rate"],
-            )
+            log.info("step %d/%d loss %.4f lr %.2e", step + 1, plan.total_steps, metrics["loss"], metrics["learning_rate"])  # fmt: skip
         if done or (step + 1) % job.checkpoint.every_steps == 0:
-            reported = {k: v for k, v in metrics.items() if k != "expert_counts"}
-            with tempfile.TemporaryDirectory() as d:
-                trainer.save(Path(d), step + 1, write=rank == 0)
-                checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
-                ray.train.report(reported, checkpoint=checkpoint)
+            _report(trainer, metrics, rank)
         if done:
             break
+
+
+def _wrapper(job: TrainJob, model: torch.nn.Module, device: torch.device):
+    """How Ray Train wraps a module for the job's strategy (DDP or FSDP) on `device`."""
+    if job.scaling.strategy == "fsdp":
+        # LoRA mixes frozen and trainable weights in a layer: FSDP must keep the original parameters
+        kwargs = {"use_orig_params": True}
+    elif any(isinstance(m, SparseMoE) for m in model.modules()):
+        # experts that get no token in a micro-batch have no gradient: DDP must not wait for them
+        kwargs = {"find_unused_parameters": True}
+    else:
+        kwargs = None
+
+    def wrap(module):
+        return ray.train.torch.prepare_model(
+            module, move_to_device=device, parallel_strategy=job.scaling.strategy,
+            parallel_strategy_kwargs=kwargs,
+        )  # fmt: skip
+
+    return wrap
+
+
+def _restore(trainer: Trainer, rank: int) -> int:
+    """Load the checkpoint Ray hands over (a rerun of the job) and return its step; 0 without one."""
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return 0
+    with restored.as_directory() as d:
+        start = trainer.load(Path(d))
+    log.info("worker %d resumed from step %d", rank, start)
+    return start
+
+
+def _report(trainer: Trainer, metrics: dict, rank: int) -> None:
+    """Report a checkpoint step to Ray (a barrier across workers); worker 0 attaches the checkpoint."""
+    reported = {k: v for k, v in metrics.items() if k != "expert_counts"}
+    with tempfile.TemporaryDirectory() as d:
+        trainer.save(Path(d), metrics["step"], write=rank == 0)
+        checkpoint = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+        ray.train.report(reported, checkpoint=checkpoint)
 
 
 def validation_loss(trainer: Trainer, job: TrainJob, examples: list[Example], rank: int, world: int) -> float:
