@@ -77,7 +77,13 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            log.info("step %d/%d loss %.4f lr %.2e", step + 1, plan.total_steps, metrics["loss"], metrics["learning_rate"])  # fmt: skip
+            log.info(
+                "step %d/%d loss %.4f lr %.2e",
+                step + 1,
+                plan.total_steps,
+                metrics["loss"],
+                metrics["learning_rate"],
+            )
         if done or (step + 1) % job.checkpoint.every_steps == 0:
             _report(trainer, metrics, rank)
         if done:
