@@ -94,20 +94,153 @@ struct PagedHead {
   const float* value(int64_t p) const { return v + table[p / bs] * blk + (p % bs) * d; }
 };
 
+// lane i of the result = the sum of v[i]'s lanes, for VW vectors at once: log2(VW) levels of shuffles
+// and adds that halve the vectors each time, instead of VW separate reductions (a dot product of a
+// 64-float head is 4 FMAs; its own reduction cost more than they did). AVX-512's levels leave the sums
+// in the lane order 4c + L <- vector 4L + c, so callers put vector i in slot reduce_slot(i).
+inline int reduce_slot(int i) { return VW == 16 ? (i % 4) * 4 + i / 4 : i; }
+#if defined(__AVX512F__)
+inline vf reduce_lanes(const vf* v) {
+  __m512 u[8], w[4], x[2];
+  for (int k = 0; k < 8; ++k) {  // 128-bit halves of each pair: [a0+a2, a1+a3, b0+b2, b1+b3]
+    const __m512 a = reinterpret_cast<__m512>(v[2 * k]), b = reinterpret_cast<__m512>(v[2 * k + 1]);
+    u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int k = 0; k < 4; ++k)  // one 128-bit lane per vector
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0xDD));
+  for (int k = 0; k < 2; ++k)  // two floats per vector
+    x[k] = _mm512_add_ps(_mm512_unpacklo_ps(w[2 * k], w[2 * k + 1]), _mm512_unpackhi_ps(w[2 * k], w[2 * k + 1]));
+  return reinterpret_cast<vf>(
+      _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x44), _mm512_shuffle_ps(x[0], x[1], 0xEE)));
+}
+#else
+inline vf reduce_lanes(const vf* v) {
+  __m256 x[4], y[2];
+  for (int k = 0; k < 4; ++k) {
+    const __m256 a = reinterpret_cast<__m256>(v[2 * k]), b = reinterpret_cast<__m256>(v[2 * k + 1]);
+    x[k] = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+  }
+  for (int k = 0; k < 2; ++k)
+    y[k] = _mm256_add_ps(_mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44), _mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
+  return reinterpret_cast<vf>(
+      _mm256_add_ps(_mm256_permute2f128_ps(y[0], y[1], 0x20), _mm256_permute2f128_ps(y[0], y[1], 0x31)));
+}
+#endif
+
+// Rows of one KV head's keys or values in order from position p: the block table walked without a
+// division per row.
+struct RowWalk {
+  const float* base;  // the head's row 0 of block 0 in the K or V cache
+  const PagedHead& head;
+  int64_t blk, off;
+  RowWalk(const float* base, const PagedHead& head, int64_t p) : base(base), head(head), blk(p / head.bs), off(p % head.bs) {}
+  const float* next() {
+    const float* row = base + head.table[blk] * head.blk + off * head.d;
+    if (++off == head.bs) off = 0, ++blk;
+    return row;
+  }
+};
+
+// A block of the cache is a few KB of rows, the next one anywhere: the hardware prefetchers restart
+// at each, so the kernels ask for rows this many positions ahead.
+constexpr int64_t ROWS_AHEAD = 2 * VW;
+inline void prefetch_row(const float* row, int64_t d) {
+  for (int64_t i = 0; i < d; i += 64 / sizeof(float)) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+}
+
+// q . key * scale for `group` query heads (rows qs1 apart) over keys [a, b): head j's scores at
+// scores[j * ld + p - a], VW keys at a time, each head's VW dot products reduced together.
+inline void key_scores(const float* q, int64_t qs1, int64_t group, const PagedHead& head, int64_t d, int64_t a,
+                       int64_t b, float scale, float* scores, int64_t ld) {
+  const vf sv = vsplat(scale);
+  RowWalk rows(head.k, head, a), ahead(head.k, head, std::min(b, a + ROWS_AHEAD));
+  for (int64_t p0 = a; p0 < b; p0 += VW) {
+    const int64_t n = std::min<int64_t>(VW, b - p0);
+    const float* key[VW];
+    for (int64_t i = 0; i < n; ++i) key[i] = rows.next();
+    for (int64_t i = n; i < VW; ++i) key[i] = key[0];  // past b: computed, not stored
+    for (int64_t p = p0 + ROWS_AHEAD; p < std::min(b, p0 + VW + ROWS_AHEAD); ++p)
+      prefetch_row(ahead.next(), d);
+    for (int64_t j = 0; j < group; ++j) {
+      const float* qj = q + j * qs1;
+      vf part[VW];
+      const vf q0 = vload(qj);
+      for (int i = 0; i < VW; ++i) part[reduce_slot(i)] = q0 * vload(key[i]);
+      for (int64_t v = VW; v < d; v += VW) {
+        const vf qv = vload(qj + v);
+        for (int i = 0; i < VW; ++i) part[reduce_slot(i)] += qv * vload(key[i] + v);
+      }
+      vstore(scores + j * ld + (p0 - a), reduce_lanes(part) * sv);
+    }
+  }
+}
+
+// acc[j][0:d] = sum_p w[j * ld + p - a] * value[p] for G heads, SV vectors of d at a time in registers.
+template <int G, int SV>
+void weigh_values(const float* w, int64_t ld, const PagedHead& head, int64_t d, int64_t a, int64_t b, float* part) {
+  for (int64_t v0 = 0; v0 < d; v0 += SV * VW) {
+    vf acc[G][SV];
+    for (int j = 0; j < G; ++j)
+      for (int s = 0; s < SV; ++s) acc[j][s] = vf{};
+    RowWalk rows(head.v, head, a), ahead(head.v, head, std::min(b, a + ROWS_AHEAD));
+    for (int64_t p = a; p < b; ++p) {
+      const float* value = rows.next() + v0;
+      if (v0 == 0 && p + ROWS_AHEAD < b) prefetch_row(ahead.next(), d);
+      vf val[SV];
+      for (int s = 0; s < SV; ++s) val[s] = vload(value + s * VW);
+      for (int j = 0; j < G; ++j) {
+        const vf wj = vsplat(w[j * ld + (p - a)]);
+        for (int s = 0; s < SV; ++s) acc[j][s] += wj * val[s];
+      }
+    }
+    for (int j = 0; j < G; ++j)
+      for (int s = 0; s < SV; ++s) vstore(part + j * (d + 2) + 2 + v0 + s * VW, acc[j][s]);
+  }
+}
+
+// weigh_values for `group` heads: register tiles of up to 4 heads (AVX2: 2) and 4 vectors of d.
+inline void weigh_all(const float* w, int64_t ld, int64_t group, const PagedHead& head, int64_t d, int64_t a,
+                      int64_t b, float* part) {
+  constexpr int GT = VW == 16 ? 4 : 2;
+  const bool four = d % (4 * VW) == 0;
+  for (int64_t j = 0; j < group; j += GT) {
+    const float* wj = w + j * ld;
+    float* pj = part + j * (d + 2);
+    switch (std::min<int64_t>(GT, group - j) * 2 + four) {
+      case 2: weigh_values<1, 1>(wj, ld, head, d, a, b, pj); break;
+      case 3: weigh_values<1, 4>(wj, ld, head, d, a, b, pj); break;
+      case 4: weigh_values<2, 1>(wj, ld, head, d, a, b, pj); break;
+      case 5: weigh_values<2, 4>(wj, ld, head, d, a, b, pj); break;
+      case 6: weigh_values<3, 1>(wj, ld, head, d, a, b, pj); break;
+      case 7: weigh_values<3, 4>(wj, ld, head, d, a, b, pj); break;
+      case 8: weigh_values<4, 1>(wj, ld, head, d, a, b, pj); break;
+      default: weigh_values<4, 4>(wj, ld, head, d, a, b, pj); break;
+    }
+  }
+}
+
 // Softmax partials of `group` query heads (q rows qs1 floats apart) over keys [a, b) of one KV head:
 // per head j, part[j * (d + 2) ...] = (max score, sum of exp, sum of exp * value [d]). The output is
-// the last d floats over the second; partials of several key ranges merge by their maxima.
+// the last d floats over the second; partials of several key ranges merge by their maxima. Heads of
+// whole vectors (d a multiple of VW) take the register-tiled kernels above, each key and value row
+// read once for all `group` heads; others a plain loop.
 inline void attend_keys(const float* q, int64_t qs1, int64_t group, const PagedHead& head, int64_t d, int64_t a,
                         int64_t b, float scale, std::vector<float>& scores, float* part) {
-  const int64_t n_keys = b - a;
-  scores.resize(std::max<int64_t>(1, group * n_keys));
-  for (int64_t p = a; p < b; ++p) {
-    const float* key = head.key(p);
-    for (int64_t j = 0; j < group; ++j) scores[j * n_keys + (p - a)] = dot(q + j * qs1, key, d) * scale;
+  const int64_t n_keys = b - a, ld = (n_keys + VW - 1) / VW * VW;
+  const bool tiled = d % VW == 0;
+  scores.resize(std::max<int64_t>(1, group * ld));
+  if (tiled) {
+    key_scores(q, qs1, group, head, d, a, b, scale, scores.data(), ld);
+  } else {
+    for (int64_t p = a; p < b; ++p) {
+      const float* key = head.key(p);
+      for (int64_t j = 0; j < group; ++j) scores[j * ld + (p - a)] = dot(q + j * qs1, key, d) * scale;
+    }
   }
   for (int64_t j = 0; j < group; ++j) {
     float* pj = part + j * (d + 2);
-    float* sj = scores.data() + j * n_keys;
+    float* sj = scores.data() + j * ld;
     float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
     for (int64_t i = 0; i < n_keys; ++i) mx = std::max(mx, sj[i]);
 #pragma omp simd reduction(+ : sum)
@@ -116,12 +249,16 @@ inline void attend_keys(const float* q, int64_t qs1, int64_t group, const PagedH
       sum += sj[i];
     }
     pj[0] = mx, pj[1] = sum;
-    std::fill(pj + 2, pj + 2 + d, 0.f);
   }
+  if (tiled) {
+    weigh_all(scores.data(), ld, group, head, d, a, b, part);
+    return;
+  }
+  for (int64_t j = 0; j < group; ++j) std::fill(part + j * (d + 2) + 2, part + j * (d + 2) + 2 + d, 0.f);
   for (int64_t p = a; p < b; ++p) {
     const float* value = head.value(p);
     for (int64_t j = 0; j < group; ++j) {
-      const float w = scores[j * n_keys + (p - a)];
+      const float w = scores[j * ld + (p - a)];
       float* acc = part + j * (d + 2) + 2;
 #pragma omp simd
       for (int64_t i = 0; i < d; ++i) acc[i] += w * value[i];

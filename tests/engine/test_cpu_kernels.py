@@ -53,13 +53,17 @@ def reference_decode(q, k_cache, v_cache, table, length, scale, window):
 
 
 @pytest.mark.parametrize("window", [-1, 7])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
-def test_paged_decode_attention_matches_sdpa(ops, heads, kv_heads, dim, window):
+# head dims of whole vectors take register tiles of up to 4 heads (AVX2: 2) and 4 vectors, the rest a
+# plain loop; odd block sizes put block edges inside a run of keys
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,bs", [(9, 3, 64, 16), (4, 4, 32, 16), (8, 1, 16, 16), (10, 2, 48, 5), (6, 3, 24, 7)]
+)
+def test_paged_decode_attention_matches_sdpa(ops, heads, kv_heads, dim, bs, window):
     torch.manual_seed(0)
-    blocks, bs = 48, 16
+    blocks = 48
     k_cache, v_cache = torch.randn(blocks, kv_heads, bs, dim), torch.randn(blocks, kv_heads, bs, dim)
     lens = torch.tensor([1, 16, 17, 100, 33])
-    tables = torch.stack([torch.randperm(blocks)[:8] for _ in lens])
+    tables = torch.stack([torch.randperm(blocks)[: -(-100 // bs)] for _ in lens])
     q = torch.randn(len(lens), heads * 2, dim)[:, ::2]  # a strided view, as the fused qkv gives
     out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, window)
     for i, n in enumerate(lens.tolist()):
