@@ -21,6 +21,7 @@ class Config(ServiceConfig):
     # the engine
     device: str = "cpu"
     dtype: str = "float32"
+    kv_cache_dtype: str = "auto"  # the KV cache's element type (auto: the model's dtype)
     kv_cache_mb: int = 512
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -39,6 +40,7 @@ class Config(ServiceConfig):
         return EngineConfig(
             device=self.device,
             dtype=self.dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
             kv_cache_bytes=self.kv_cache_mb * 2**20,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,

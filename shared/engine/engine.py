@@ -65,6 +65,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     device: str = "cpu"
     dtype: str = "float32"
+    # the KV cache's element type: "auto" (the model's dtype) or a dtype name; float16 halves the cache's
+    # bytes (twice the tokens in kv_cache_bytes, half the bytes attention reads a step), its rows
+    # rounded to float16 as they are written (vLLM's --kv-cache-dtype, llama.cpp's default f16 cache)
+    kv_cache_dtype: str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     cpu_kernels: bool = True  # Tandem's compiled CPU kernels where they apply (shared/kernels)
     max_loras: int = 8  # LoRA adapters held at once (the least recently used idle one makes room)
@@ -84,6 +88,15 @@ class EngineConfig:
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got '{self.dtype}'")
         return torch_dtype(self.dtype)
+
+    def kv_torch_dtype(self) -> torch.dtype:
+        if self.kv_cache_dtype == "auto":
+            return self.torch_dtype()
+        if self.kv_cache_dtype not in DTYPE_NAMES:
+            raise ValueError(
+                f"kv_cache_dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got '{self.kv_cache_dtype}'"
+            )
+        return torch_dtype(self.kv_cache_dtype)
 
 
 @dataclass(frozen=True)
@@ -119,8 +132,8 @@ class LLMEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
-        dtype = config.torch_dtype()
-        per_block = kv_bytes_per_token(model, dtype) * config.block_size
+        kv_dtype = config.kv_torch_dtype()
+        per_block = kv_bytes_per_token(model, kv_dtype) * config.block_size
         num_blocks = config.num_blocks or max(1, config.kv_cache_bytes // per_block)
         # A sequence can never outgrow the cache: clamp the context length to what the pool holds.
         wanted = config.max_model_len or model.config.max_position_embeddings
@@ -128,7 +141,7 @@ class LLMEngine:
         if self.max_model_len < wanted:
             log.warning("context length clamped to %d tokens: the KV cache holds no more", self.max_model_len)
         cfg = model.config
-        layout = f"{dtype}/{cfg.num_layers}L/{cfg.num_kv_heads}x{cfg.head_dim}/B{config.block_size}"
+        layout = f"{kv_dtype}/{cfg.num_layers}L/{cfg.num_kv_heads}x{cfg.head_dim}/B{config.block_size}"
         self.layout = layout
         self.pool = BlockPool(num_blocks, config.block_size)
         self.kv = KVCacheManager(self.pool, (model_id, layout), config.enable_prefix_caching)
@@ -137,14 +150,14 @@ class LLMEngine:
             self.kv,
         )
         self.runner = ModelRunner(
-            model, num_blocks, config.block_size, dtype, config.cpu_kernels, config.int8_activations
+            model, num_blocks, config.block_size, kv_dtype, config.cpu_kernels, config.int8_activations
         )
         self.sampler = Sampler(self.runner.kernels)
         self.speculator = Speculator.build(
             SpecConfig(config.speculative, config.num_speculative_tokens, config.prompt_lookup_max,
                        config.prompt_lookup_min, config.speculative_max_rows),
             self.sampler, model.config.vocab_size, draft,
-            num_blocks=num_blocks, block_size=config.block_size, dtype=dtype, cpu_kernels=config.cpu_kernels,
+            num_blocks=num_blocks, block_size=config.block_size, dtype=kv_dtype, cpu_kernels=config.cpu_kernels,
             int8_activations=config.int8_activations,
         )  # fmt: skip
         self.loras: OrderedDict[str, Path] = OrderedDict()  # loaded adapters, least recently used first

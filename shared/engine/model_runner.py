@@ -19,7 +19,7 @@ from contextlib import nullcontext
 import torch
 
 from shared.engine.cpu_stack import CpuStack
-from shared.engine.paged_attention import PagedAttention, PagedMetadata, PrefillChunk
+from shared.engine.paged_attention import KERNEL_KV_DTYPES, PagedAttention, PagedMetadata, PrefillChunk
 from shared.engine.request import Request
 from shared.kernels import cpu_ops
 from shared.models.linear import SMALL_BATCH_ROWS
@@ -59,7 +59,7 @@ class ModelRunner:
         # Tandem's compiled CPU kernels (shared/kernels), where they apply: the whole decoder stack
         # of dense models (cpu_stack.py); for other models their attention and GEMMs.
         self.kernels = None
-        if cpu_kernels and self.device.type == "cpu" and kv_dtype == torch.float32:
+        if cpu_kernels and self.device.type == "cpu" and kv_dtype in KERNEL_KV_DTYPES:
             self.kernels = cpu_ops()
         self.cpu_stack = CpuStack.build(model, self.kernels, int8_activations)
         self.loras: LoraBank | None = None  # set by the engine when it loads its first adapter

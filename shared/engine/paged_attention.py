@@ -16,7 +16,7 @@ sequence in one step:
   * prefill chunks (several query tokens): one SDPA each. A chunk that starts at position 0 attends
     to its own k/v directly; a later chunk, or one after a cached prefix, gathers its blocks and
     uses a causal mask offset by the tokens already in the cache.
-On CPU with float32 caches both kinds go to Tandem's compiled kernels (shared/kernels:
+On CPU with float32 or float16 caches both kinds go to Tandem's compiled kernels (shared/kernels:
 `paged_decode_attention` and `paged_prefill_attention` read the keys and values straight from the
 blocks, no gather, no padding); a fused GPU kernel (FlashAttention / FlashInfer) would take the same
 metadata. The PyTorch code here is the portable reference and what runs anywhere else.
@@ -30,6 +30,9 @@ from functools import cached_property
 import torch
 
 from shared.models.attention import causal_mask, sdpa
+
+# cache dtypes the CPU kernels read (rows convert to float32 as they load)
+KERNEL_KV_DTYPES = (torch.float32, torch.float16)
 
 
 @dataclass
@@ -110,7 +113,7 @@ class PagedAttention:
             out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_cache, v_cache, scale, window).to(
                 q.dtype
             )
-        kernels = meta.kernels if q.dtype == torch.float32 and k_cache.dtype == torch.float32 else None
+        kernels = meta.kernels if q.dtype == torch.float32 and k_cache.dtype in KERNEL_KV_DTYPES else None
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_queries)
             if kernels is not None:  # causal, straight from the blocks (the chunk's K/V written above)

@@ -51,9 +51,39 @@ void check_cache(const Tensor& k_cache, const Tensor& v_cache) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous(),
               "KV caches must be contiguous [num_blocks, K, B, D]");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "K and V caches differ in shape");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "the CPU kernels take float32 caches");
+  TORCH_CHECK((k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kHalf) &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "the CPU kernels take float32 or float16 caches (both the same)");
   TORCH_CHECK(k_cache.device().is_cpu(), "the CPU kernels take CPU tensors");
+}
+
+// paged_decode_attention over caches of T into out [N, H, D]
+template <typename T>
+void decode_attention(const Tensor& q, const T* kp, const T* vp, int64_t n_kv, int64_t bs, const int64_t* tp,
+                      const int64_t* lp, int64_t max_blocks, double scale, int64_t window, Tensor& out) {
+  const int64_t n_seq = q.size(0), n_heads = q.size(1), dim = q.size(2), group = n_heads / n_kv;
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
+  const float sc = static_cast<float>(scale);
+  const int64_t row = bs * dim, blk = n_kv * row;  // a (block, head) row; a block
+
+  at::parallel_for(0, n_seq * n_kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, part(group * (dim + 2));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / n_kv, g = item % n_kv;
+      const int64_t L = lp[s];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, L - window) : 0;
+      const tandem::PagedHead<T> head{kp + g * row, vp + g * row, tp + s * max_blocks, bs, dim, blk};
+      tandem::attend_keys(qp + s * qs0 + g * group * qs1, qs1, group, head, dim, first, L, sc, scores, part.data());
+      for (int64_t j = 0; j < group; ++j) {
+        const float* pj = part.data() + j * (dim + 2);
+        float* o = op + (s * n_heads + g * group + j) * dim;
+        const float inv = 1.f / pj[1];
+        for (int64_t d = 0; d < dim; ++d) o[d] = pj[2 + d] * inv;
+      }
+    }
+  });
 }
 
 // q: [N, H, D] (any strides for N and H, unit stride for D); tables: [N, M] int64 block ids;
@@ -69,36 +99,18 @@ Tensor paged_decode_attention(const Tensor& q, const Tensor& k_cache, const Tens
   auto tab = tables.to(at::kLong).contiguous();
   auto len = lens.to(at::kLong).contiguous();
   TORCH_CHECK(tab.dim() == 2 && tab.size(0) == n_seq && len.numel() == n_seq, "tables/lens do not match q");
-  const int64_t group = n_heads / n_kv, max_blocks = tab.size(1);
+  const int64_t max_blocks = tab.size(1);
   const int64_t* tp = tab.data_ptr<int64_t>();
   const int64_t* lp = len.data_ptr<int64_t>();
   for (int64_t i = 0; i < n_seq; ++i)
     TORCH_CHECK(lp[i] > 0 && lp[i] <= max_blocks * bs, "sequence length out of range of its block table");
   auto out = at::empty({n_seq, n_heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-  const float sc = static_cast<float>(scale);
-  const int64_t row = bs * dim, blk = n_kv * row;  // a (block, head) row; a block
-
-  at::parallel_for(0, n_seq * n_kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, part(group * (dim + 2));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / n_kv, g = item % n_kv;
-      const int64_t L = lp[s];
-      const int64_t first = window > 0 ? std::max<int64_t>(0, L - window) : 0;
-      const tandem::PagedHead head{kp + g * row, vp + g * row, tp + s * max_blocks, bs, dim, blk};
-      tandem::attend_keys(qp + s * qs0 + g * group * qs1, qs1, group, head, dim, first, L, sc, scores, part.data());
-      for (int64_t j = 0; j < group; ++j) {
-        const float* pj = part.data() + j * (dim + 2);
-        float* o = op + (s * n_heads + g * group + j) * dim;
-        const float inv = 1.f / pj[1];
-        for (int64_t d = 0; d < dim; ++d) o[d] = pj[2 + d] * inv;
-      }
-    }
-  });
+  if (k_cache.scalar_type() == at::kHalf)
+    decode_attention(q, k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), n_kv, bs, tp, lp, max_blocks, scale,
+                     window, out);
+  else
+    decode_attention(q, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), n_kv, bs, tp, lp, max_blocks, scale,
+                     window, out);
   return out;
 }
 
@@ -120,6 +132,33 @@ struct PagedKeys {  // caches [blocks, K, B, D] and one sequence's block table
   int64_t stride() const { return dim; }
   int64_t run(int64_t p, int64_t hi) const { return std::min(hi - p, bs - p % bs); }
 };
+
+// A sequence's first n_s keys and values as floats [K][S][D]: a float16 cache's rows converted once
+// per prefill chunk and layer (the tiles read key rows in place; the conversion is O(S D), the
+// attention O(S D Q)).
+struct FloatKeys {
+  const float *k, *v;
+  int64_t n_s, dim;
+  const float* key(int64_t g, int64_t p) const { return k + (g * n_s + p) * dim; }
+  const float* value(int64_t g, int64_t p) const { return v + (g * n_s + p) * dim; }
+  int64_t stride() const { return dim; }
+  int64_t run(int64_t p, int64_t hi) const { return hi - p; }
+};
+
+FloatKeys float_keys(const at::Half* kc, const at::Half* vc, const int64_t* table, int64_t n_kv, int64_t bs,
+                     int64_t dim, int64_t n_s, std::vector<float>& buf) {
+  buf.resize(2 * n_kv * n_s * dim);
+  float* k = buf.data();
+  float* v = k + n_kv * n_s * dim;
+  at::parallel_for(0, n_kv * n_s, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = i / n_s, p = i % n_s, src = ((table[p / bs] * n_kv + g) * bs + p % bs) * dim;
+      for (int64_t d = 0; d < dim; ++d) k[i * dim + d] = static_cast<float>(kc[src + d]);
+      for (int64_t d = 0; d < dim; ++d) v[i * dim + d] = static_cast<float>(vc[src + d]);
+    }
+  });
+  return {k, v, n_s, dim};
+}
 
 template <typename Keys>
 void chunk_attention(const float* qp, int64_t qs0, int64_t qs1, int64_t n_q, int64_t n_heads, int64_t n_kv,
@@ -232,9 +271,16 @@ Tensor paged_prefill_attention(const Tensor& q, const Tensor& k_cache, const Ten
   for (int64_t i = 0; i < (num_keys + bs - 1) / bs; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < k_cache.size(0), "block id out of range");
   auto out = at::empty({n_q, n_heads, dim}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const PagedKeys keys{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tp, n_kv, bs, dim};
-  chunk_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), n_q, n_heads, n_kv, dim, num_keys, keys, scale,
-                  window, out.data_ptr<float>(), n_heads * dim);
+  const auto attend = [&](const auto& keys) {
+    chunk_attention(q.data_ptr<float>(), q.stride(0), q.stride(1), n_q, n_heads, n_kv, dim, num_keys, keys, scale,
+                    window, out.data_ptr<float>(), n_heads * dim);
+  };
+  if (k_cache.scalar_type() == at::kHalf) {
+    std::vector<float> buf;
+    attend(float_keys(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), tp, n_kv, bs, dim, num_keys, buf));
+  } else {
+    attend(PagedKeys{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tp, n_kv, bs, dim});
+  }
   return out;
 }
 
@@ -255,8 +301,9 @@ void rope_and_cache(Tensor qkv, const Tensor& cos, const Tensor& sin, Tensor k_c
   const float* cp = c.data_ptr<float>();
   const float* sp = s.data_ptr<float>();
   const int64_t* slp = sl.data_ptr<int64_t>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  const bool half_kv = k_cache.scalar_type() == at::kHalf;
+  void* kc = k_cache.data_ptr();
+  void* vc = v_cache.data_ptr();
   const int64_t width = qkv.size(1), n_blocks = k_cache.size(0);
   at::parallel_for(0, n_tok, 16, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -268,8 +315,14 @@ void rope_and_cache(Tensor qkv, const Tensor& cos, const Tensor& sin, Tensor k_c
       TORCH_CHECK(block >= 0 && block < n_blocks, "cache slot out of range");
       for (int64_t g = 0; g < n_kv; ++g) {
         const int64_t dst = ((block * n_kv + g) * bs + off) * dim;
-        std::memcpy(kc + dst, x + (n_heads + g) * dim, dim * sizeof(float));
-        std::memcpy(vc + dst, x + (n_heads + n_kv + g) * dim, dim * sizeof(float));
+        const float *k = x + (n_heads + g) * dim, *v = x + (n_heads + n_kv + g) * dim;
+        if (half_kv) {
+          tandem::store_kv(static_cast<at::Half*>(kc) + dst, k, dim);
+          tandem::store_kv(static_cast<at::Half*>(vc) + dst, v, dim);
+        } else {
+          tandem::store_kv(static_cast<float*>(kc) + dst, k, dim);
+          tandem::store_kv(static_cast<float*>(vc) + dst, v, dim);
+        }
       }
     }
   });
@@ -482,8 +535,9 @@ c10::optional<Tensor> decode_layers(const Tensor& x, at::TensorList weights, con
     check_cache(k_caches[l], v_caches[l]);
     step.norms.push_back(w[0].data_ptr<float>());
     step.norms.push_back(w[9].data_ptr<float>());
-    step.kc.push_back(k_caches[l].data_ptr<float>());
-    step.vc.push_back(v_caches[l].data_ptr<float>());
+    step.kc.push_back(k_caches[l].data_ptr());
+    step.vc.push_back(v_caches[l].data_ptr());
+    step.half_kv = k_caches[l].scalar_type() == at::kHalf;
     step.windows.push_back(windows[l]);
   }
   const int64_t n_kv = k_caches[0].size(1), bs = k_caches[0].size(2), dim = k_caches[0].size(3);
@@ -601,14 +655,20 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
                                              windows[l]);
         attn.index_copy_(0, d_rows, part);
       }
-      const float* kc = k_caches[l].data_ptr<float>();
-      const float* vc = v_caches[l].data_ptr<float>();
+      const bool half_kv = k_caches[l].scalar_type() == at::kHalf;
+      std::vector<float> buf;
       for (int64_t i = 0; i < n_pre; ++i) {
         const int64_t st = p_start.data_ptr<int64_t>()[i], nq = p_q.data_ptr<int64_t>()[i];
-        const PagedKeys keys{kc, vc, p_tab.data_ptr<int64_t>() + i * p_tab.size(1), n_kv, bs, dim};
-        chunk_attention(q.data_ptr<float>() + st * q.stride(0), q.stride(0), q.stride(1), nq, n_heads, n_kv, dim,
-                        p_keys.data_ptr<int64_t>()[i], keys, scale, windows[l],
-                        attn.data_ptr<float>() + st * n_heads * dim, n_heads * dim);
+        const int64_t nk = p_keys.data_ptr<int64_t>()[i], *table = p_tab.data_ptr<int64_t>() + i * p_tab.size(1);
+        const auto attend = [&](const auto& keys) {
+          chunk_attention(q.data_ptr<float>() + st * q.stride(0), q.stride(0), q.stride(1), nq, n_heads, n_kv, dim, nk,
+                          keys, scale, windows[l], attn.data_ptr<float>() + st * n_heads * dim, n_heads * dim);
+        };
+        if (half_kv)
+          attend(float_keys(k_caches[l].data_ptr<at::Half>(), v_caches[l].data_ptr<at::Half>(), table, n_kv, bs, dim,
+                            nk, buf));
+        else
+          attend(PagedKeys{k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), table, n_kv, bs, dim});
       }
     }
     Tensor o = any_linear(attn.view({n_tok, n_heads * dim}), w[5], optional(w[6]), w[7], w[8], max_rows, false, int8_x);

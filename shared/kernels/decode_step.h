@@ -84,14 +84,24 @@ inline void rope_head(float* x, const float* cos, const float* sin, int64_t half
   }
 }
 
+// KV caches hold float32 or float16 (T): float16 halves the bytes attention reads a step, and its rows
+// become floats as they load. A row written to a float16 cache is rounded to nearest.
+inline vf load_kv(const float* p) { return vload(p); }
+inline vf load_kv(const at::Half* p) { return vload_s(p); }
+inline void store_kv(float* dst, const float* src, int64_t d) { std::memcpy(dst, src, d * sizeof(float)); }
+inline void store_kv(at::Half* dst, const float* src, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) dst[i] = at::Half(src[i]);
+}
+
 // One KV head of a paged cache [blocks, KV, B, D] as one sequence's block table reaches it: k and v
-// point at the head's first row in block 0; blk is the floats per block.
+// point at the head's first row in block 0; blk is the elements per block.
+template <typename T>
 struct PagedHead {
-  const float *k, *v;
+  const T *k, *v;
   const int64_t* table;
   int64_t bs, d, blk;
-  const float* key(int64_t p) const { return k + table[p / bs] * blk + (p % bs) * d; }
-  const float* value(int64_t p) const { return v + table[p / bs] * blk + (p % bs) * d; }
+  const T* key(int64_t p) const { return k + table[p / bs] * blk + (p % bs) * d; }
+  const T* value(int64_t p) const { return v + table[p / bs] * blk + (p % bs) * d; }
 };
 
 // lane i of the result = the sum of v[i]'s lanes, for VW vectors at once: log2(VW) levels of shuffles
@@ -130,13 +140,14 @@ inline vf reduce_lanes(const vf* v) {
 
 // Rows of one KV head's keys or values in order from position p: the block table walked without a
 // division per row.
+template <typename T>
 struct RowWalk {
-  const float* base;  // the head's row 0 of block 0 in the K or V cache
-  const PagedHead& head;
+  const T* base;  // the head's row 0 of block 0 in the K or V cache
+  const PagedHead<T>& head;
   int64_t blk, off;
-  RowWalk(const float* base, const PagedHead& head, int64_t p) : base(base), head(head), blk(p / head.bs), off(p % head.bs) {}
-  const float* next() {
-    const float* row = base + head.table[blk] * head.blk + off * head.d;
+  RowWalk(const T* base, const PagedHead<T>& head, int64_t p) : base(base), head(head), blk(p / head.bs), off(p % head.bs) {}
+  const T* next() {
+    const T* row = base + head.table[blk] * head.blk + off * head.d;
     if (++off == head.bs) off = 0, ++blk;
     return row;
   }
@@ -145,19 +156,21 @@ struct RowWalk {
 // A block of the cache is a few KB of rows, the next one anywhere: the hardware prefetchers restart
 // at each, so the kernels ask for rows this many positions ahead.
 constexpr int64_t ROWS_AHEAD = 2 * VW;
-inline void prefetch_row(const float* row, int64_t d) {
-  for (int64_t i = 0; i < d; i += 64 / sizeof(float)) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d) {
+  for (int64_t i = 0; i < d; i += 64 / sizeof(T)) _mm_prefetch(reinterpret_cast<const char*>(row + i), _MM_HINT_T0);
 }
 
 // q . key * scale for `group` query heads (rows qs1 apart) over keys [a, b): head j's scores at
 // scores[j * ld + p - a], VW keys at a time, each head's VW dot products reduced together.
-inline void key_scores(const float* q, int64_t qs1, int64_t group, const PagedHead& head, int64_t d, int64_t a,
+template <typename T>
+inline void key_scores(const float* q, int64_t qs1, int64_t group, const PagedHead<T>& head, int64_t d, int64_t a,
                        int64_t b, float scale, float* scores, int64_t ld) {
   const vf sv = vsplat(scale);
-  RowWalk rows(head.k, head, a), ahead(head.k, head, std::min(b, a + ROWS_AHEAD));
+  RowWalk<T> rows(head.k, head, a), ahead(head.k, head, std::min(b, a + ROWS_AHEAD));
   for (int64_t p0 = a; p0 < b; p0 += VW) {
     const int64_t n = std::min<int64_t>(VW, b - p0);
-    const float* key[VW];
+    const T* key[VW];
     for (int64_t i = 0; i < n; ++i) key[i] = rows.next();
     for (int64_t i = n; i < VW; ++i) key[i] = key[0];  // past b: computed, not stored
     for (int64_t p = p0 + ROWS_AHEAD; p < std::min(b, p0 + VW + ROWS_AHEAD); ++p)
@@ -166,10 +179,10 @@ inline void key_scores(const float* q, int64_t qs1, int64_t group, const PagedHe
       const float* qj = q + j * qs1;
       vf part[VW];
       const vf q0 = vload(qj);
-      for (int i = 0; i < VW; ++i) part[reduce_slot(i)] = q0 * vload(key[i]);
+      for (int i = 0; i < VW; ++i) part[reduce_slot(i)] = q0 * load_kv(key[i]);
       for (int64_t v = VW; v < d; v += VW) {
         const vf qv = vload(qj + v);
-        for (int i = 0; i < VW; ++i) part[reduce_slot(i)] += qv * vload(key[i] + v);
+        for (int i = 0; i < VW; ++i) part[reduce_slot(i)] += qv * load_kv(key[i] + v);
       }
       vstore(scores + j * ld + (p0 - a), reduce_lanes(part) * sv);
     }
@@ -177,18 +190,18 @@ inline void key_scores(const float* q, int64_t qs1, int64_t group, const PagedHe
 }
 
 // acc[j][0:d] = sum_p w[j * ld + p - a] * value[p] for G heads, SV vectors of d at a time in registers.
-template <int G, int SV>
-void weigh_values(const float* w, int64_t ld, const PagedHead& head, int64_t d, int64_t a, int64_t b, float* part) {
+template <int G, int SV, typename T>
+void weigh_values(const float* w, int64_t ld, const PagedHead<T>& head, int64_t d, int64_t a, int64_t b, float* part) {
   for (int64_t v0 = 0; v0 < d; v0 += SV * VW) {
     vf acc[G][SV];
     for (int j = 0; j < G; ++j)
       for (int s = 0; s < SV; ++s) acc[j][s] = vf{};
-    RowWalk rows(head.v, head, a), ahead(head.v, head, std::min(b, a + ROWS_AHEAD));
+    RowWalk<T> rows(head.v, head, a), ahead(head.v, head, std::min(b, a + ROWS_AHEAD));
     for (int64_t p = a; p < b; ++p) {
-      const float* value = rows.next() + v0;
+      const T* value = rows.next() + v0;
       if (v0 == 0 && p + ROWS_AHEAD < b) prefetch_row(ahead.next(), d);
       vf val[SV];
-      for (int s = 0; s < SV; ++s) val[s] = vload(value + s * VW);
+      for (int s = 0; s < SV; ++s) val[s] = load_kv(value + s * VW);
       for (int j = 0; j < G; ++j) {
         const vf wj = vsplat(w[j * ld + (p - a)]);
         for (int s = 0; s < SV; ++s) acc[j][s] += wj * val[s];
@@ -200,7 +213,8 @@ void weigh_values(const float* w, int64_t ld, const PagedHead& head, int64_t d, 
 }
 
 // weigh_values for `group` heads: register tiles of up to 4 heads (AVX2: 2) and 4 vectors of d.
-inline void weigh_all(const float* w, int64_t ld, int64_t group, const PagedHead& head, int64_t d, int64_t a,
+template <typename T>
+inline void weigh_all(const float* w, int64_t ld, int64_t group, const PagedHead<T>& head, int64_t d, int64_t a,
                       int64_t b, float* part) {
   constexpr int GT = VW == 16 ? 4 : 2;
   const bool four = d % (4 * VW) == 0;
@@ -225,7 +239,8 @@ inline void weigh_all(const float* w, int64_t ld, int64_t group, const PagedHead
 // the last d floats over the second; partials of several key ranges merge by their maxima. Heads of
 // whole vectors (d a multiple of VW) take the register-tiled kernels above, each key and value row
 // read once for all `group` heads; others a plain loop.
-inline void attend_keys(const float* q, int64_t qs1, int64_t group, const PagedHead& head, int64_t d, int64_t a,
+template <typename T>
+inline void attend_keys(const float* q, int64_t qs1, int64_t group, const PagedHead<T>& head, int64_t d, int64_t a,
                         int64_t b, float scale, std::vector<float>& scores, float* part) {
   const int64_t n_keys = b - a, ld = (n_keys + VW - 1) / VW * VW;
   const bool tiled = d % VW == 0;
@@ -234,8 +249,8 @@ inline void attend_keys(const float* q, int64_t qs1, int64_t group, const PagedH
     key_scores(q, qs1, group, head, d, a, b, scale, scores.data(), ld);
   } else {
     for (int64_t p = a; p < b; ++p) {
-      const float* key = head.key(p);
-      for (int64_t j = 0; j < group; ++j) scores[j * ld + (p - a)] = dot(q + j * qs1, key, d) * scale;
+      const T* key = head.key(p);
+      for (int64_t j = 0; j < group; ++j) scores[j * ld + (p - a)] = dot(key, q + j * qs1, d) * scale;
     }
   }
   for (int64_t j = 0; j < group; ++j) {
@@ -256,12 +271,11 @@ inline void attend_keys(const float* q, int64_t qs1, int64_t group, const PagedH
   }
   for (int64_t j = 0; j < group; ++j) std::fill(part + j * (d + 2) + 2, part + j * (d + 2) + 2 + d, 0.f);
   for (int64_t p = a; p < b; ++p) {
-    const float* value = head.value(p);
+    const T* value = head.value(p);
     for (int64_t j = 0; j < group; ++j) {
       const float w = scores[j * ld + (p - a)];
       float* acc = part + j * (d + 2) + 2;
-#pragma omp simd
-      for (int64_t i = 0; i < d; ++i) acc[i] += w * value[i];
+      for (int64_t i = 0; i < d; ++i) acc[i] += w * scalar(value[i]);
     }
   }
 }
@@ -314,7 +328,8 @@ struct DecodeStep {
   bool int8_x;
   std::vector<Proj> projs;           // per layer: qkv, o, gate_up, down
   std::vector<const float*> norms;   // per layer: input, post-attention
-  std::vector<float*> kc, vc;        // per layer: caches [blocks, KV, B, D]
+  std::vector<void*> kc, vc;         // per layer: caches [blocks, KV, B, D], float or float16
+  bool half_kv = false;
   std::vector<int64_t> windows;      // per layer
   // some row attends to another's new key (a speculative step's rows of one sequence: each sees the
   // ones before it), so every row's k and v go into the cache, and a barrier, before attention
@@ -400,8 +415,13 @@ struct DecodeStep {
     const int64_t width = (h + 2 * kv) * d, row = bs * d;
     const float* qrow = qkv + t * width;
     const int64_t slot = slots[t], dst = ((slot / bs) * kv + g) * row + (slot % bs) * d;
-    std::memcpy(kc[l] + dst, qrow + (h + g) * d, d * sizeof(float));
-    std::memcpy(vc[l] + dst, qrow + (h + kv + g) * d, d * sizeof(float));
+    if (half_kv) {
+      store_kv(static_cast<at::Half*>(kc[l]) + dst, qrow + (h + g) * d, d);
+      store_kv(static_cast<at::Half*>(vc[l]) + dst, qrow + (h + kv + g) * d, d);
+    } else {
+      store_kv(static_cast<float*>(kc[l]) + dst, qrow + (h + g) * d, d);
+      store_kv(static_cast<float*>(vc[l]) + dst, qrow + (h + kv + g) * d, d);
+    }
   }
 
   // Attention item `item` of layer l: one sequence's KV head over one chunk of its keys, for the
@@ -418,9 +438,16 @@ struct DecodeStep {
     const float* qrow = qkv + t * width;
     const int64_t* table = tables + t * max_blocks;
     if (b == len && !rows_share_keys) write_kv(l, t, g, qkv);  // the new token's k and v into its slot
-    const PagedHead head{kc[l] + g * row, vc[l] + g * row, table, bs, d, blk};
-    attend_keys(qrow + g * group * d, d, group, head, d, a, b, scale, scores,
-                partials.data() + (item * group) * (d + 2));
+    float* part = partials.data() + (item * group) * (d + 2);
+    if (half_kv) {
+      const auto *k = static_cast<const at::Half*>(kc[l]), *v = static_cast<const at::Half*>(vc[l]);
+      attend_keys(qrow + g * group * d, d, group, PagedHead<at::Half>{k + g * row, v + g * row, table, bs, d, blk}, d,
+                  a, b, scale, scores, part);
+    } else {
+      const auto *k = static_cast<const float*>(kc[l]), *v = static_cast<const float*>(vc[l]);
+      attend_keys(qrow + g * group * d, d, group, PagedHead<float>{k + g * row, v + g * row, table, bs, d, blk}, d, a,
+                  b, scale, scores, part);
+    }
   }
 
   // attention output rows [M, H * D] from the items' partials

@@ -5,7 +5,8 @@
 Models (SmolLM2-135M-Instruct): fp32 (the store's default import), int8 (`tandem models quantize
 --bits 8`: per channel) and int4 (the built-in GGUF's own Q4_1 projections and Q8_0 head, imported
 with --keep-quantized: the integers the fp32 model was dequantized from), and int4a8 (those integers
-with `int8_activations`: x quantized to int8 for integer dot products where the CPU has AVX-512 VNNI or AVX2).
+with `int8_activations`: x quantized to int8 for integer dot products where the CPU has AVX-512 VNNI or AVX2),
+and int4kv16 (int4 with `kv_cache_dtype="float16"`: half the cache bytes, as llama.cpp's default f16 cache).
 Measures, greedy with EOS
 ignored:
   b1        one request x 128 new tokens: tok/s
@@ -74,6 +75,7 @@ def main(argv=None) -> dict:
         "int4": LLMEngine.from_store(store.path("int4"), EngineConfig()),
         # the same integers with int8 activations and integer dot products (VNNI or AVX2, 1-4 rows)
         "int4a8": LLMEngine.from_store(store.path("int4"), EngineConfig(int8_activations=True)),
+        "int4kv16": LLMEngine.from_store(store.path("int4"), EngineConfig(kv_cache_dtype="float16")),
     }
     results = {"model": args.model, "new_tokens": new_tokens, **environment(args)}
     prompts = Prompts(engines["fp32"].model.config.vocab_size)
@@ -89,7 +91,8 @@ def main(argv=None) -> dict:
         got = [o.output_token_ids for o in engine.generate(chats, greedy)]
         agree = sum(a == b for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=False))
         results[f"{name}_greedy_agreement"] = round(agree / sum(len(w) for w in want), 3)
-        if name != "int4a8":  # a whole-text forward has >4 rows: int8 activations would not apply
+        # a whole-text forward has >4 rows and no cache: int4a8 and int4kv16 would give int4's figure
+        if name not in ("int4a8", "int4kv16"):
             results[f"{name}_perplexity"] = round(perplexity(engine, held), 3)
         results[f"{name}_weight_mb"] = round(
             sum(t.numel() * t.element_size() for t in [*engine.model.parameters(), *engine.model.buffers()])
@@ -121,7 +124,7 @@ def main(argv=None) -> dict:
         times = best_times({name: partial(call, gen) for name, gen in generate.items()}, reps)
         for name, t in times.items():
             results[f"{name}_{kind}_tok_s"] = round(tokens / t, 1)
-        for name in ("int8", "int4", "int4a8"):
+        for name in ("int8", "int4", "int4a8", "int4kv16"):
             results[f"{name}_{kind}_ratio"] = round(
                 results[f"{name}_{kind}_tok_s"] / results[f"fp32_{kind}_tok_s"], 3
             )

@@ -129,6 +129,7 @@ def test_the_rendered_deployment_config_loads_in_tandem_ups_loader(values, tmp_p
     assert cfg.kvstore.redis_url == "redis://prod-tandem-redis:6379/0"
     assert cfg.resources_for("gateway").custom == {"tandem-gateway": 1.0}
     assert cfg.resources_for("decode").num_gpus == 1
+    assert cfg.engine.kv_cache_dtype == "auto"
     if values == "production":
         assert (cfg.prefill_workers, cfg.decode_workers) == (2, 4)
         t = cfg.training
@@ -147,6 +148,7 @@ def test_the_rendered_deployment_config_loads_in_tandem_ups_loader(values, tmp_p
         ({"platform": {"model": None}}, "missing property 'model'"),
         ({"platform": {"model": ""}}, "/platform/model': minLength: got 0, want 1"),
         ({"platform": {"router": {"policy": "random"}}}, "value must be one of 'round_robin'"),
+        ({"platform": {"engine": {"kv_cache_dtype": "fp8"}}}, "value must be one of 'auto'"),
         ({"gateway": {"port": 70000}}, "/gateway/port': maximum: got 70,000, want 65,535"),
         ({"platfrom": {}}, "additional properties 'platfrom' not allowed"),
         ({"redis": {"enabled": False, "externalUrl": "localhost:6379"}}, "/redis/externalUrl"),

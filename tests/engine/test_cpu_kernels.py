@@ -52,22 +52,25 @@ def reference_decode(q, k_cache, v_cache, table, length, scale, window):
     return out[:, 0]
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("window", [-1, 7])
 # head dims of whole vectors take register tiles of up to 4 heads (AVX2: 2) and 4 vectors, the rest a
 # plain loop; odd block sizes put block edges inside a run of keys
 @pytest.mark.parametrize(
     "heads,kv_heads,dim,bs", [(9, 3, 64, 16), (4, 4, 32, 16), (8, 1, 16, 16), (10, 2, 48, 5), (6, 3, 24, 7)]
 )
-def test_paged_decode_attention_matches_sdpa(ops, heads, kv_heads, dim, bs, window):
+def test_paged_decode_attention_matches_sdpa(ops, heads, kv_heads, dim, bs, window, cache_dtype):
+    """float16 caches: the kernel converts rows as it loads them, so the reference attends over the
+    same values as float32."""
     torch.manual_seed(0)
     blocks = 48
-    k_cache, v_cache = torch.randn(blocks, kv_heads, bs, dim), torch.randn(blocks, kv_heads, bs, dim)
+    k_cache, v_cache = (torch.randn(blocks, kv_heads, bs, dim).to(cache_dtype) for _ in range(2))
     lens = torch.tensor([1, 16, 17, 100, 33])
     tables = torch.stack([torch.randperm(blocks)[: -(-100 // bs)] for _ in lens])
     q = torch.randn(len(lens), heads * 2, dim)[:, ::2]  # a strided view, as the fused qkv gives
     out = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, dim**-0.5, window)
     for i, n in enumerate(lens.tolist()):
-        want = reference_decode(q[i], k_cache, v_cache, tables[i], n, dim**-0.5, window)
+        want = reference_decode(q[i], k_cache.float(), v_cache.float(), tables[i], n, dim**-0.5, window)
         torch.testing.assert_close(out[i], want, atol=2e-6, rtol=1e-5)
 
 
@@ -79,21 +82,23 @@ def test_paged_decode_attention_rejects_a_length_beyond_its_table(ops):
         )
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("rot_dim", [32, 16])
-def test_rope_and_cache_rotates_in_place_and_writes_the_slots(ops, rot_dim):
+def test_rope_and_cache_rotates_in_place_and_writes_the_slots(ops, rot_dim, cache_dtype):
+    """A float16 cache gets each row rounded to nearest (what .to(float16) gives)."""
     torch.manual_seed(1)
     tokens, heads, kv_heads, dim, bs = 5, 6, 2, 32, 4
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
     cos, sin = torch.randn(tokens, rot_dim // 2), torch.randn(tokens, rot_dim // 2)
     slots = torch.tensor([3, 9, 0, 22, 17])
-    k_cache, v_cache = torch.zeros(6, kv_heads, bs, dim), torch.zeros(6, kv_heads, bs, dim)
+    k_cache, v_cache = (torch.zeros(6, kv_heads, bs, dim, dtype=cache_dtype) for _ in range(2))
     want = apply_rotary(qkv[:, : (heads + kv_heads) * dim].reshape(tokens, -1, dim), cos, sin, rot_dim)
     values = qkv[:, (heads + kv_heads) * dim :].reshape(tokens, kv_heads, dim).clone()
     ops.rope_and_cache(qkv, cos, sin, k_cache, v_cache, slots, heads, rot_dim)
     torch.testing.assert_close(qkv[:, : (heads + kv_heads) * dim].reshape(tokens, -1, dim), want)
     for t, slot in enumerate(slots.tolist()):
-        torch.testing.assert_close(k_cache[slot // bs, :, slot % bs], want[t, heads:])
-        assert torch.equal(v_cache[slot // bs, :, slot % bs], values[t])
+        torch.testing.assert_close(k_cache[slot // bs, :, slot % bs], want[t, heads:].to(cache_dtype))
+        assert torch.equal(v_cache[slot // bs, :, slot % bs], values[t].to(cache_dtype))
     untouched = torch.ones(6 * bs, dtype=torch.bool)
     untouched[slots] = False
     assert not k_cache.transpose(1, 2).reshape(6 * bs, -1)[untouched].any()
@@ -165,19 +170,24 @@ def test_argmax_rows_takes_the_first_maximum_in_either_layout(ops):
         (5, 40, 4, 2, 64, 8),
     ],
 )
-def test_paged_prefill_attention_matches_causal_sdpa(ops, queries, keys, heads, kv_heads, dim, window):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_paged_prefill_attention_matches_causal_sdpa(
+    ops, queries, keys, heads, kv_heads, dim, window, cache_dtype
+):
     """A chunk's queries are the last `queries` of `keys` positions (earlier ones: cached context),
-    its keys and values read from scattered cache blocks."""
+    its keys and values read from scattered cache blocks (float16 ones: the reference takes the
+    rounded values)."""
     torch.manual_seed(6)
     qkv = torch.randn(keys, heads + 2 * kv_heads, dim)  # strided views, as the fused projection gives
     q, k, v = qkv[keys - queries :, :heads], qkv[:, heads : heads + kv_heads], qkv[:, heads + kv_heads :]
+    k, v = k.to(cache_dtype).float(), v.to(cache_dtype).float()
     bs = 16
     blocks = (keys + bs - 1) // bs
     table = torch.randperm(blocks + 5)[:blocks]
-    k_cache, v_cache = torch.zeros(blocks + 5, kv_heads, bs, dim), torch.zeros(blocks + 5, kv_heads, bs, dim)
+    k_cache, v_cache = (torch.zeros(blocks + 5, kv_heads, bs, dim, dtype=cache_dtype) for _ in range(2))
     pos = torch.arange(keys)
-    k_cache[table[pos // bs], :, pos % bs] = k
-    v_cache[table[pos // bs], :, pos % bs] = v
+    k_cache[table[pos // bs], :, pos % bs] = k.to(cache_dtype)
+    v_cache[table[pos // bs], :, pos % bs] = v.to(cache_dtype)
     got = ops.paged_prefill_attention(q, k_cache, v_cache, table, keys, dim**-0.5, window)
     mask = causal_mask(queries, keys, window if window > 0 else None, q.device)
     want = F.scaled_dot_product_attention(
@@ -257,10 +267,11 @@ def import_tiny(case: str, name: str, tmp_path, store_root) -> str:
     return name
 
 
-def engine_config(kernels: bool) -> EngineConfig:
+def engine_config(kernels: bool, kv_cache_dtype: str = "auto") -> EngineConfig:
     return EngineConfig(
-        block_size=4, num_blocks=256, long_prefill_chunk=16, max_num_batched_tokens=24, cpu_kernels=kernels
-    )
+        block_size=4, num_blocks=256, long_prefill_chunk=16, max_num_batched_tokens=24, cpu_kernels=kernels,
+        kv_cache_dtype=kv_cache_dtype,
+    )  # fmt: skip
 
 
 def assert_same(with_kernels, without):
@@ -283,3 +294,29 @@ def test_decode_steps_over_long_contexts(case, ops, tmp_path, store_root):
         for kernels in (True, False)
     ]
     assert_same(*results)
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral-sliding"])
+def test_float16_kv_cache_through_the_kernels(case, ops, tmp_path, store_root):
+    """kv_cache_dtype=float16: mixed steps, chunked prefill over cached context and one-team decode
+    steps over long contexts read the float16 rows through the kernels as the PyTorch path reads
+    them; the cache holds twice the blocks in the same bytes; an unknown dtype is refused."""
+    name = import_tiny(case, f"kv16-{case}", tmp_path, store_root)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, BASE["vocab_size"], (n,), generator=gen).tolist() for n in (90, 5, 70, 33)]
+    results = {}
+    for kernels in (True, False):
+        engine = LLMEngine.from_store(store_root / name, engine_config(kernels, "float16"))
+        assert engine.runner.k_caches[0].dtype == torch.float16
+        assert (engine.runner.cpu_stack is not None) == kernels
+        results[kernels] = run(engine, prompts, (30, 12, 20, 14))
+    assert_same(results[True], results[False])
+    blocks = {
+        dtype: LLMEngine.from_store(
+            store_root / name, EngineConfig(kv_cache_dtype=dtype, kv_cache_bytes=2**20)
+        ).pool.num_blocks
+        for dtype in ("auto", "float16")
+    }
+    assert blocks["float16"] == 2 * blocks["auto"]
+    with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' or one of"):
+        LLMEngine.from_store(store_root / name, EngineConfig(kv_cache_dtype="fp8"))

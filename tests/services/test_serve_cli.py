@@ -17,6 +17,16 @@ def test_config_file_fills_defaults_and_flags_win(tmp_path):
     assert (args.max_num_seqs, args.kv_cache_mb, args.port) == (8, 64, 6000)
 
 
+def test_worker_kv_cache_dtype_reaches_the_engine_config():
+    from services.worker.main import Config
+
+    args = build_parser().parse_args(["serve", "worker", "--kv-cache-dtype", "float16"])
+    assert args.kv_cache_dtype == "float16"
+    assert Config(kv_cache_dtype=args.kv_cache_dtype).engine_config().kv_cache_dtype == "float16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "worker", "--kv-cache-dtype", "fp8"])
+
+
 @pytest.mark.parametrize(
     "text,message",
     [

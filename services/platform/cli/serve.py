@@ -61,6 +61,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-num-batched-tokens", type=int, default=2048)
     q.add_argument("--kv-cache-mb", type=int, default=512)
     q.add_argument(
+        "--kv-cache-dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+        help="the KV cache's element type (auto: the model's dtype; float16 holds twice the tokens)",
+    )  # fmt: skip
+    q.add_argument(
         "--speculative", default="off", choices=["off", "ngram", "draft"],
         help="speculative decoding for requests that do not choose (their `speculative` extra)",
     )  # fmt: skip
@@ -205,7 +209,7 @@ async def run_worker(args) -> None:
     cfg = main.Config(
         **_listen(args), model=args.model, store=_path(args.store), role=args.role, kvstore=args.kvstore,
         lease_ttl=args.lease_ttl, worker_id=args.worker_id, max_waiting=args.max_waiting, device=args.device,
-        dtype=args.dtype, kv_cache_mb=args.kv_cache_mb, max_num_seqs=args.max_num_seqs,
+        dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, kv_cache_mb=args.kv_cache_mb, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, speculative=args.speculative,
         num_speculative_tokens=args.num_speculative_tokens, draft_model=args.draft_model,
         int8_activations=args.int8_activations,

@@ -111,6 +111,7 @@ class TrainingSection(_Section):
 class EngineSection(_Section):
     device: str = "cpu"
     dtype: DType = "float32"
+    kv_cache_dtype: Literal[("auto", *DTYPE_NAMES)] = "auto"  # the KV cache's: auto = the model's dtype
     kv_cache_mb: int = Field(512, ge=1)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=1)
