@@ -23,7 +23,8 @@
 //                               one call for every layer; a step of 1-4 decodes runs on one team of
 //                               threads for the whole stack (decode_step.h).
 //
-// Everything is float32, CPU, with the cache layout of shared/engine/paged_attention.py:
+// Everything is float32 (KV caches float32 or float16: rows convert as they load, round to nearest as
+// they are written), CPU, with the cache layout of shared/engine/paged_attention.py:
 // [num_blocks, K, B, D]. Parallel loops use at::parallel_for, so they follow torch.set_num_threads.
 
 #include <ATen/ATen.h>
