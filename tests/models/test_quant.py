@@ -137,7 +137,8 @@ def test_int8_activations_through_the_engine(kept, default_model_dir):
     it picks is within a small margin of that step's best (the arithmetic is no longer the dequantized
     model's, so a near-tie may go the other way; a broken kernel picks tokens far from the best).
     Sound kernels gave margins up to 0.74 here: a change of float summation order alone moves which
-    near-tie wins, and the text then runs on differently (the per-layer error tests bound the sums)."""
+    near-tie wins, and the text then runs on differently (the per-layer error tests bound the sums).
+    Most picks must still be the float model's own best (36 of 40 here)."""
     from shared.models.attention import VarlenAttention
 
     ref = LLMEngine.from_store(default_model_dir, EngineConfig())
@@ -148,13 +149,16 @@ def test_int8_activations_through_the_engine(kept, default_model_dir):
     want = [o.output_token_ids for o in ref.generate(prompts, params)]
     got = [o.output_token_ids for o in engine.generate(prompts, params)]
     assert [g[:1] for g in got] == [w[:1] for w in want]
+    margins = []
     for prompt, tokens in zip(prompts, got, strict=True):
         ids = torch.tensor(prompt + tokens)
         with torch.inference_mode():
             hidden = ref.model(ids, torch.arange(len(ids)), VarlenAttention([len(ids)]))
             logits = ref.model.compute_logits(hidden)[len(prompt) - 1 : -1]
         picked = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0]
-        assert (logits.max(dim=1).values - picked).max() < 1.0, (tokens, logits.max(dim=1).values - picked)
+        margins += (logits.max(dim=1).values - picked).tolist()
+    assert max(margins) < 1.0, margins
+    assert sum(m == 0 for m in margins) >= 0.75 * len(margins), margins
     assert engine.pool.num_free == engine.pool.num_blocks
 
 
