@@ -14,6 +14,7 @@ payload of ARCHITECTURE.md ([blocks, layers, 2 (K, V), K heads, B, D], one conti
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 
 import torch
@@ -25,6 +26,8 @@ from shared.kernels import cpu_ops
 from shared.models.linear import SMALL_BATCH_ROWS
 from shared.models.lora import LoraBank
 from shared.models.transformer import CausalLM
+
+log = logging.getLogger(__name__)
 
 
 def kv_bytes_per_token(model: CausalLM, dtype: torch.dtype) -> int:
@@ -59,8 +62,14 @@ class ModelRunner:
         # Tandem's compiled CPU kernels (shared/kernels), where they apply: the whole decoder stack
         # of dense models (cpu_stack.py); for other models their attention and GEMMs.
         self.kernels = None
-        if cpu_kernels and self.device.type == "cpu" and kv_dtype in KERNEL_KV_DTYPES:
-            self.kernels = cpu_ops()
+        if cpu_kernels and self.device.type == "cpu":
+            if kv_dtype in KERNEL_KV_DTYPES:
+                self.kernels = cpu_ops()
+            else:
+                log.warning(
+                    "the CPU kernels read float32 and float16 KV caches, not %s: PyTorch's path runs",
+                    kv_dtype,
+                )
         self.cpu_stack = CpuStack.build(model, self.kernels, int8_activations)
         self.loras: LoraBank | None = None  # set by the engine when it loads its first adapter
         if self.kernels is not None:
