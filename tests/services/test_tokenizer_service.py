@@ -102,6 +102,11 @@ print(len(stub.Tokenize(pb.TokenizeRequest(text=text), timeout=300).token_ids))
             latencies.append(time.perf_counter() - t)
             time.sleep(0.02)
         assert int(big.stdout.read()) > 2_000_000
-        assert len(latencies) > 10 and max(latencies) < 1.0, (len(latencies), max(latencies))
+        # small calls answer at once; the worst one waits out the few hundred ms in which the 9 MB
+        # request and its 2.2M ids are parsed and built under the GIL (0.45-0.58 s idle, 1.01 s in
+        # one CI run), not the whole encode (8-12 s before it went to a thread)
+        latencies.sort()
+        assert len(latencies) > 10 and latencies[len(latencies) // 2] < 0.05, latencies
+        assert latencies[-1] < 2.5, latencies[-5:]
     finally:
         procs.down()
