@@ -83,6 +83,32 @@ def test_prefill_export_import_decode_equals_monolithic(engine, decode_engine, p
     assert pools_full(engine, decode_engine)
 
 
+def test_float16_kv_handoff_equals_monolithic_and_needs_a_float16_cache(
+    default_model_dir, decode_engine, prompt
+):
+    """kv_cache_dtype=float16 on both sides: the handoff carries float16 blocks (2 bytes an element
+    on the wire) and the decode engine continues as a float16 monolithic engine would; a float32
+    cache refuses them by layout."""
+    config = EngineConfig(kv_cache_dtype="float16", kv_cache_bytes=64 * 2**20)
+    prefill_engine = LLMEngine.from_store(default_model_dir, config)
+    decode16 = LLMEngine.from_store(
+        default_model_dir, dataclasses.replace(config, enable_prefix_caching=False)
+    )
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    mono = prefill_engine.generate([prompt], params)[0]
+    handoff = run(prefill_engine, "p16", prompt, params, prefill_only=True)[-1].kv_handoff
+    assert handoff.payload.dtype == torch.float16 and handoff.layout.startswith("torch.float16/")
+    dtype, shape, data = to_wire(handoff.payload)
+    assert dtype == "float16" and len(data) == handoff.payload.numel() * 2
+    wired = dataclasses.replace(handoff, payload=from_wire(dtype, shape, data))
+    with pytest.raises(ValueError, match="layout"):
+        decode_engine.add_request("d32", prompt, params, kv_handoff=wired)
+    assert (
+        run(decode16, "d16", prompt, params, kv_handoff=wired)[-1].output_token_ids == mono.output_token_ids
+    )
+    assert pools_full(prefill_engine, decode16, decode_engine)
+
+
 def test_prefill_only_that_finishes_on_its_first_token_has_no_handoff(engine, prompt):
     out = run(engine, "p1", prompt, SamplingParams(max_tokens=1, temperature=0), prefill_only=True)[-1]
     assert out.finish_reason == "length" and out.kv_handoff is None
