@@ -504,15 +504,15 @@ inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const
       }
       for (int m = 0; m < M; ++m) {
         const int8_t* xp = xq.q.data() + (m * xq.chunks + c) * plane;
-        __m512i dot;
+        __m512i sums;  // (not `dot`: the offsets' term below calls dot())
         if (BITS == 4) {
-          dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
-          dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xp + 64));
+          sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
+          sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp + 64));
         } else {
-          dot = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xp), qv), corr);
+          sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xp), qv), corr);
         }
         const float* lane = xq.scale.data() + (m * xq.chunks + c) * 16;
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(s, _mm512_loadu_ps(lane)), acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_loadu_ps(lane)), acc[r][m]);
       }
     }
   }

@@ -28,28 +28,38 @@ from shared.telemetry.logs import configure_logging
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run one platform service (tokenizer, worker, router, gateway)")
     roles = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    _tokenizer(roles)
+    _worker(roles)
+    _router(roles)
+    _kvstore(roles)
+    _controller(roles)
+    _gateway(roles)
 
-    def common(q, default_port: int = 0):
-        q.add_argument("--config", type=Path, help="YAML file with option values")
-        q.add_argument("--host", default="127.0.0.1")
-        q.add_argument(
-            "--port", type=int, default=default_port, help=f"(default {default_port or 'any free'})"
-        )
-        q.add_argument("--port-file", type=Path, help="write the bound port here once listening")
-        if default_port == 0:  # the gRPC services (the gateway serves /metrics on its own port)
-            q.add_argument("--metrics-port", type=int, default=0,
-                           help="Prometheus metrics on this HTTP port (default any free one, announced)")  # fmt: skip
-        q.add_argument("--log-format", choices=["json", "text"],
-                       help="log lines as JSON objects or text (default $TANDEM_LOG_FORMAT, else json)")  # fmt: skip
 
+def _common(q, default_port: int = 0) -> None:
+    """Options every service takes."""
+    q.add_argument("--config", type=Path, help="YAML file with option values")
+    q.add_argument("--host", default="127.0.0.1")
+    q.add_argument("--port", type=int, default=default_port, help=f"(default {default_port or 'any free'})")
+    q.add_argument("--port-file", type=Path, help="write the bound port here once listening")
+    if default_port == 0:  # the gRPC services (the gateway serves /metrics on its own port)
+        q.add_argument("--metrics-port", type=int, default=0,
+                       help="Prometheus metrics on this HTTP port (default any free one, announced)")  # fmt: skip
+    q.add_argument("--log-format", choices=["json", "text"],
+                   help="log lines as JSON objects or text (default $TANDEM_LOG_FORMAT, else json)")  # fmt: skip
+
+
+def _tokenizer(roles) -> None:
     q = roles.add_parser("tokenizer", help="text <-> token ids, chat templates")
-    common(q)
+    _common(q)
     q.add_argument("--model", action="append", help=f"model to serve (repeatable; default {DEFAULT_MODEL})")
     q.add_argument("--store", type=Path)
     q.set_defaults(func=cmd_serve, run=run_tokenizer, parser=q)
 
+
+def _worker(roles) -> None:
     q = roles.add_parser("worker", help="the engine behind gRPC (role: monolithic, prefill or decode)")
-    common(q)
+    _common(q)
     q.add_argument("--model", default=DEFAULT_MODEL)
     q.add_argument("--role", default="monolithic", choices=["monolithic", "prefill", "decode"])
     q.add_argument("--kvstore", help="KV-cache store HOST:PORT (prefix reuse and handoffs)")
@@ -81,8 +91,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--threads", type=int, help="torch threads (default: $TANDEM_THREADS or 2)")
     q.set_defaults(func=cmd_serve, run=run_worker, parser=q)
 
+
+def _router(roles) -> None:
     q = roles.add_parser("router", help="pick a worker per request, forward streams")
-    common(q)
+    _common(q)
     q.add_argument("--worker", action="append", required=False, help="worker HOST:PORT (repeatable)")
     q.add_argument("--policy", default=DEFAULT_POLICY, choices=POLICIES)
     q.add_argument("--kvstore", help="KV-cache store HOST:PORT (prefix lookups, lease clean-up)")
@@ -102,14 +114,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     q.set_defaults(func=cmd_serve, run=run_router, parser=q)
 
+
+def _kvstore(roles) -> None:
     q = roles.add_parser("kvstore", help="the remote KV-cache store (memory tier, optional Redis tier)")
-    common(q)
+    _common(q)
     q.add_argument("--memory-mb", type=int, default=1024, help="memory tier budget (default 1024)")
     q.add_argument("--redis", help="redis:// URL of the Redis tier (optional)")
     q.set_defaults(func=cmd_serve, run=run_kvstore, parser=q)
 
+
+def _controller(roles) -> None:
     q = roles.add_parser("controller", help="training jobs: files, fine-tuning jobs, executors")
-    common(q)
+    _common(q)
     q.add_argument("--store", type=Path, help="the model store (default $TANDEM_MODELS)")
     q.add_argument("--home", type=Path, help="files and job dirs (default $TANDEM_HOME/controller)")
     q.add_argument("--job-store", help="sqlite:///PATH (default: <home>/controller.db) or redis://HOST:PORT")
@@ -128,8 +144,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--poll-interval", type=float, default=0.5)
     q.set_defaults(func=cmd_serve, run=run_controller, parser=q)
 
+
+def _gateway(roles) -> None:
     q = roles.add_parser("gateway", help="the OpenAI-compatible REST API")
-    common(q, default_port=8000)
+    _common(q, default_port=8000)
     q.add_argument("--tokenizer", help="tokenizer service HOST:PORT")
     q.add_argument("--router", help="router service HOST:PORT")
     q.add_argument(
