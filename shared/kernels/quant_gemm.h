@@ -8,14 +8,22 @@
 //   sum_k w[n, k] x[m, k] = scale[n, g] * sum_k q[n, k] x[m, k] + offset[n, g] * sum_k x[m, k]
 //
 // so the inner loop converts integers to floats in registers and multiplies them with x; the group's
-// sum of x is computed once per call. For 4 bits and 1-2 tokens (AVX2: 1-3), each nibble is masked in
-// place and x is permuted and scaled by powers of 16 to meet it (mask_tile); otherwise, with AVX-512 and
-// groups of 32 (GGUF Q4's), a group's 16 possible weights are built as a table and the nibbles index it;
-// and otherwise x is split into its even and odd columns once per call, so the low and high nibbles of
-// a byte vector meet their x values without any shuffle.
-// Rows of W are split across threads; M (the tokens) goes up to 4 per pass. Beyond 4 rows (batches,
-// prefill), blocks of rows are converted once into an L2-sized float buffer and skinny_gemm.h's
-// outer-product tiles run over it for every row of x: W leaves DRAM as integers either way.
+// sum of x is computed once per call. Paths for 1-4 tokens (M), by what the CPU has:
+//   - 4 bits with AVX-512 VNNI: x as 24-bit integers (int24_digits: per 8 columns a power-of-two scale,
+//     float32's precision at their largest value; three signed bytes), and vpdpbusd multiplies 64
+//     nibbles by 64 of those bytes per instruction (vnni_row, int24_row32): integer sums, no float
+//     conversion of weights;
+//   - 4 bits otherwise, 1-2 tokens (AVX2: 1-3): each nibble is masked in place and x is permuted and
+//     scaled by powers of 16 to meet it (mask_row); beyond, with AVX-512 and groups of 32 (GGUF Q4's),
+//     a group's 16 possible weights are built as a table and the nibbles index it; and otherwise x is
+//     split into its even and odd columns once per call, so the low and high nibbles of a byte vector
+//     meet their x values without any shuffle (quant_row);
+//   - 8 bits: widening loads and conversions (quant_row);
+//   - int8_x (opt in, not exact): x rounded to int8 and llama.cpp's Q8 x Q4 / Q8 integer dot products.
+// A row's lanes are summed together with the next rows' (rows_summed). Rows of W are split across threads. Beyond 4
+// rows (batches, prefill), blocks of rows are converted once into an L2-sized float buffer and
+// skinny_gemm.h's outer-product tiles run over it for every row of x: W leaves DRAM as integers
+// either way.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,9 +31,11 @@
 
 #include <immintrin.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -210,58 +220,115 @@ inline vf mask_scales(const S* s, int64_t group, int64_t groups, int64_t b) {
 #endif
 }
 
-template <int M, int R, typename S>
-inline void mask_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t k_dim,
-                      int64_t group, const float* xs, int64_t ldx, const float* gsum, int64_t groups, float* yt) {
-  vf acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = vf{};
-  prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
-  const int64_t blocks = (k_dim + MASK_BLOCK - 1) / MASK_BLOCK;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const bool half = (b + 1) * MASK_BLOCK > k_dim;
-    const float* xb = xs + b * MASK_BLOCK;
-    vf part[R][M];
-    for (int r = 0; r < R; ++r) {
-      const vi w = mask_block(q + r * row_bytes + b * MASK_BLOCK / 2, half);
-      // one token: two FMA chains a row (a block's 8 products in one chain wait on its latency)
-      constexpr int CHAINS = M == 1 ? 2 : 1;
-      vf chain[CHAINS][M];
-      for (int j = 0; j < 8; ++j) {
-        const vi t = j == 7 ? vi(reinterpret_cast<vi>(reinterpret_cast<vu>(w) >> 28)) : (w & (15 << (4 * j)));
-        const vf f = __builtin_convertvector(t, vf);
-        const int c = j % CHAINS;
-        for (int m = 0; m < M; ++m) {
-          const vf xv = vload(xb + m * ldx + j * VW);
-          chain[c][m] = j < CHAINS ? f * xv : chain[c][m] + f * xv;
-        }
-      }
-      for (int m = 0; m < M; ++m) {
-        for (int c = 1; c < CHAINS; ++c) chain[0][m] += chain[c][m];
-        part[r][m] = chain[0][m];
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const vf s = mask_scales(scale + r * groups, group, groups, b);
-      for (int m = 0; m < M; ++m) acc[r][m] += part[r][m] * s;
+// One block's 8 nibble vectors against M tokens' x' (F: the float vector, I/U: the int32 ones; AVX-512
+// runs a row's last half block in 256-bit vectors, reading the first half of each x' vector).
+template <int M, typename F, typename I, typename U>
+inline void block_dot(I w, const float* xb, int64_t ldx, F* part) {
+  // one token: two FMA chains (a block's 8 products in one chain wait on its latency)
+  constexpr int CHAINS = M == 1 ? 2 : 1;
+  F chain[CHAINS][M];
+  for (int j = 0; j < 8; ++j) {
+    const I t = j == 7 ? I(reinterpret_cast<I>(reinterpret_cast<U>(w) >> 28)) : (w & (15 << (4 * j)));
+    const F f = __builtin_convertvector(t, F);
+    const int c = j % CHAINS;
+    for (int m = 0; m < M; ++m) {
+      const F xv = *reinterpret_cast<const F*>(xb + m * ldx + j * VW);
+      chain[c][m] = j < CHAINS ? f * xv : chain[c][m] + f * xv;
     }
   }
-  // the offsets' term: whole vectors of groups into the accumulators, the rest after the sums
-  int64_t g = 0;
-  for (; g + VW <= groups; g += VW)
-    for (int r = 0; r < R; ++r) {
-      const vf o = vload_s(offset + r * groups + g);
-      for (int m = 0; m < M; ++m) acc[r][m] += o * vload(gsum + m * groups + g);
-    }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) {
-      float tail = 0.f;
-      for (int64_t t = g; t < groups; ++t) tail += scalar(offset[r * groups + t]) * gsum[m * groups + t];
-      yt[r * M + m] = hsum(acc[r][m]) + tail;
-    }
+  for (int m = 0; m < M; ++m) {
+    for (int c = 1; c < CHAINS; ++c) chain[0][m] += chain[c][m];
+    part[m] = chain[0][m];
+  }
 }
 
-// x' for mask_tile: per token and block, x'[j * VW + i] = x[8i + j] * 16^-j (j < 7), x[8i + 7]; a
+#if defined(__AVX512F__)
+// half vectors: a row's last half block
+typedef float half_vf __attribute__((vector_size(32), aligned(4), __may_alias__));
+typedef int32_t half_vi __attribute__((vector_size(32), aligned(4), __may_alias__));
+typedef uint32_t half_vu __attribute__((vector_size(32), aligned(4), __may_alias__));
+#endif
+
+// acc[m] += the offsets' term, sum_g offset[g] * (token m's sum of x over group g), lane-wise (the
+// lanes are summed after)
+template <int M, typename S>
+inline void add_offsets(const S* offset, const float* gsum, int64_t groups, vf* acc) {
+  int64_t g = 0;
+  for (; g + VW <= groups; g += VW) {
+    const vf o = vload_s(offset + g);
+    for (int m = 0; m < M; ++m) acc[m] += o * vload(gsum + m * groups + g);
+  }
+  if (g == groups) return;
+#if defined(__AVX512F__)
+  const __mmask16 tail = static_cast<__mmask16>((1u << (groups - g)) - 1);
+  const __m512 o = masked_s(tail, offset + g);
+  for (int m = 0; m < M; ++m)
+    acc[m] += reinterpret_cast<vf>(_mm512_mul_ps(o, _mm512_maskz_loadu_ps(tail, gsum + m * groups + g)));
+#else
+  for (int m = 0; m < M; ++m) {
+    vf t{};
+    for (int64_t u = g; u < groups; ++u) t[u - g] = scalar(offset[u]) * gsum[m * groups + u];
+    acc[m] += t;
+  }
+#endif
+}
+
+// y^T rows [n0, n1) ([N, M]) from row(n, acc), which leaves row n's M accumulators with lanes still to
+// sum: VW rows' lanes are summed together by reduce_lanes, not each row's on its own (a row's own
+// reduction and its offsets' tail cost a third of a 576-column row).
+template <int M, typename Row>
+inline void rows_summed(int64_t n0, int64_t n1, float* yt, Row&& row) {
+  int64_t n = n0;
+  for (; n + VW <= n1; n += VW) {
+    vf rows[M][VW];
+    for (int i = 0; i < VW; ++i) {
+      vf acc[M];
+      row(n + i, acc);
+      for (int m = 0; m < M; ++m) rows[m][reduce_slot(i)] = acc[m];
+    }
+    for (int m = 0; m < M; ++m) {
+      const vf sums = reduce_lanes(rows[m]);
+      if constexpr (M == 1) vstore(yt + n, sums);
+      else
+        for (int i = 0; i < VW; ++i) yt[(n + i) * M + m] = sums[i];
+    }
+  }
+  for (; n < n1; ++n) {
+    vf acc[M];
+    row(n, acc);
+    for (int m = 0; m < M; ++m) yt[n * M + m] = hsum(acc[m]);
+  }
+}
+
+// One row's accumulators for M tokens on the mask path (lanes still to be summed): the scaled blocks
+// plus the offsets' term.
+template <int M, typename S>
+inline void mask_row(const uint8_t* q, const S* scale, const S* offset, int64_t k_dim, int64_t group,
+                     const float* xs, int64_t ldx, const float* gsum, int64_t groups, vf* acc) {
+  for (int m = 0; m < M; ++m) acc[m] = vf{};
+  prefetch_ahead<1>(q, k_dim / 2, scale, offset, groups);
+  const int64_t full = k_dim / MASK_BLOCK;
+  for (int64_t b = 0; b < full; ++b) {
+    vf part[M];
+    block_dot<M, vf, vi, vu>(*reinterpret_cast<const vi*>(q + b * MASK_BLOCK / 2), xs + b * MASK_BLOCK, ldx, part);
+    const vf s = mask_scales(scale, group, groups, b);
+    for (int m = 0; m < M; ++m) acc[m] += part[m] * s;
+  }
+#if defined(__AVX512F__)
+  if (full * MASK_BLOCK < k_dim) {  // half a block (rows of 64-column multiples)
+    half_vf part[M];
+    block_dot<M, half_vf, half_vi, half_vu>(*reinterpret_cast<const half_vi*>(q + full * MASK_BLOCK / 2),
+                                            xs + full * MASK_BLOCK, ldx, part);
+    const __m512 scales = reinterpret_cast<__m512>(mask_scales(scale, group, groups, full));
+    const half_vf s = reinterpret_cast<half_vf>(_mm512_castps512_ps256(scales));
+    for (int m = 0; m < M; ++m)
+      acc[m] += reinterpret_cast<vf>(_mm512_zextps256_ps512(reinterpret_cast<__m256>(part[m] * s)));
+  }
+#endif
+  add_offsets<M>(offset, gsum, groups, acc);
+}
+
+// x' for mask_row: per token and block, x'[j * VW + i] = x[8i + j] * 16^-j (j < 7), x[8i + 7]; a
 // half block's upper lanes are zero. `out` holds mask_x_floats(k_dim).
 inline int64_t mask_x_floats(int64_t k_dim) { return (k_dim + MASK_BLOCK - 1) / MASK_BLOCK * MASK_BLOCK; }
 inline void mask_x(const float* x, int64_t k_dim, float* out) {
@@ -274,7 +341,7 @@ inline void mask_x(const float* x, int64_t k_dim, float* out) {
       }
 }
 
-// AVX-512, 4-bit groups of 32 where mask_tile does not apply: quant_tile's table lookup
+// AVX-512, 4-bit groups of 32 where the mask path does not apply: quant_row's table lookup
 inline bool table_path(int64_t bits, int64_t group, int64_t k_dim, int64_t m_dim) {
 #if defined(__AVX512F__)
   return bits == 4 && group == 32 && !mask_path(bits, group, k_dim, m_dim);
@@ -283,20 +350,14 @@ inline bool table_path(int64_t bits, int64_t group, int64_t k_dim, int64_t m_dim
 #endif
 }
 
-// y^T[n0:n0+R, 0:M] for R weight rows (R rows at once: independent accumulator chains, shared x loads).
-// xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx` floats apart; gsum [M, G]:
-// each token's sum of x per group.
-template <int M, int R, int BITS, typename S>
-inline void quant_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t k_dim,
-                       int64_t group, const float* xs, int64_t ldx, const float* gsum, int64_t groups, float* yt) {
-  if (mask_path(BITS, group, k_dim, M)) {
-    mask_tile<M, R>(q, row_bytes, scale, offset, k_dim, group, xs, ldx, gsum, groups, yt);
-    return;
-  }
-  vf acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = vf{};
-  prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
+// One weight row's accumulators for M tokens (lanes still to sum; rows_summed sums them), on the paths
+// other than the mask path. xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx`
+// floats apart; gsum [M, G]: each token's sum of x per group.
+template <int M, int BITS, typename S>
+inline void quant_row(const uint8_t* q, const S* scale, const S* offset, int64_t k_dim, int64_t group,
+                      const float* xs, int64_t ldx, const float* gsum, int64_t groups, vf* acc) {
+  for (int m = 0; m < M; ++m) acc[m] = vf{};
+  prefetch_ahead<1>(q, BITS == 8 ? k_dim : k_dim / 2, scale, offset, groups);
   const int64_t half = k_dim / 2;
 #if defined(__AVX512F__)
   if (table_path(BITS, group, k_dim, M)) {
@@ -306,68 +367,40 @@ inline void quant_tile(const uint8_t* q, int64_t row_bytes, const S* scale, cons
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t k = g * 16;
-      vf xe[M], xo[M];
-      for (int m = 0; m < M; ++m) xe[m] = vload(xs + m * ldx + k), xo[m] = vload(xs + m * ldx + half + k);
-      for (int r = 0; r < R; ++r) {
-        const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(scalar(scale[r * groups + g])),
-                                             _mm512_set1_ps(scalar(offset[r * groups + g])));
-        const __m512i b =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + r * row_bytes + k)));
-        const vf lo = reinterpret_cast<vf>(_mm512_permutexvar_ps(b, table));
-        const vf hi = reinterpret_cast<vf>(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table));
-        for (int m = 0; m < M; ++m) acc[r][m] += lo * xe[m], acc[r][m] += hi * xo[m];
-      }
+      const __m512 table = _mm512_fmadd_ps(iota, _mm512_set1_ps(scalar(scale[g])), _mm512_set1_ps(scalar(offset[g])));
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)));
+      const vf lo = reinterpret_cast<vf>(_mm512_permutexvar_ps(b, table));
+      const vf hi = reinterpret_cast<vf>(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table));
+      for (int m = 0; m < M; ++m) acc[m] += lo * vload(xs + m * ldx + k), acc[m] += hi * vload(xs + m * ldx + half + k);
     }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < M; ++m) yt[r * M + m] = hsum(acc[r][m]);
     return;
   }
 #endif
   for (int64_t g = 0; g < groups; ++g) {
-    vf s[R];
-    for (int r = 0; r < R; ++r) s[r] = vsplat(scalar(scale[r * groups + g]));
+    const vf s = vsplat(scalar(scale[g]));
     if (BITS == 4) {
-      const uint8_t* qg = q + g * group / 2;
-      const float* xg = xs + g * group / 2;
-      for (int64_t k = 0; k < group / 2; k += VW) {
-        vf xe[M], xo[M];
-        for (int m = 0; m < M; ++m) xe[m] = vload(xg + m * ldx + k), xo[m] = vload(xg + m * ldx + half + k);
-        for (int r = 0; r < R; ++r) {
-          vf lo, hi;
-          nibbles_to_float(qg + r * row_bytes + k, lo, hi);
-          scaled_fma<M>(lo, hi, s[r], xe, xo, acc[r]);
-        }
+      for (int64_t k = g * group / 2; k < (g + 1) * group / 2; k += VW) {
+        vf xe[M], xo[M], lo, hi;
+        for (int m = 0; m < M; ++m) xe[m] = vload(xs + m * ldx + k), xo[m] = vload(xs + m * ldx + half + k);
+        nibbles_to_float(q + k, lo, hi);
+        scaled_fma<M>(lo, hi, s, xe, xo, acc);
       }
     } else if (M > 1 && group <= 64) {  // small groups: scale the weights once for all M tokens
-      const int8_t* qg = reinterpret_cast<const int8_t*>(q) + g * group;
-      const float* xg = xs + g * group;
-      for (int64_t k = 0; k < group; k += VW) {
-        vf xv[M];
-        for (int m = 0; m < M; ++m) xv[m] = vload(xg + m * ldx + k);
-        for (int r = 0; r < R; ++r) {
-          const vf w = int8_to_float(qg + r * row_bytes + k) * s[r];
-          for (int m = 0; m < M; ++m) acc[r][m] += w * xv[m];
-        }
+      for (int64_t k = g * group; k < (g + 1) * group; k += VW) {
+        const vf w = int8_to_float(reinterpret_cast<const int8_t*>(q) + k) * s;
+        for (int m = 0; m < M; ++m) acc[m] += w * vload(xs + m * ldx + k);
       }
     } else {
-      vf part[R][M];
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) part[r][m] = vf{};
-      for (int64_t k = 0; k < group; k += VW) {
-        vf xv[M];
-        for (int m = 0; m < M; ++m) xv[m] = vload(xs + m * ldx + g * group + k);
-        for (int r = 0; r < R; ++r) {
-          const vf w = int8_to_float(reinterpret_cast<const int8_t*>(q + r * row_bytes) + g * group + k);
-          for (int m = 0; m < M; ++m) part[r][m] += w * xv[m];
-        }
+      vf part[M];
+      for (int m = 0; m < M; ++m) part[m] = vf{};
+      for (int64_t k = g * group; k < (g + 1) * group; k += VW) {
+        const vf w = int8_to_float(reinterpret_cast<const int8_t*>(q) + k);
+        for (int m = 0; m < M; ++m) part[m] += w * vload(xs + m * ldx + k);
       }
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < M; ++m) acc[r][m] += s[r] * part[r][m];
+      for (int m = 0; m < M; ++m) acc[m] += s * part[m];
     }
   }
-  // the offsets' term: sum_g offset[n, g] * (sum of x over group g)
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) yt[r * M + m] = hsum(acc[r][m]) + dot(offset + r * groups, gsum + m * groups, groups);
+  add_offsets<M>(offset, gsum, groups, acc);
 }
 
 // Weight rows per register tile for M tokens: one, so that a thread reads its rows of W as a single
@@ -379,29 +412,30 @@ constexpr int quant_r() {
   return 1;
 }
 
-// y^T rows [n0, n1) (R rows per tile from n0, single rows for the rest): one thread's share of a GEMM
-// (quant_rows splits a GEMM into these; decode_step.h's team calls them).
+// y^T rows [n0, n1): one thread's share of a GEMM (quant_rows splits a GEMM into these; decode_step.h's
+// team calls them).
 template <int M, int BITS, typename S>
 void quant_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t k_dim,
                  int64_t group, const float* xs, int64_t ldx, const float* gsum, float* yt, int64_t n0, int64_t n1) {
-  constexpr int R = quant_r<M>();
   const int64_t groups = k_dim / group;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R)
-    quant_tile<M, R, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, k_dim, group, xs,
-                           ldx, gsum, groups, yt + n * M);
-  for (; n < n1; ++n)
-    quant_tile<M, 1, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, k_dim, group, xs,
-                           ldx, gsum, groups, yt + n * M);
+  if (mask_path(BITS, group, k_dim, M)) {
+    rows_summed<M>(n0, n1, yt, [=](int64_t n, vf* acc) {
+      mask_row<M>(q + n * row_bytes, scales + n * groups, offsets + n * groups, k_dim, group, xs, ldx, gsum, groups,
+                  acc);
+    });
+  } else {
+    rows_summed<M>(n0, n1, yt, [=](int64_t n, vf* acc) {
+      quant_row<M, BITS>(q + n * row_bytes, scales + n * groups, offsets + n * groups, k_dim, group, xs, ldx, gsum,
+                         groups, acc);
+    });
+  }
 }
 
 template <int M, int BITS, typename S>
 void quant_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t n_dim,
                 int64_t k_dim, int64_t group, const float* xs, int64_t ldx, const float* gsum, float* yt) {
-  constexpr int R = quant_r<M>();
-  at::parallel_for(0, (n_dim + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
-    quant_range<M, BITS>(q, row_bytes, scales, offsets, k_dim, group, xs, ldx, gsum, yt, begin * R,
-                         std::min(n_dim, end * R));
+  at::parallel_for(0, n_dim, 16, [&](int64_t begin, int64_t end) {
+    quant_range<M, BITS>(q, row_bytes, scales, offsets, k_dim, group, xs, ldx, gsum, yt, begin, end);
   });
 }
 
@@ -419,7 +453,8 @@ void quant_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* o
 // one-token GEMM). 8-bit weights are signed: x goes in as unsigned (x + 128) and 128 * sum(w) comes off.
 struct XInt8 {
   int64_t m_dim, chunks, cols;                     // cols: columns per chunk (128 or 64)
-  std::vector<int8_t> q;                           // [M][chunks][64] (4 bits: [M][chunks][2][64])
+  int planes = 1;                                  // 1: x rounded to int8; 3: x as 24-bit integers
+  std::vector<int8_t> q;                           // [M][chunks][planes][64] (4 bits: [M][chunks][planes][2][64])
   std::vector<float> scale;                        // [M][chunks][16]: per lane, x's scale
   std::vector<float> gsum;                         // [M][K / group]: x's float sum per weight group
   int64_t groups;
@@ -430,12 +465,64 @@ struct XInt8 {
 
 inline bool int8_x_ok(int64_t, int64_t group, int64_t k_dim) { return k_dim % 32 == 0 && group % 32 == 0; }
 
+// x as 24-bit integers, for 4-bit weights (planes = 3): each 8 columns (a lane of vnni_row's sums) share
+// a power-of-two scale d with max |x| < 2^22 d, and become X = x / d rounded to nearest: float32's own
+// precision at the lane's largest value (a value 2^-k of it keeps 22 - k bits). X is stored as three
+// signed bytes, X = (X2 * 256 + X1) * 256 + X0, most significant plane first (see vnni_row). Writes the
+// digits of the 32 columns from column j0 of a chunk, and their 4 lanes' scales (NaN where a lane holds
+// a NaN or an infinity: the row's sums come out NaN).
+inline void int24_digits(const float* x, int64_t j0, int8_t* dst, float* lane_scale) {
+  // per lane: the largest |x| (its exponent bits, read straight from the float) and whether all are
+  // finite (an exponent field of 255 is a NaN or an infinity)
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i a_bits = _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x)), magnitude);
+  const __m512i b_bits = _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + 16)), magnitude);
+  alignas(64) int32_t bits[32];
+  _mm512_store_si512(bits, a_bits);
+  _mm512_store_si512(bits + 16, b_bits);
+  float inv[4];
+  for (int l = 0; l < 4; ++l) {
+    int32_t top = 0;  // non-negative floats order as their bits do
+    for (int k = 8 * l; k < 8 * l + 8; ++k) top = std::max(top, bits[k]);
+    const int field = top >> 23;  // amax < 2^(field - 126)
+    // zero lanes, and lanes below 2^-100 (zeros to float32 sums of this size; 2^22 / 2^e must stay a
+    // float): scale 0; NaN or infinity: NaN
+    const bool finite = field < 255, zero = field < 27;
+    const int e = field - 126;
+    inv[l] = !finite || zero ? 0.f : std::bit_cast<float>((127 + 22 - e) << 23);  // 2^(22 - e)
+    const float d = std::bit_cast<float>((127 + e - 22) << 23);  // 2^(e - 22)
+    lane_scale[l] = !finite ? std::numeric_limits<float>::quiet_NaN() : zero ? 0.f : d;
+  }
+  const __m512 inv_a = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(inv[0])), _mm256_set1_ps(inv[1]), 1);
+  const __m512 inv_b = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(inv[2])), _mm256_set1_ps(inv[3]), 1);
+  // rounded to nearest even, as float32 rounds; the even columns, then the odd ones
+  const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), inv_a));
+  const __m512i b = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + 16), inv_b));
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  __m512i v[2] = {_mm512_permutex2var_epi32(a, even, b),
+                  _mm512_permutex2var_epi32(a, _mm512_add_epi32(even, _mm512_set1_epi32(1)), b)};
+  for (int p = 2; p >= 0; --p)
+    for (int h = 0; h < 2; ++h) {
+      const __m512i digit = _mm512_srai_epi32(_mm512_slli_epi32(v[h], 24), 24);  // the low byte, signed
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + p * 128 + h * 64 + j0 / 2), _mm512_cvtepi32_epi8(digit));
+      v[h] = _mm512_srai_epi32(_mm512_sub_epi32(v[h], digit), 8);
+    }
+}
+
+// Tokens up to which 4-bit GEMMs take x as 24-bit integers (int24_digits; AVX-512 VNNI only): 1.2-1.6x
+// the float paths' speed on one thread, and float32's precision
+constexpr int64_t INT24_M = 4;
+inline int int24_planes(int64_t bits, int64_t group, int64_t k_dim, int64_t m_dim) {
+  return bits == 4 && k_dim % 32 == 0 && group % 32 == 0 && m_dim <= INT24_M ? 3 : 0;
+}
+
 // into `out`, whose buffers a caller may reuse from call to call
-inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, XInt8& out) {
+inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, XInt8& out,
+                       int planes = 1) {
   const int64_t cols = bits == 4 ? 128 : 64, per_lane = cols / 16, chunks = (k_dim + cols - 1) / cols;
   const int64_t plane = bits == 4 ? 128 : 64;
-  out.m_dim = m_dim, out.chunks = chunks, out.cols = cols;
-  out.q.assign(m_dim * chunks * plane, 0);
+  out.m_dim = m_dim, out.chunks = chunks, out.cols = cols, out.planes = planes;
+  out.q.assign(m_dim * chunks * planes * plane, 0);
   out.scale.assign(m_dim * chunks * 16, 0.f);
   out.idx.assign(chunks * 16, 0);
   out.base.assign(chunks, 0);
@@ -459,12 +546,16 @@ inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t gro
   for (int64_t m = 0; m < m_dim; ++m) {
     const float* xr = x + m * k_dim;
     for (int64_t g0 = 0; g0 < k_dim; g0 += 32) {  // x's groups of 32 columns: 4 (4 bits) or 8 lanes
+      const int64_t c = g0 / cols, j0 = g0 - c * cols;
+      int8_t* dst = out.q.data() + (m * chunks + c) * planes * plane;
+      float* scale = out.scale.data() + (m * chunks + c) * 16;
+      if (planes == 3) {
+        int24_digits(xr + g0, j0, dst, scale + j0 / per_lane);
+        continue;
+      }
       float amax = 0.f;
       for (int64_t k = 0; k < 32; ++k) amax = std::max(amax, std::abs(xr[g0 + k]));
       const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      const int64_t c = g0 / cols, j0 = g0 - c * cols;
-      int8_t* dst = out.q.data() + (m * chunks + c) * plane;
-      float* scale = out.scale.data() + (m * chunks + c) * 16;
       for (int64_t k = 0; k < 32; ++k) {
         const float t = xr[g0 + k] * inv;
         const int8_t v = static_cast<int8_t>(static_cast<int>(t + (t >= 0.f ? 0.5f : -0.5f)));
@@ -477,71 +568,150 @@ inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t gro
   }
 }
 
-template <int M, int R, int BITS, typename S>
-inline void vnni_tile(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t groups,
-                      int64_t k_dim, const XInt8& xq, float* yt) {
-  __m512 acc[R][M];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+// One row's accumulators for M tokens (lanes still to sum), offsets' term included. With PLANES = 3
+// (4 bits) the int32 sums take x's most significant digits first and shift up by 8 bits before each
+// next plane: |sum| <= 8 * 15 * 128 * (2^16 + 2^8 + 1) < 2^31, exact, then one conversion to float.
+template <int M, int BITS, int PLANES, typename S>
+inline void vnni_row(const uint8_t* q, int64_t row_bytes, const S* scale, const S* offset, int64_t groups,
+                     const XInt8& xq, vf* out) {
+  static_assert(PLANES == 1 || BITS == 4, "24-bit x is for 4-bit weights");
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   const __m512i low4 = _mm512_set1_epi8(15), bias = _mm512_set1_epi8(static_cast<char>(0x80));
   const int64_t plane = BITS == 4 ? 128 : 64, chunk_bytes = 64;
-  prefetch_ahead<R>(q, row_bytes, scale, offset, groups);
+  prefetch_ahead<1>(q, row_bytes, scale, offset, groups);
   for (int64_t c = 0; c < xq.chunks; ++c) {
     const int64_t left = row_bytes - c * chunk_bytes;
     const __mmask64 bytes = left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
     const __m512i idx = _mm512_loadu_si512(xq.idx.data() + c * 16);
     const __mmask16 gmask = static_cast<__mmask16>((1u << xq.n_groups[c]) - 1);
-    const int64_t base = xq.base[c];
-    for (int r = 0; r < R; ++r) {
-      const __m512i qv = _mm512_maskz_loadu_epi8(bytes, q + r * row_bytes + c * chunk_bytes);
-      const __m512 s = _mm512_permutexvar_ps(idx, masked_s(gmask, scale + r * groups + base));
-      __m512i lo, hi, corr;
+    const __m512i qv = _mm512_maskz_loadu_epi8(bytes, q + c * chunk_bytes);
+    const __m512 s = _mm512_permutexvar_ps(idx, masked_s(gmask, scale + xq.base[c]));
+    __m512i lo, hi, corr;
+    if (BITS == 4) {
+      lo = _mm512_and_si512(qv, low4);
+      hi = _mm512_and_si512(_mm512_srli_epi16(qv, 4), low4);
+    } else {
+      corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, qv);  // 128 * sum(w) per lane
+    }
+    for (int m = 0; m < M; ++m) {
+      const int8_t* xp = xq.q.data() + (m * xq.chunks + c) * PLANES * plane;
+      __m512i sums;  // (not `dot`: the offsets' term calls dot())
       if (BITS == 4) {
-        lo = _mm512_and_si512(qv, low4);
-        hi = _mm512_and_si512(_mm512_srli_epi16(qv, 4), low4);
-      } else {
-        corr = _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, qv);  // 128 * sum(w) per lane
-      }
-      for (int m = 0; m < M; ++m) {
-        const int8_t* xp = xq.q.data() + (m * xq.chunks + c) * plane;
-        __m512i sums;  // (not `dot`: the offsets' term below calls dot())
-        if (BITS == 4) {
-          sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
-          sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp + 64));
-        } else {
-          sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xp), qv), corr);
+        sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
+        sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp + 64));
+        for (int p = 1; p < PLANES; ++p) {
+          sums = _mm512_slli_epi32(sums, 8);
+          sums = _mm512_dpbusd_epi32(sums, lo, _mm512_loadu_si512(xp + p * 128));
+          sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp + p * 128 + 64));
         }
-        const float* lane = xq.scale.data() + (m * xq.chunks + c) * 16;
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_loadu_ps(lane)), acc[r][m]);
+      } else {
+        sums = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xp), qv), corr);
       }
+      const float* lane = xq.scale.data() + (m * xq.chunks + c) * 16;
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_loadu_ps(lane)), acc[m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m)
-      yt[r * M + m] = _mm512_reduce_add_ps(acc[r][m]) +
-                      dot(offset + r * groups, xq.gsum.data() + m * groups, groups);
+  for (int m = 0; m < M; ++m) out[m] = reinterpret_cast<vf>(acc[m]);
+  add_offsets<M>(offset, xq.gsum.data(), groups, out);
+}
+
+// Groups of 32 (GGUF's Q4_0/Q4_1), x as 24-bit integers: vnni_row's arithmetic with each chunk's 4 weight scales
+// as one 8-byte load spread over the lanes (no index loads), and a row's last half chunk (rows of 64
+// multiples) in 256-bit vectors rather than masked 512-bit ones.
+inline __m512 four_scales(const at::Half* s) {
+  const __m256i pattern = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3,  //
+                                           4, 5, 4, 5, 4, 5, 4, 5, 6, 7, 6, 7, 6, 7, 6, 7);
+  int64_t four;
+  std::memcpy(&four, s, 8);
+  return _mm512_cvtph_ps(_mm256_shuffle_epi8(_mm256_set1_epi64x(four), pattern));
+}
+inline __m512 four_scales(const float* s) {
+  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(s)));
+}
+inline __m256 two_scales(const at::Half* s) {
+  const __m128i two = _mm_maskz_loadu_epi16(3, s);
+  return _mm256_cvtph_ps(_mm_shuffle_epi8(two, _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)));
+}
+inline __m256 two_scales(const float* s) {
+  return _mm256_set_m128(_mm_set1_ps(s[1]), _mm_set1_ps(s[0]));
+}
+
+template <int M, typename S>
+inline void int24_row32(const uint8_t* q, int64_t k_dim, const S* scale, const S* offset, const XInt8& xq, vf* out) {
+  const int64_t row_bytes = k_dim / 2, groups = k_dim / 32, full = k_dim / 128;
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(15);
+  prefetch_ahead<1>(q, row_bytes, scale, offset, groups);
+  for (int64_t c = 0; c < full; ++c) {
+    const __m512i w = _mm512_loadu_si512(q + c * 64);
+    const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+    const __m512 s = four_scales(scale + 4 * c);
+    for (int m = 0; m < M; ++m) {
+      const int8_t* xp = xq.q.data() + (m * xq.chunks + c) * 384;
+      __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
+      sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp + 64));
+      for (int p = 1; p < 3; ++p) {
+        sums = _mm512_slli_epi32(sums, 8);
+        sums = _mm512_dpbusd_epi32(sums, lo, _mm512_loadu_si512(xp + p * 128));
+        sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp + p * 128 + 64));
+      }
+      const float* lane = xq.scale.data() + (m * xq.chunks + c) * 16;
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_loadu_ps(lane)), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) out[m] = reinterpret_cast<vf>(acc[m]);
+  if (full * 128 < k_dim) {  // the half chunk: 64 columns, 8 lanes
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + full * 64)), l4 = _mm256_set1_epi8(15);
+    const __m256i lo = _mm256_and_si256(w, l4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), l4);
+    const __m256 s = two_scales(scale + 4 * full);
+    for (int m = 0; m < M; ++m) {
+      const int8_t* xp = xq.q.data() + (m * xq.chunks + full) * 384;
+      auto x8 = [&](int64_t at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + at)); };
+      __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x8(0));
+      sums = _mm256_dpbusd_epi32(sums, hi, x8(64));
+      for (int p = 1; p < 3; ++p) {
+        sums = _mm256_slli_epi32(sums, 8);
+        sums = _mm256_dpbusd_epi32(sums, lo, x8(p * 128));
+        sums = _mm256_dpbusd_epi32(sums, hi, x8(p * 128 + 64));
+      }
+      const float* lane = xq.scale.data() + (m * xq.chunks + full) * 16;
+      const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(s, _mm256_loadu_ps(lane)));
+      out[m] += reinterpret_cast<vf>(_mm512_zextps256_ps512(part));
+    }
+  }
+  add_offsets<M>(offset, xq.gsum.data(), groups, out);
 }
 
 template <int M, int BITS, typename S>
 void int8_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t k_dim, int64_t group,
                 const XInt8& xq, float* yt, int64_t n0, int64_t n1) {
-  constexpr int R = quant_r<M>();
   const int64_t groups = k_dim / group;
-  int64_t n = n0;
-  for (; n + R <= n1; n += R)
-    vnni_tile<M, R, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups, k_dim, xq,
-                          yt + n * M);
-  for (; n < n1; ++n)
-    vnni_tile<M, 1, BITS>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups, k_dim, xq,
-                          yt + n * M);
+  auto rows = [&](auto planes) {
+    constexpr int PLANES = decltype(planes)::value;
+    rows_summed<M>(n0, n1, yt, [=](int64_t n, vf* acc) {
+      vnni_row<M, BITS, PLANES>(q + n * row_bytes, row_bytes, scales + n * groups, offsets + n * groups, groups, xq,
+                                acc);
+    });
+  };
+  if (BITS == 4 && xq.planes == 3 && group == 32 && k_dim % 64 == 0) {
+    rows_summed<M>(n0, n1, yt, [=](int64_t n, vf* acc) {
+      int24_row32<M>(q + n * row_bytes, k_dim, scales + n * groups, offsets + n * groups, xq, acc);
+    });
+  } else if (BITS == 4 && xq.planes == 3) {
+    rows(std::integral_constant<int, BITS == 4 ? 3 : 1>{});
+  } else {
+    rows(std::integral_constant<int, 1>{});
+  }
 }
 
 template <int M, int BITS, typename S>
 void int8_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t n_dim,
                int64_t k_dim, int64_t group, const XInt8& xq, float* yt) {
-  constexpr int R = quant_r<M>();
-  at::parallel_for(0, (n_dim + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
-    int8_range<M, BITS>(q, row_bytes, scales, offsets, k_dim, group, xq, yt, begin * R, std::min(n_dim, end * R));
+  at::parallel_for(0, n_dim, 16, [&](int64_t begin, int64_t end) {
+    int8_range<M, BITS>(q, row_bytes, scales, offsets, k_dim, group, xq, yt, begin, end);
   });
 }
 #elif defined(__AVX2__)
@@ -591,8 +761,12 @@ inline __m256i quantize32(const float* x, float& d, float& sum) {
   return _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// into `out`, whose buffers a caller may reuse from call to call
-inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, XInt8& out) {
+// x as 24-bit integers needs VNNI
+inline int int24_planes(int64_t, int64_t, int64_t, int64_t) { return 0; }
+
+// into `out`, whose buffers a caller may reuse from call to call (planes: 1 only)
+inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, XInt8& out,
+                       int /*planes*/ = 1) {
   const int64_t chunks = k_dim / 32, groups = k_dim / group, per_group = group / 32;
   out.k_dim = k_dim, out.groups = groups;
   out.q.resize(m_dim * k_dim);
@@ -740,7 +914,7 @@ struct QuantRows {
 
 // What the float tiles read of x: per token the sums of x over each group (the offsets' term; not
 // needed by the table path) and, for 4 bits, x split into its even then its odd columns, so the low
-// and high nibbles of a byte vector meet their x values without a shuffle (mask_tile's rows: x
+// and high nibbles of a byte vector meet their x values without a shuffle (mask_row's rows: x
 // permuted and scaled per block, mask_x). Plain loops into `buf`
 // (x_floats of them): for 1-4 rows, ATen's slice/cat/sum calls cost more than the work.
 struct XFloat {
@@ -811,9 +985,10 @@ at::Tensor quant_linear_as(const at::Tensor& x_in, const at::Tensor& qweight, co
   const S *s = scales.data_ptr<S>(), *o = offsets.data_ptr<S>();
   float* y = yt.data_ptr<float>();
 #ifdef TANDEM_INT8_X
-  if (int8_x && int8_x_ok(bits, group, k_dim)) {
+  const int planes = int8_x && int8_x_ok(bits, group, k_dim) ? 1 : int24_planes(bits, group, k_dim, m_dim);
+  if (planes) {
     thread_local XInt8 xq;
-    quantize_x(x.data_ptr<float>(), m_dim, k_dim, group, bits, xq);
+    quantize_x(x.data_ptr<float>(), m_dim, k_dim, group, bits, xq, planes);
     for_rows(m_dim, [&](auto rows) {
       constexpr int M = decltype(rows)::value;
       if (bits == 8) int8_rows<M, 8>(q, row_bytes, s, o, n_dim, k_dim, group, xq, y);

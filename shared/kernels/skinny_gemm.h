@@ -53,6 +53,40 @@ inline float hsum(vf v) {
 #endif
 }
 
+// lane i of the result = the sum of v[i]'s lanes, for VW vectors at once: log2(VW) levels of shuffles
+// and adds that halve the vectors each time, instead of VW separate reductions (a dot product of a
+// 64-float head is 4 FMAs; its own reduction cost more than they did). AVX-512's levels leave the sums
+// in the lane order 4c + L <- vector 4L + c, so callers put vector i in slot reduce_slot(i).
+inline int reduce_slot(int i) { return VW == 16 ? (i % 4) * 4 + i / 4 : i; }
+#if defined(__AVX512F__)
+inline vf reduce_lanes(const vf* v) {
+  __m512 u[8], w[4], x[2];
+  for (int k = 0; k < 8; ++k) {  // 128-bit halves of each pair: [a0+a2, a1+a3, b0+b2, b1+b3]
+    const __m512 a = reinterpret_cast<__m512>(v[2 * k]), b = reinterpret_cast<__m512>(v[2 * k + 1]);
+    u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int k = 0; k < 4; ++k)  // one 128-bit lane per vector
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0xDD));
+  for (int k = 0; k < 2; ++k)  // two floats per vector
+    x[k] = _mm512_add_ps(_mm512_unpacklo_ps(w[2 * k], w[2 * k + 1]), _mm512_unpackhi_ps(w[2 * k], w[2 * k + 1]));
+  return reinterpret_cast<vf>(
+      _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x44), _mm512_shuffle_ps(x[0], x[1], 0xEE)));
+}
+#else
+inline vf reduce_lanes(const vf* v) {
+  __m256 x[4], y[2];
+  for (int k = 0; k < 4; ++k) {
+    const __m256 a = reinterpret_cast<__m256>(v[2 * k]), b = reinterpret_cast<__m256>(v[2 * k + 1]);
+    x[k] = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+  }
+  for (int k = 0; k < 2; ++k)
+    y[k] = _mm256_add_ps(_mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44), _mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
+  return reinterpret_cast<vf>(
+      _mm256_add_ps(_mm256_permute2f128_ps(y[0], y[1], 0x20), _mm256_permute2f128_ps(y[0], y[1], 0x31)));
+}
+#endif
+
 // y^T[n0:n0+R, 0:M] for M <= 4 tokens: x [M, K] contiguous rows.
 template <int M, int R>
 inline void dot_tile(const float* w, int64_t k_dim, const float* x, float* yt, int64_t ld_y) {

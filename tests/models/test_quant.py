@@ -71,6 +71,46 @@ def test_the_kernel_matches_the_dequantized_reference(bits, group, shape, scale_
         ops.quant_linear(torch.randn(1, 576), q.qweight, q.scales.half(), q.offsets, bits, group)
 
 
+@pytest.mark.skipif(cpu_ops() is None, reason="the CPU kernels are not built here")
+@pytest.mark.parametrize("group, k_dim", [(32, 576), (32, 544), (64, 576), (128, 768)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16])
+def test_few_rows_keep_float32_precision_where_x_has_outliers(group, k_dim, scale_dtype):
+    """1-4 rows of x (where AVX-512 VNNI takes x as 24-bit integers with a power-of-two scale per 8
+    columns): against a float64 reference, the error stays within 2^-16 of sum |x| |w| (float32's
+    own summation comes to ~2^-21 here), with an outlier channel 300x the rest, tiny values beside
+    it, a zero group and a group near 1e-30."""
+    ops = cpu_ops()
+    torch.manual_seed(3)
+    q = quant.quantize_linear(torch.nn.Linear(k_dim, 96, bias=False), 4, group)
+    w = q.dequantize().double()
+    for rows in (1, 2, 3, 4, 5):
+        x = torch.randn(rows, k_dim)
+        x[:, 5] *= 300
+        x[:, 40:50] *= 1e-4
+        x[:, 64:96] = 0
+        x[:, 100:132] *= 1e-30
+        want = x.double() @ w.t()
+        got = ops.quant_linear(x, q.qweight, q.scales.to(scale_dtype), q.offsets.to(scale_dtype), 4, group)
+        bound = (x.double().abs() @ w.abs().t()) * 2**-16
+        assert ((got.double() - want).abs() <= bound).all(), ((got.double() - want).abs() / bound).max()
+
+
+@pytest.mark.skipif(cpu_ops() is None, reason="the CPU kernels are not built here")
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (8, 32)])
+def test_a_nan_or_infinity_in_x_spoils_only_its_own_row(bits, group):
+    ops = cpu_ops()
+    torch.manual_seed(4)
+    q = quant.quantize_linear(torch.nn.Linear(576, 64, bias=False), bits, group)
+    for rows in (1, 2, 4, 5):
+        for bad in (float("nan"), float("inf")):
+            x = torch.randn(rows, 576)
+            x[0, 77] = bad
+            got = ops.quant_linear(x, q.qweight, q.scales.half(), q.offsets.half(), bits, group)
+            assert not got[0].isfinite().any()
+            want = x[1:] @ q.dequantize().t()
+            torch.testing.assert_close(got[1:], want, rtol=1e-4, atol=1e-4)
+
+
 def _has_int8_dots() -> bool:
     """Integer dot products for int8 activations: AVX-512 VNNI, or AVX2's vpmaddubsw."""
     try:
