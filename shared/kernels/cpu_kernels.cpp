@@ -443,10 +443,45 @@ Tensor any_linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>&
 
 // argmax over the last dim of x [M, N] (any strides; fast for the transposed [N, M] layout the
 // skinny GEMM writes): the first index of the maximum, as torch.argmax.
+// The first index of the maximum of x[0:n] (NaNs are passed over; all -inf or NaN: 0): the maximum by
+// vectors, then the first vector holding it.
+int64_t row_argmax(const float* x, int64_t n) {
+  using tandem::vf;
+  using tandem::VW;
+  constexpr float lowest = -std::numeric_limits<float>::infinity();
+  vf m0 = tandem::vsplat(lowest), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  for (; j + 4 * VW <= n; j += 4 * VW) {  // four chains (a max waits on the one before)
+    const vf a = tandem::vload(x + j), b = tandem::vload(x + j + VW), c = tandem::vload(x + j + 2 * VW),
+             d = tandem::vload(x + j + 3 * VW);
+    m0 = a > m0 ? a : m0, m1 = b > m1 ? b : m1, m2 = c > m2 ? c : m2, m3 = d > m3 ? d : m3;
+  }
+  m0 = m1 > m0 ? m1 : m0, m2 = m3 > m2 ? m3 : m2, m0 = m2 > m0 ? m2 : m0;
+  float best = lowest;
+  for (int i = 0; i < VW; ++i) best = m0[i] > best ? m0[i] : best;
+  for (int64_t k = j; k < n; ++k) best = x[k] > best ? x[k] : best;
+  if (!(best > lowest)) return 0;
+  const vf target = tandem::vsplat(best);
+  int64_t k = 0;
+  for (; k + VW <= n; k += VW) {
+    const auto hit = tandem::vload(x + k) == target;
+    for (int i = 0; i < VW; ++i)
+      if (hit[i]) return k + i;
+  }
+  for (; k < n; ++k)
+    if (x[k] == best) return k;
+  return 0;
+}
+
 Tensor argmax_rows(const Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "argmax_rows takes float32 [M, N]");
   const int64_t m = x.size(0), n = x.size(1), s0 = x.stride(0), s1 = x.stride(1);
   const float* xp = x.data_ptr<float>();
+  if (m == 1 && s1 == 1) {  // one contiguous row (a decode's logits): a few microseconds, no threads
+    auto out = at::empty({1}, x.options().dtype(at::kLong));
+    out.data_ptr<int64_t>()[0] = row_argmax(xp, n);
+    return out;
+  }
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 4096));
   std::vector<float> best(chunks * m, -std::numeric_limits<float>::infinity());
   std::vector<int64_t> where(chunks * m, 0);
@@ -456,17 +491,6 @@ Tensor argmax_rows(const Tensor& x) {
       float* bv = best.data() + c * m;
       int64_t* bi = where.data() + c * m;
       for (int64_t r = 0; r < m; ++r) bi[r] = lo;
-      if (m == 1 && s1 == 1) {  // one contiguous row (a decode's logits): the maximum, then where it is
-        float mx = bv[0];
-#pragma omp simd reduction(max : mx)
-        for (int64_t j = lo; j < hi; ++j) mx = xp[j] > mx ? xp[j] : mx;
-        for (int64_t j = lo; j < hi && mx > bv[0]; ++j)  // (none above -inf: stays at lo, as below)
-          if (xp[j] == mx) {
-            bv[0] = mx, bi[0] = j;
-            break;
-          }
-        continue;
-      }
       for (int64_t j = lo; j < hi; ++j) {
         const float* col = xp + j * s1;
         for (int64_t r = 0; r < m; ++r) {

@@ -158,6 +158,12 @@ def test_argmax_rows_takes_the_first_maximum_in_either_layout(ops):
         assert ops.argmax_rows(logits[r : r + 1]).tolist() == [want[r]]
         assert ops.argmax_rows(logits[r : r + 1].t().contiguous().t()).tolist() == [want[r]]
     assert ops.argmax_rows(torch.full((1, 50000), float("-inf"))).tolist() == [0]
+    for n in (1, 15, 17, 65, 1000):  # lengths past whole vectors: the maximum in the tail, or tied there
+        row = torch.randn(1, n)
+        row[0, n - 1] = 50.0
+        assert ops.argmax_rows(row).tolist() == [n - 1]
+        row[0, n // 2] = 50.0
+        assert ops.argmax_rows(row).tolist() == [n // 2]
 
 
 @pytest.mark.parametrize(
