@@ -448,9 +448,11 @@ void quant_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* o
 // low nibbles meeting the even columns of x and the high nibbles the odd ones; 8 bits: 64 columns);
 // lane l of a chunk covers 8 (4 bits) or 4 (8 bits) consecutive columns, all in one group of the weight
 // and one of x, so each lane's int32 sum is scaled by (weight scale x x scale) of its groups. The
-// offsets' term, offset x (sum of x over the group), is one dot product per row after the chunks, with
-// x's float sums per weight group (per chunk, it cost a permute, a load and an FMA a row: ~5 % of a
+// offsets' term, offset x (sum of x over the group), is added once per row (add_offsets), from x's
+// float sums per weight group (per chunk, it cost a permute, a load and an FMA a row: ~5 % of a
 // one-token GEMM). 8-bit weights are signed: x goes in as unsigned (x + 128) and 128 * sum(w) comes off.
+// The same tiles take x as 24-bit integers for 4-bit weights (int24_digits: three planes of signed
+// bytes), float32's precision where int8 x is not: the default for 1-4 rows, int8 x only on request.
 struct XInt8 {
   int64_t m_dim, chunks, cols;                     // cols: columns per chunk (128 or 64)
   int planes = 1;                                  // 1: x rounded to int8; 3: x as 24-bit integers

@@ -54,8 +54,9 @@ inline float hsum(vf v) {
 }
 
 // lane i of the result = the sum of v[i]'s lanes, for VW vectors at once: log2(VW) levels of shuffles
-// and adds that halve the vectors each time, instead of VW separate reductions (a dot product of a
-// 64-float head is 4 FMAs; its own reduction cost more than they did). AVX-512's levels leave the sums
+// and adds that halve the vectors each time, instead of VW separate reductions (decode attention's dot
+// product of a 64-float head is 4 FMAs, and its own reduction cost more than they did; a row of a
+// 576-column quantized GEMM lost a fifth of its time to its own). AVX-512's levels leave the sums
 // in the lane order 4c + L <- vector 4L + c, so callers put vector i in slot reduce_slot(i).
 inline int reduce_slot(int i) { return VW == 16 ? (i % 4) * 4 + i / 4 : i; }
 #if defined(__AVX512F__)
