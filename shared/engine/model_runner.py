@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
@@ -82,52 +83,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[tuple[Request, int]]) -> tuple[list[Request], torch.Tensor]:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[tuple[int, int, int, list[int]]] = []
-        sample_rows: list[int] = []
-        samplers: list[Request] = []
-        row = 0
-        for request, n in scheduled:
-            start, end = request.num_computed_tokens, request.num_computed_tokens + n
-            table = request.block_ids
-            drafts = request.spec_token_ids  # speculative decoding: every row after the last token samples
-            if n == 1:
-                ids.append(
-                    request.all_token_ids[start]
-                    if start < request.num_prompt_tokens
-                    else request.output_token_ids[start - request.num_prompt_tokens]
-                )
-            elif drafts:
-                ids.extend((request.all_token_ids + drafts)[start:end])
-            else:
-                ids.extend(request.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if n == 1 and start > 0:
-                decode_rows.append(row)
-                decode_tables.append(table[: (end + bs - 1) // bs])
-                decode_lens.append(end)
-            elif drafts and start > 0:  # a few rows over a long context: each attends like a decode
-                for i in range(n):
-                    decode_rows.append(row + i)
-                    decode_tables.append(table[: (start + i + bs) // bs])
-                    decode_lens.append(start + i + 1)
-            else:
-                prefills.append((row, n, end, table[: (end + bs - 1) // bs]))
-            row += n
-            if end == request.num_tokens + len(drafts):
-                sample_rows.extend(range(row - 1 - len(drafts), row))
-                samplers.append(request)
-        meta = self._metadata(slots, decode_rows, decode_tables, decode_lens, prefills, row)
+        rows = _StepRows.of(scheduled, self.block_size)
+        meta = self._metadata(rows)
         dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        input_positions = torch.tensor(positions, dtype=torch.long, device=dev)
+        input_ids = torch.tensor(rows.ids, dtype=torch.long, device=dev)
+        input_positions = torch.tensor(rows.positions, dtype=torch.long, device=dev)
         adapters = None
         if self.loras is not None and any(r.lora for r, _ in scheduled):
             adapters = [r.lora for r, n in scheduled for _ in range(n)]  # the adapter of every row
@@ -138,25 +98,26 @@ class ModelRunner:
                 hidden = self.model(
                     input_ids, input_positions, PagedAttention(self.k_caches, self.v_caches, meta)
                 )
-        if len(sample_rows) != row:
-            hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=dev)]
+        if len(rows.sample_rows) != rows.count:
+            hidden = hidden[torch.tensor(rows.sample_rows, dtype=torch.long, device=dev)]
         if self.cpu_stack is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
-            return samplers, self.cpu_stack.compute_logits(hidden)
-        return samplers, self.model.compute_logits(hidden).float()
+            return rows.samplers, self.cpu_stack.compute_logits(hidden)
+        return rows.samplers, self.model.compute_logits(hidden).float()
 
-    def _metadata(self, slots, decode_rows, decode_tables, decode_lens, prefills, num_rows) -> PagedMetadata:
+    def _metadata(self, rows: _StepRows) -> PagedMetadata:
         dev = self.device
-        max_blocks = max((len(t) for t in decode_tables), default=0)
-        tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
+        tables = rows.decode_tables
+        max_blocks = max((len(t) for t in tables), default=0)
+        padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
         return PagedMetadata(
-            slots=torch.tensor(slots, dtype=torch.long, device=dev),
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev),
-            decode_tables=tables.reshape(len(decode_tables), max_blocks).to(dev),
-            decode_lens=torch.tensor(decode_lens, dtype=torch.long, device=dev),
-            prefills=[PrefillChunk(start, q, s, t) for start, q, s, t in prefills],
+            slots=torch.tensor(rows.slots, dtype=torch.long, device=dev),
+            decode_rows=torch.tensor(rows.decode_rows, dtype=torch.long, device=dev),
+            decode_tables=padded.reshape(len(tables), max_blocks).to(dev),
+            decode_lens=torch.tensor(rows.decode_lens, dtype=torch.long, device=dev),
+            prefills=[PrefillChunk(start, q, s, t) for start, q, s, t in rows.prefills],
             block_size=self.block_size,
             num_kv_heads=self.num_kv_heads,
-            all_decode=bool(decode_tables) and len(decode_tables) == num_rows,
+            all_decode=bool(tables) and len(tables) == rows.count,
             kernels=self.kernels,
         )
 
@@ -183,3 +144,61 @@ class ModelRunner:
         for layer, (k, v) in enumerate(zip(self.k_caches, self.v_caches, strict=True)):
             k.index_copy_(0, idx, payload[:, layer, 0])
             v.index_copy_(0, idx, payload[:, layer, 1])
+
+
+@dataclass
+class _StepRows:
+    """A step flattened: every scheduled request's next n tokens as rows of one batch, with where
+    each row's KV goes and how it attends (decode rows: one block table and key count each; prefill
+    chunks: a run of rows), and which rows sample."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    decode_rows: list[int] = field(default_factory=list)
+    decode_tables: list[list[int]] = field(default_factory=list)
+    decode_lens: list[int] = field(default_factory=list)
+    prefills: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    samplers: list[Request] = field(default_factory=list)
+    count: int = 0
+
+    @classmethod
+    def of(cls, scheduled: list[tuple[Request, int]], bs: int) -> _StepRows:
+        out = cls()
+        for request, n in scheduled:
+            out._add(request, n, bs)
+        return out
+
+    def _add(self, request: Request, n: int, bs: int) -> None:
+        row = self.count
+        start, end = request.num_computed_tokens, request.num_computed_tokens + n
+        table = request.block_ids
+        drafts = request.spec_token_ids  # speculative decoding: every row after the last token samples
+        if n == 1:
+            self.ids.append(
+                request.all_token_ids[start]
+                if start < request.num_prompt_tokens
+                else request.output_token_ids[start - request.num_prompt_tokens]
+            )
+        elif drafts:
+            self.ids.extend((request.all_token_ids + drafts)[start:end])
+        else:
+            self.ids.extend(request.all_token_ids[start:end])
+        self.positions.extend(range(start, end))
+        self.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+        if n == 1 and start > 0:
+            self.decode_rows.append(row)
+            self.decode_tables.append(table[: (end + bs - 1) // bs])
+            self.decode_lens.append(end)
+        elif drafts and start > 0:  # a few rows over a long context: each attends like a decode
+            for i in range(n):
+                self.decode_rows.append(row + i)
+                self.decode_tables.append(table[: (start + i + bs) // bs])
+                self.decode_lens.append(start + i + 1)
+        else:
+            self.prefills.append((row, n, end, table[: (end + bs - 1) // bs]))
+        self.count = row + n
+        if end == request.num_tokens + len(drafts):
+            self.sample_rows.extend(range(self.count - 1 - len(drafts), self.count))
+            self.samplers.append(request)
