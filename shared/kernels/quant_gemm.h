@@ -20,10 +20,10 @@
 //     meet their x values without any shuffle (quant_row);
 //   - 8 bits: widening loads and conversions (quant_row);
 //   - int8_x (opt in, not exact): x rounded to int8 and llama.cpp's Q8 x Q4 / Q8 integer dot products.
-// A row's lanes are summed together with the next rows' (rows_summed). Rows of W are split across threads. Beyond 4
-// rows (batches, prefill), blocks of rows are converted once into an L2-sized float buffer and
-// skinny_gemm.h's outer-product tiles run over it for every row of x: W leaves DRAM as integers
-// either way.
+// A row's lanes are summed together with the next rows' (rows_summed). Rows of W are split across
+// threads. Beyond 4 rows (batches, prefill), blocks of rows are converted once into an L2-sized float
+// buffer and skinny_gemm.h's outer-product tiles run over it for every row of x: W leaves DRAM as
+// integers either way.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -275,7 +275,7 @@ inline void add_offsets(const S* offset, const float* gsum, int64_t groups, vf* 
 
 // y^T rows [n0, n1) ([N, M]) from row(n, acc), which leaves row n's M accumulators with lanes still to
 // sum: VW rows' lanes are summed together by reduce_lanes, not each row's on its own (a row's own
-// reduction and its offsets' tail cost a third of a 576-column row).
+// reduction and its offsets' tail cost a fifth of a 576-column row).
 template <int M, typename Row>
 inline void rows_summed(int64_t n0, int64_t n1, float* yt, Row&& row) {
   int64_t n = n0;
@@ -598,7 +598,7 @@ inline void vnni_row(const uint8_t* q, int64_t row_bytes, const S* scale, const 
     }
     for (int m = 0; m < M; ++m) {
       const int8_t* xp = xq.q.data() + (m * xq.chunks + c) * PLANES * plane;
-      __m512i sums;  // (not `dot`: the offsets' term calls dot())
+      __m512i sums;
       if (BITS == 4) {
         sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
         sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp + 64));
@@ -632,14 +632,6 @@ inline __m512 four_scales(const float* s) {
   const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(s)));
 }
-inline __m256 two_scales(const at::Half* s) {
-  const __m128i two = _mm_maskz_loadu_epi16(3, s);
-  return _mm256_cvtph_ps(_mm_shuffle_epi8(two, _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3)));
-}
-inline __m256 two_scales(const float* s) {
-  return _mm256_set_m128(_mm_set1_ps(s[1]), _mm_set1_ps(s[0]));
-}
-
 template <int M, typename S>
 inline void int24_row32(const uint8_t* q, int64_t k_dim, const S* scale, const S* offset, const XInt8& xq, vf* out) {
   const int64_t row_bytes = k_dim / 2, groups = k_dim / 32, full = k_dim / 128;
@@ -668,7 +660,7 @@ inline void int24_row32(const uint8_t* q, int64_t k_dim, const S* scale, const S
   if (full * 128 < k_dim) {  // the half chunk: 64 columns, 8 lanes
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + full * 64)), l4 = _mm256_set1_epi8(15);
     const __m256i lo = _mm256_and_si256(w, l4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), l4);
-    const __m256 s = two_scales(scale + 4 * full);
+    const __m256 s = block_scales(scale, 32, 2 * full);  // the half chunk's 2 groups, 4 lanes each
     for (int m = 0; m < M; ++m) {
       const int8_t* xp = xq.q.data() + (m * xq.chunks + full) * 384;
       auto x8 = [&](int64_t at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + at)); };
@@ -768,7 +760,8 @@ inline int int24_planes(int64_t, int64_t, int64_t, int64_t) { return 0; }
 
 // into `out`, whose buffers a caller may reuse from call to call (planes: 1 only)
 inline void quantize_x(const float* x, int64_t m_dim, int64_t k_dim, int64_t group, int64_t bits, XInt8& out,
-                       int /*planes*/ = 1) {
+                       int planes = 1) {
+  TORCH_CHECK(planes == 1, "quantize_x: x as 24-bit integers needs AVX-512 VNNI");
   const int64_t chunks = k_dim / 32, groups = k_dim / group, per_group = group / 32;
   out.k_dim = k_dim, out.groups = groups;
   out.q.resize(m_dim * k_dim);

@@ -82,7 +82,8 @@ inline vf reduce_lanes(const vf* v) {
     x[k] = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
   }
   for (int k = 0; k < 2; ++k)
-    y[k] = _mm256_add_ps(_mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44), _mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
+    y[k] = _mm256_add_ps(_mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0x44),
+                         _mm256_shuffle_ps(x[2 * k], x[2 * k + 1], 0xEE));
   return reinterpret_cast<vf>(
       _mm256_add_ps(_mm256_permute2f128_ps(y[0], y[1], 0x20), _mm256_permute2f128_ps(y[0], y[1], 0x31)));
 }
