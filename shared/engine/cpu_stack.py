@@ -17,6 +17,8 @@ path, which the engine's tests compare it against.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from shared.engine.paged_attention import PagedMetadata
@@ -27,19 +29,28 @@ from shared.models.transformer import CausalLM, DecoderLayer
 
 
 class CpuStack:
-    def __init__(
-        self, model: CausalLM, ops, weights: list[torch.Tensor], windows: list[int], int8_x: bool = False
-    ):
-        self.model, self.ops, self.weights, self.windows = model, ops, weights, windows
-        self.int8_x = int8_x  # quantized weights: int8 activations and integer dot products (quant_gemm.h)
-        attn = model.model.layers[0].self_attn
-        self.num_heads, self.scale = attn.num_heads, attn.scale
-        self.eps = model.model.norm.eps
+    def __init__(self, model: CausalLM, ops, stack: int, int8_x: bool = False):
+        self.model, self.ops, self.int8_x = model, ops, int8_x
+        # the weights, caches and constants, handed to the kernels once (make_stack): a step passes
+        # the handle and its index tensors (as lists, the ~540 tensors cost ~0.25 ms a step)
+        self.stack = stack
+        weakref.finalize(self, ops.free_stack, stack)
         self._cos_sin_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._no_chunks = tuple(torch.empty(0, dtype=torch.long) for _ in range(3)) + (
+            torch.empty(0, 0, dtype=torch.long),
+        )
 
     @classmethod
-    def build(cls, model: CausalLM, ops, int8_x: bool = False) -> CpuStack | None:
-        """The stack for `model`, or None where the kernels would not compute its forward exactly.
+    def build(
+        cls,
+        model: CausalLM,
+        ops,
+        k_caches: list[torch.Tensor],
+        v_caches: list[torch.Tensor],
+        int8_x: bool = False,
+    ) -> CpuStack | None:
+        """The stack for `model` over the runner's KV caches (a step writes its new keys and values
+        there), or None where the kernels would not compute its forward exactly.
         `int8_x`: quantized projections take x as int8 (per 32 columns) for 1-4 rows, where the CPU has
         integer dot products — faster, no longer the dequantized model's exact arithmetic."""
         if ops is None or type(model).forward is not CausalLM.forward:
@@ -85,7 +96,20 @@ class CpuStack:
                 *_weight(mlp.down_proj),
             ]
             windows.append(attn.window or -1)
-        return cls(model, ops, [w.detach() for w in weights], windows, int8_x)
+        stack = ops.make_stack(
+            [w.detach() for w in weights],
+            body.embed_tokens.weight.detach(),
+            body.norm.weight.detach(),
+            k_caches,
+            v_caches,
+            windows,
+            first.num_heads,
+            model.rotary.dim,
+            first.scale,
+            eps,
+            int8_x,
+        )
+        return cls(model, ops, stack, int8_x)
 
     @staticmethod
     def install_gemm(model: CausalLM, ops, int8_x: bool = False) -> None:
@@ -122,58 +146,56 @@ class CpuStack:
         return logits if head.bias is None else logits + head.bias
 
     def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        meta: PagedMetadata,
-        k_caches: list[torch.Tensor],
-        v_caches: list[torch.Tensor],
+        self, input_ids: torch.Tensor, positions: torch.Tensor, last_position: int, meta: PagedMetadata
     ) -> torch.Tensor:
-        """Final-normed hidden states [T, C] of a step (the caches get the new K/V)."""
-        model = self.model
-        cos, sin = self._cos_sin(positions)
+        """Final-normed hidden states [T, C] of a step (the caches get the new K/V); `last_position`:
+        the largest of `positions`."""
+        cos, sin, rows = self._rope_rows(positions, last_position)
         chunks = meta.prefills
-        width = max((len(c.table) for c in chunks), default=0)
+        if chunks:
+            width = max(len(c.table) for c in chunks)
+            prefill = (
+                torch.tensor([c.start for c in chunks], dtype=torch.long),
+                torch.tensor([c.num_queries for c in chunks], dtype=torch.long),
+                torch.tensor([c.num_keys for c in chunks], dtype=torch.long),
+                torch.tensor([c.table + [0] * (width - len(c.table)) for c in chunks], dtype=torch.long),
+            )
+        else:
+            prefill = self._no_chunks
+        starts, queries, keys, tables = prefill
         return self.ops.forward_layers(
-            model.model.embed_tokens(input_ids),
-            self.weights,
-            model.model.norm.weight,
+            self.stack,
+            input_ids,
             cos,
             sin,
-            k_caches,
-            v_caches,
+            rows,
             meta.slots,
             meta.decode_rows,
             meta.decode_tables,
             meta.decode_lens,
-            torch.tensor([c.start for c in chunks], dtype=torch.long),
-            torch.tensor([c.num_queries for c in chunks], dtype=torch.long),
-            torch.tensor([c.table + [0] * (width - len(c.table)) for c in chunks], dtype=torch.long).view(
-                len(chunks), width
-            ),
-            torch.tensor([c.num_keys for c in chunks], dtype=torch.long),
-            self.windows,
-            self.num_heads,
-            model.rotary.dim,
-            self.scale,
-            self.eps,
+            starts,
+            queries,
+            tables,
+            keys,
             SMALL_BATCH_ROWS,
-            self.int8_x,
         )
 
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE's cos, sin [T, R/2] for positions: rows of a table of positions 0..2^k-1, grown to the
-        longest sequence seen (the ~8 ops that compute them cost ~0.15 ms a step, a twentieth of a
-        one-token step). Computed directly where the frequencies depend on the length (dynamic NTK)."""
+    def _rope_rows(
+        self, positions: torch.Tensor, last: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE's cos, sin tables [P, R/2] and each token's row in them: a table of positions
+        0..2^k-1, grown to the longest sequence seen, with the positions as rows (the ~8 ops that
+        compute cos and sin cost ~0.15 ms a step, a twentieth of a one-token step). Where the
+        frequencies depend on the length (dynamic NTK), the tokens' own cos and sin, rows 0..T-1."""
         rotary = self.model.rotary
-        if rotary.rope.rope_type == "dynamic" or not positions.numel():
-            return rotary.cos_sin(positions)
-        last = int(positions.max())
+        if rotary.rope.rope_type == "dynamic":
+            cos, sin = rotary.cos_sin(positions)
+            return cos, sin, torch.arange(positions.numel())
         if self._cos_sin_table is None or last >= self._cos_sin_table[0].shape[0]:
             size = 1 << max(10, last.bit_length())
             self._cos_sin_table = rotary.cos_sin(torch.arange(size))
         cos, sin = self._cos_sin_table
-        return cos.index_select(0, positions), sin.index_select(0, positions)
+        return cos, sin, positions
 
 
 def _or_empty(bias: torch.Tensor | None) -> torch.Tensor:

@@ -71,7 +71,7 @@ class ModelRunner:
                     "the CPU kernels read float32 and float16 KV caches, not %s: PyTorch's path runs",
                     kv_dtype,
                 )
-        self.cpu_stack = CpuStack.build(model, self.kernels, int8_activations)
+        self.cpu_stack = CpuStack.build(model, self.kernels, self.k_caches, self.v_caches, int8_activations)
         self.loras: LoraBank | None = None  # set by the engine when it loads its first adapter
         if self.kernels is not None:
             CpuStack.install_gemm(model, self.kernels, int8_activations)
@@ -92,7 +92,7 @@ class ModelRunner:
         if self.loras is not None and any(r.lora for r, _ in scheduled):
             adapters = [r.lora for r, n in scheduled for _ in range(n)]  # the adapter of every row
         if self.cpu_stack is not None and adapters is None:
-            hidden = self.cpu_stack.forward(input_ids, input_positions, meta, self.k_caches, self.v_caches)
+            hidden = self.cpu_stack.forward(input_ids, input_positions, max(rows.positions, default=0), meta)
         else:  # the model's own layers (they carry the LoRA hooks)
             with self.loras.active(adapters, dev) if adapters else nullcontext():
                 hidden = self.model(

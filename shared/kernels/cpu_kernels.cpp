@@ -17,8 +17,10 @@
 //                               token's k and v written to its cache slot;
 //   add_rms_norm, silu_and_mul  the elementwise steps in one pass each;
 //   argmax_rows                 greedy tokens from the LM head's transposed output;
-//   forward_layers              a whole dense decoder stack for a step of decodes and prefill chunks:
-//                               per layer RMSNorm, qkv GEMM, rope_and_cache, attention, o GEMM,
+//   make_stack / free_stack     a dense decoder stack's weights and KV caches handed over once, as a
+//                               handle for forward_layers;
+//   forward_layers              the whole stack for a step of decodes and prefill chunks: embedding,
+//                               then per layer RMSNorm, qkv GEMM, rope_and_cache, attention, o GEMM,
 //                               residual + RMSNorm, gate/up GEMM, SiLU * up, down GEMM, residual —
 //                               one call for every layer; a step of 1-4 decodes runs on one team of
 //                               threads for the whole stack (decode_step.h).
@@ -40,6 +42,9 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -540,49 +545,129 @@ bool as_proj(const Tensor& w, const Tensor& bias, const Tensor& scales, const Te
          p.k % p.group == 0 && p.group % tandem::group_multiple(p.bits) == 0;
 }
 
-// A step of 1-4 decodes (no prefill chunk) on decode_step.h's thread team; nullopt where the team path
-// does not apply and the general path runs.
-c10::optional<Tensor> decode_layers(const Tensor& x, at::TensorList weights, const Tensor& final_norm,
-                                    const Tensor& cos, const Tensor& sin, at::TensorList k_caches,
-                                    at::TensorList v_caches, const Tensor& slots, const Tensor& tables,
-                                    const Tensor& lens, at::IntArrayRef windows, int64_t n_heads, int64_t rot_dim,
-                                    double scale, double eps, bool int8_x) {
-  const int64_t m = x.size(0), n_layers = static_cast<int64_t>(k_caches.size());
-  if (m < 1 || m > 4) return c10::nullopt;
+}  // namespace
+
+// A dense decoder stack's weights, caches and shape constants, handed to the kernels once
+// (shared/engine/cpu_stack.py registers it with make_stack and gets a handle): a step passes the
+// handle and its own index tensors. Passed per call as lists, the ~540 tensors cost ~0.25 ms a step,
+// most of it cache misses on their reference counts and sizes after the weights have streamed through
+// the caches (a torch class object as the argument cost ~60 us a call). The decode team's projections
+// are read out of the weights here, once.
+// weights holds, per layer, in order: input norm, qkv weight, qkv bias, qkv scales, qkv offsets, o weight,
+// o bias, o scales, o offsets, post-attention norm, gate_up weight, gate_up scales, gate_up offsets, down
+// weight, down scales, down offsets (an empty tensor for an absent bias; scales and offsets are empty
+// for a float weight and set for an integer one, shared/models/quant.py).
+struct LayerStack {
+  static constexpr int64_t per_layer = 16;
+  std::vector<Tensor> weights, k_caches, v_caches;
+  Tensor embed, final_norm;
+  std::vector<int64_t> windows;
+  int64_t n_heads, rot_dim, n_layers, c, n_kv, bs, dim;
+  double scale, eps;
+  bool int8_x;
+  // the decode team's view: per layer qkv, o, gate_up, down; the norms' weights; the caches
+  std::vector<tandem::Proj> projs;
+  std::vector<const float*> norms;
+  std::vector<void*> kc, vc;
+  bool team = true;  // every projection is one the team computes
+
+  LayerStack(std::vector<Tensor> weights_, Tensor embed_, Tensor final_norm_, std::vector<Tensor> k_caches_,
+             std::vector<Tensor> v_caches_, std::vector<int64_t> windows_, int64_t n_heads_, int64_t rot_dim_,
+             double scale_, double eps_, bool int8_x_)
+      : weights(std::move(weights_)), k_caches(std::move(k_caches_)), v_caches(std::move(v_caches_)),
+        embed(std::move(embed_)), final_norm(std::move(final_norm_)), windows(std::move(windows_)),
+        n_heads(n_heads_), rot_dim(rot_dim_), scale(scale_), eps(eps_), int8_x(int8_x_) {
+    n_layers = static_cast<int64_t>(k_caches.size());
+    TORCH_CHECK(n_layers > 0 && static_cast<int64_t>(v_caches.size()) == n_layers, "LayerStack: one K and one V cache per layer");
+    TORCH_CHECK(static_cast<int64_t>(weights.size()) == per_layer * n_layers, "LayerStack: 16 weights per layer");
+    TORCH_CHECK(static_cast<int64_t>(windows.size()) == n_layers, "LayerStack: one window per layer");
+    TORCH_CHECK(embed.dim() == 2 && embed.scalar_type() == at::kFloat && embed.is_contiguous(), "LayerStack: float32 [V, C] embedding");
+    c = embed.size(1);
+    TORCH_CHECK(final_norm.numel() == c && final_norm.scalar_type() == at::kFloat && final_norm.is_contiguous(),
+                "LayerStack: the final norm's weight does not match the embedding");
+    for (int64_t l = 0; l < n_layers; ++l) check_cache(k_caches[l], v_caches[l]);
+    n_kv = k_caches[0].size(1), bs = k_caches[0].size(2), dim = k_caches[0].size(3);
+    projs.resize(4 * n_layers);
+    for (int64_t l = 0; l < n_layers && team; ++l) {
+      const Tensor* w = weights.data() + per_layer * l;
+      tandem::Proj* p = projs.data() + 4 * l;
+      team = as_proj(w[1], w[2], w[3], w[4], p[0]) && as_proj(w[5], w[6], w[7], w[8], p[1]) &&
+             as_proj(w[10], at::Tensor(), w[11], w[12], p[2]) && as_proj(w[13], at::Tensor(), w[14], w[15], p[3]) &&
+             k_caches[l].sizes() == k_caches[0].sizes() && k_caches[l].scalar_type() == k_caches[0].scalar_type();
+      if (team)
+        TORCH_CHECK(p[0].k == c && p[0].n == (n_heads + 2 * n_kv) * dim && p[1].k == n_heads * dim && p[1].n == c &&
+                        p[2].k == c && p[3].k == p[2].n / 2 && p[3].n == c,
+                    "LayerStack: projection shapes do not match the model");
+      norms.push_back(w[0].data_ptr<float>());
+      norms.push_back(w[9].data_ptr<float>());
+      kc.push_back(k_caches[l].data_ptr());
+      vc.push_back(v_caches[l].data_ptr());
+    }
+  }
+};
+
+namespace {
+
+// the registered stacks by handle (a stack is freed with its CpuStack)
+std::mutex stacks_lock;
+std::unordered_map<int64_t, std::shared_ptr<const LayerStack>> stacks;
+int64_t next_stack = 1;
+
+int64_t make_stack(std::vector<Tensor> weights, Tensor embed, Tensor final_norm, std::vector<Tensor> k_caches,
+                   std::vector<Tensor> v_caches, std::vector<int64_t> windows, int64_t n_heads, int64_t rot_dim,
+                   double scale, double eps, bool int8_x) {
+  auto stack = std::make_shared<const LayerStack>(std::move(weights), std::move(embed), std::move(final_norm),
+                                                  std::move(k_caches), std::move(v_caches), std::move(windows),
+                                                  n_heads, rot_dim, scale, eps, int8_x);
+  std::lock_guard<std::mutex> guard(stacks_lock);
+  stacks.emplace(next_stack, std::move(stack));
+  return next_stack++;
+}
+
+void free_stack(int64_t handle) {
+  std::lock_guard<std::mutex> guard(stacks_lock);
+  stacks.erase(handle);
+}
+
+std::shared_ptr<const LayerStack> find_stack(int64_t handle) {
+  std::lock_guard<std::mutex> guard(stacks_lock);
+  const auto it = stacks.find(handle);
+  TORCH_CHECK(it != stacks.end(), "forward_layers: no layer stack ", handle, " (freed, or never made)");
+  return it->second;
+}
+
+// the tokens' embedding rows [T, C]
+Tensor embed_rows(const LayerStack& st, const Tensor& ids) {
+  const auto id = ids.to(at::kLong).contiguous();
+  const int64_t n = id.numel(), vocab = st.embed.size(0), c = st.c;
+  Tensor x = at::empty({n, c}, st.embed.options());
+  const float* table = st.embed.data_ptr<float>();
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t row = id.data_ptr<int64_t>()[t];
+    TORCH_CHECK(row >= 0 && row < vocab, "forward_layers: token id ", row, " out of range of the embedding");
+    std::memcpy(x.data_ptr<float>() + t * c, table + row * c, c * sizeof(float));
+  }
+  return x;
+}
+
+// A step of 1-4 decodes (no prefill chunk) on decode_step.h's thread team: x [M, C] the new tokens'
+// embeddings, cos/sin [M, R/2] their RoPE rows.
+Tensor decode_layers(const LayerStack& st, const Tensor& x, const float* cos, const float* sin, const Tensor& slots,
+                     const Tensor& tables, const Tensor& lens) {
+  const int64_t m = x.size(0), bs = st.bs;
   tandem::DecodeStep step;
-  step.projs.resize(4 * n_layers);
-  for (int64_t l = 0; l < n_layers; ++l) {
-    const Tensor* w = weights.data() + 16 * l;
-    tandem::Proj* p = step.projs.data() + 4 * l;
-    if (!as_proj(w[1], w[2], w[3], w[4], p[0]) || !as_proj(w[5], w[6], w[7], w[8], p[1]) ||
-        !as_proj(w[10], at::Tensor(), w[11], w[12], p[2]) || !as_proj(w[13], at::Tensor(), w[14], w[15], p[3]))
-      return c10::nullopt;
-    check_cache(k_caches[l], v_caches[l]);
-    step.norms.push_back(w[0].data_ptr<float>());
-    step.norms.push_back(w[9].data_ptr<float>());
-    step.kc.push_back(k_caches[l].data_ptr());
-    step.vc.push_back(v_caches[l].data_ptr());
-    step.half_kv = k_caches[l].scalar_type() == at::kHalf;
-    step.windows.push_back(windows[l]);
-  }
-  const int64_t n_kv = k_caches[0].size(1), bs = k_caches[0].size(2), dim = k_caches[0].size(3);
-  step.m = m, step.c = x.size(1), step.h = n_heads, step.kv = n_kv, step.d = dim;
-  step.inter = step.projs[2].n / 2, step.rot_half = rot_dim / 2, step.bs = bs, step.max_blocks = tables.size(1);
-  step.scale = static_cast<float>(scale), step.eps = static_cast<float>(eps), step.int8_x = int8_x;
-  for (int64_t l = 0; l < n_layers; ++l) {
-    const tandem::Proj* p = step.projs.data() + 4 * l;
-    TORCH_CHECK(p[0].k == step.c && p[0].n == (n_heads + 2 * n_kv) * dim && p[1].k == n_heads * dim &&
-                    p[1].n == step.c && p[2].k == step.c && p[3].k == step.inter && p[3].n == step.c,
-                "forward_layers: projection shapes do not match the model");
-  }
-  const auto xc = x.contiguous(), c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
-  TORCH_CHECK(c.numel() == m * step.rot_half && s.numel() == m * step.rot_half, "forward_layers: cos/sin do not match x");
+  step.n_layers = st.n_layers, step.projs = st.projs.data(), step.norms = st.norms.data();
+  step.kc = st.kc.data(), step.vc = st.vc.data(), step.windows = st.windows.data();
+  step.half_kv = st.k_caches[0].scalar_type() == at::kHalf;
+  step.m = m, step.c = st.c, step.h = st.n_heads, step.kv = st.n_kv, step.d = st.dim;
+  step.inter = step.projs[2].n / 2, step.rot_half = st.rot_dim / 2, step.bs = bs, step.max_blocks = tables.size(1);
+  step.scale = static_cast<float>(st.scale), step.eps = static_cast<float>(st.eps), step.int8_x = st.int8_x;
   const auto sl = slots.to(at::kLong).contiguous();
   TORCH_CHECK(sl.numel() == m, "forward_layers: one slot per decode");
-  step.x_in = xc.data_ptr<float>(), step.final_norm = final_norm.data_ptr<float>();
-  step.cos = c.data_ptr<float>(), step.sin = s.data_ptr<float>();
+  step.x_in = x.data_ptr<float>(), step.final_norm = st.final_norm.data_ptr<float>();
+  step.cos = cos, step.sin = sin;
   step.slots = sl.data_ptr<int64_t>(), step.tables = tables.data_ptr<int64_t>(), step.lens = lens.data_ptr<int64_t>();
-  const int64_t n_blocks = k_caches[0].size(0);
+  const int64_t n_blocks = st.k_caches[0].size(0);
   for (int64_t t = 0; t < m; ++t) {
     const int64_t len = step.lens[t];
     TORCH_CHECK(len > 0 && len <= step.max_blocks * bs, "sequence length out of range of its block table");
@@ -602,7 +687,7 @@ c10::optional<Tensor> decode_layers(const Tensor& x, at::TensorList weights, con
     }
   // attention items: each (sequence, KV head) over enough chunks of keys that every thread gets some
   const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
-  const int64_t want = std::max<int64_t>(1, (2 * nt + m * n_kv - 1) / (m * n_kv));
+  const int64_t n_kv = st.n_kv, want = std::max<int64_t>(1, (2 * nt + m * n_kv - 1) / (m * n_kv));
   for (int64_t t = 0; t < m; ++t) {
     step.chunks.push_back(std::min(want, std::max<int64_t>(1, step.lens[t] / 32)));
     for (int64_t g = 0; g < n_kv; ++g) {
@@ -610,10 +695,10 @@ c10::optional<Tensor> decode_layers(const Tensor& x, at::TensorList weights, con
       step.n_items += step.chunks[t];
     }
   }
-  const int64_t width = (n_heads + 2 * n_kv) * dim;
+  const int64_t width = (st.n_heads + 2 * n_kv) * st.dim;
   step.qkv_t.resize(width * m), step.o_t.resize(step.c * m), step.down_t.resize(step.c * m);
   step.gu_t.resize(2 * step.inter * m), step.act_t.resize(step.inter * m);
-  step.partials.resize(step.n_items * (n_heads / n_kv) * (dim + 2));
+  step.partials.resize(step.n_items * (st.n_heads / n_kv) * (st.dim + 2));
   Tensor out = at::empty({m, step.c}, x.options());
   step.out = out.data_ptr<float>();
 #pragma omp parallel num_threads(nt)
@@ -621,25 +706,29 @@ c10::optional<Tensor> decode_layers(const Tensor& x, at::TensorList weights, con
   return out;
 }
 
-// The whole dense decoder stack for one step: every sequence's new tokens side by side in x [T, C].
-// weights holds, per layer, in order: input norm, qkv weight, qkv bias, qkv scales, qkv offsets, o weight,
-// o bias, o scales, o offsets, post-attention norm, gate_up weight, gate_up scales, gate_up offsets, down
-// weight, down scales, down offsets (an empty tensor for an absent bias; scales and offsets are empty
-// for a float weight and set for an integer one, shared/models/quant.py).
-// Decodes (one new token each): rows dec_rows [Nd] of x, block tables dec_tables [Nd, M], keys
-// dec_lens [Nd]. Prefill chunks: first row pre_starts [Np], pre_queries tokens, block tables
-// pre_tables [Np, M'], keys pre_keys [Np] (context + chunk). Returns the final-normed hidden [T, C].
-Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm, const Tensor& cos,
-                      const Tensor& sin, at::TensorList k_caches, at::TensorList v_caches, const Tensor& slots,
-                      const Tensor& dec_rows, const Tensor& dec_tables, const Tensor& dec_lens,
-                      const Tensor& pre_starts, const Tensor& pre_queries, const Tensor& pre_tables,
-                      const Tensor& pre_keys, at::IntArrayRef windows, int64_t n_heads, int64_t rot_dim, double scale,
-                      double eps, int64_t max_rows, bool int8_x) {
-  const int64_t n_layers = static_cast<int64_t>(k_caches.size());
-  constexpr int64_t per_layer = 16;
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == per_layer * n_layers, "forward_layers: 16 weights per layer");
-  TORCH_CHECK(static_cast<int64_t>(windows.size()) == n_layers, "forward_layers: one window per layer");
-  const int64_t n_tok = x.size(0), n_kv = k_caches[0].size(1), bs = k_caches[0].size(2), dim = k_caches[0].size(3);
+// The whole dense decoder stack for one step: every sequence's new tokens side by side, token ids
+// ids [T]; RoPE rows cos_table/sin_table [P, R/2], row positions[t] for token t. Decodes (one new
+// token each): rows dec_rows [Nd] of the batch, block tables dec_tables [Nd, M], keys dec_lens [Nd].
+// Prefill chunks: first row pre_starts [Np], pre_queries tokens, block tables pre_tables [Np, M'],
+// keys pre_keys [Np] (context + chunk). Returns the final-normed hidden [T, C].
+Tensor forward_layers(int64_t handle, const Tensor& ids, const Tensor& cos_table,
+                      const Tensor& sin_table, const Tensor& positions, const Tensor& slots, const Tensor& dec_rows,
+                      const Tensor& dec_tables, const Tensor& dec_lens, const Tensor& pre_starts,
+                      const Tensor& pre_queries, const Tensor& pre_tables, const Tensor& pre_keys, int64_t max_rows) {
+  const auto stack = find_stack(handle);
+  const LayerStack& st = *stack;
+  const int64_t n_layers = st.n_layers, n_heads = st.n_heads, rot_dim = st.rot_dim, bs = st.bs, dim = st.dim;
+  const double scale = st.scale, eps = st.eps;
+  const bool int8_x = st.int8_x;
+  const auto pos = positions.to(at::kLong).contiguous();
+  const int64_t n_tok = pos.numel(), half = rot_dim / 2;
+  TORCH_CHECK(ids.numel() == n_tok, "forward_layers: one position per token");
+  const auto ct = cos_table.to(at::kFloat).contiguous(), stab = sin_table.to(at::kFloat).contiguous();
+  TORCH_CHECK(ct.dim() == 2 && ct.size(1) == half && stab.sizes() == ct.sizes(), "forward_layers: cos/sin tables must be [P, R/2]");
+  for (int64_t t = 0; t < n_tok; ++t) {
+    const int64_t p = pos.data_ptr<int64_t>()[t];
+    TORCH_CHECK(p >= 0 && p < ct.size(0), "forward_layers: a position past the RoPE table");
+  }
   const auto d_rows = dec_rows.to(at::kLong).contiguous();
   const auto d_tab = dec_tables.to(at::kLong).contiguous();
   const auto d_len = dec_lens.to(at::kLong).contiguous();
@@ -651,49 +740,55 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
   const bool all_decode = n_pre == 0 && n_dec == n_tok;
   int64_t covered = n_dec;
   for (int64_t i = 0; i < n_pre; ++i) {
-    const int64_t st = p_start.data_ptr<int64_t>()[i], nq = p_q.data_ptr<int64_t>()[i];
+    const int64_t st0 = p_start.data_ptr<int64_t>()[i], nq = p_q.data_ptr<int64_t>()[i];
     const int64_t nk = p_keys.data_ptr<int64_t>()[i];
-    TORCH_CHECK(st >= 0 && st + nq <= n_tok && nq <= nk && nk <= p_tab.size(1) * bs, "forward_layers: bad prefill chunk");
+    TORCH_CHECK(st0 >= 0 && st0 + nq <= n_tok && nq <= nk && nk <= p_tab.size(1) * bs, "forward_layers: bad prefill chunk");
     covered += nq;
   }
   TORCH_CHECK(covered == n_tok, "forward_layers: every token must belong to one decode or prefill chunk");
-  if (all_decode && n_tok <= 4) {
-    auto out = decode_layers(x, weights, final_norm, cos, sin, k_caches, v_caches, slots, d_tab, d_len, windows,
-                             n_heads, rot_dim, scale, eps, int8_x);
-    if (out) return *out;
+  Tensor x = embed_rows(st, ids);
+  if (all_decode && n_tok <= 4 && st.team) {
+    std::vector<float> cs(2 * n_tok * half);  // the rows' cos, then their sin
+    for (int64_t t = 0; t < n_tok; ++t) {
+      const int64_t p = pos.data_ptr<int64_t>()[t];
+      std::memcpy(cs.data() + t * half, ct.data_ptr<float>() + p * half, half * sizeof(float));
+      std::memcpy(cs.data() + (n_tok + t) * half, stab.data_ptr<float>() + p * half, half * sizeof(float));
+    }
+    return decode_layers(st, x, cs.data(), cs.data() + n_tok * half, slots, d_tab, d_len);
   }
-  x = x.contiguous().clone();
+  const Tensor cos = ct.index_select(0, pos), sin = stab.index_select(0, pos);
   c10::optional<Tensor> pending;  // the last sublayer's output, not yet added to x
   for (int64_t l = 0; l < n_layers; ++l) {
-    const Tensor* w = weights.data() + per_layer * l;
+    const Tensor* w = st.weights.data() + LayerStack::per_layer * l;
+    const Tensor &k_cache = st.k_caches[l], &v_cache = st.v_caches[l];
     Tensor h = add_rms_norm(x, pending, w[0], eps);
     Tensor qkv = any_linear(h, w[1], optional(w[2]), w[3], w[4], max_rows, true, int8_x);
-    rope_and_cache(qkv, cos, sin, k_caches[l], v_caches[l], slots, n_heads, rot_dim);
+    rope_and_cache(qkv, cos, sin, k_cache, v_cache, slots, n_heads, rot_dim);
     Tensor q = qkv.narrow(1, 0, n_heads * dim).view({n_tok, n_heads, dim});
     Tensor attn;
     if (all_decode) {
-      attn = paged_decode_attention(q, k_caches[l], v_caches[l], d_tab, d_len, scale, windows[l]);
+      attn = paged_decode_attention(q, k_cache, v_cache, d_tab, d_len, scale, st.windows[l]);
     } else {
       attn = at::empty({n_tok, n_heads, dim}, x.options());
       if (n_dec) {
-        Tensor part = paged_decode_attention(q.index_select(0, d_rows), k_caches[l], v_caches[l], d_tab, d_len, scale,
-                                             windows[l]);
+        Tensor part = paged_decode_attention(q.index_select(0, d_rows), k_cache, v_cache, d_tab, d_len, scale,
+                                             st.windows[l]);
         attn.index_copy_(0, d_rows, part);
       }
-      const bool half_kv = k_caches[l].scalar_type() == at::kHalf;
+      const bool half_kv = k_cache.scalar_type() == at::kHalf;
       std::vector<float> buf;
       for (int64_t i = 0; i < n_pre; ++i) {
-        const int64_t st = p_start.data_ptr<int64_t>()[i], nq = p_q.data_ptr<int64_t>()[i];
+        const int64_t st0 = p_start.data_ptr<int64_t>()[i], nq = p_q.data_ptr<int64_t>()[i];
         const int64_t nk = p_keys.data_ptr<int64_t>()[i], *table = p_tab.data_ptr<int64_t>() + i * p_tab.size(1);
         const auto attend = [&](const auto& keys) {
-          chunk_attention(q.data_ptr<float>() + st * q.stride(0), q.stride(0), q.stride(1), nq, n_heads, n_kv, dim, nk,
-                          keys, scale, windows[l], attn.data_ptr<float>() + st * n_heads * dim, n_heads * dim);
+          chunk_attention(q.data_ptr<float>() + st0 * q.stride(0), q.stride(0), q.stride(1), nq, n_heads, st.n_kv, dim,
+                          nk, keys, scale, st.windows[l], attn.data_ptr<float>() + st0 * n_heads * dim, n_heads * dim);
         };
         if (half_kv)
-          attend(float_keys(k_caches[l].data_ptr<at::Half>(), v_caches[l].data_ptr<at::Half>(), table, n_kv, bs, dim,
-                            nk, buf));
+          attend(float_keys(k_cache.data_ptr<at::Half>(), v_cache.data_ptr<at::Half>(), table, st.n_kv, bs, dim, nk,
+                            buf));
         else
-          attend(PagedKeys{k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), table, n_kv, bs, dim});
+          attend(PagedKeys{k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), table, st.n_kv, bs, dim});
       }
     }
     Tensor o = any_linear(attn.view({n_tok, n_heads * dim}), w[5], optional(w[6]), w[7], w[8], max_rows, false, int8_x);
@@ -701,7 +796,7 @@ Tensor forward_layers(Tensor x, at::TensorList weights, const Tensor& final_norm
     Tensor act = silu_and_mul(any_linear(h, w[10], c10::nullopt, w[11], w[12], max_rows, false, int8_x));
     pending = any_linear(act, w[13], c10::nullopt, w[14], w[15], max_rows, false, int8_x);
   }
-  return add_rms_norm(x, pending, final_norm, eps);
+  return add_rms_norm(x, pending, st.final_norm, eps);
 }
 
 }  // namespace
@@ -730,7 +825,10 @@ TORCH_LIBRARY(tandem, m) {
   m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots, int n_heads, int rot_dim) -> ()");
   m.def("add_rms_norm(Tensor(a!) x, Tensor? add, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
-  m.def("forward_layers(Tensor x, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor dec_rows, Tensor dec_tables, Tensor dec_lens, Tensor pre_starts, Tensor pre_queries, Tensor pre_tables, Tensor pre_keys, int[] windows, int n_heads, int rot_dim, float scale, float eps, int max_rows, bool int8_x=False) -> Tensor");
+  m.def("make_stack(Tensor[] weights, Tensor embed, Tensor final_norm, Tensor[] k_caches, Tensor[] v_caches, int[] windows, int n_heads, int rot_dim, float scale, float eps, bool int8_x) -> int", &make_stack);
+  m.def("free_stack(int stack) -> ()", &free_stack);
+  // the stack's KV caches get the step's new keys and values
+  m.def("forward_layers(int stack, Tensor ids, Tensor cos_table, Tensor sin_table, Tensor positions, Tensor slots, Tensor dec_rows, Tensor dec_tables, Tensor dec_lens, Tensor pre_starts, Tensor pre_queries, Tensor pre_tables, Tensor pre_keys, int max_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) {

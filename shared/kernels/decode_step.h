@@ -292,11 +292,14 @@ struct DecodeStep {
   int64_t m, c, h, kv, d, inter, rot_half, bs, max_blocks;
   float scale, eps;
   bool int8_x;
-  std::vector<Proj> projs;           // per layer: qkv, o, gate_up, down
-  std::vector<const float*> norms;   // per layer: input, post-attention
-  std::vector<void*> kc, vc;         // per layer: caches [blocks, KV, B, D], float or float16
+  // the model's, read once when it is handed to the kernels (cpu_kernels.cpp's LayerStack)
+  int64_t n_layers;
+  const Proj* projs;                 // per layer: qkv, o, gate_up, down
+  const float* const* norms;         // per layer: input, post-attention
+  void* const* kc;                   // per layer: caches [blocks, KV, B, D], float or float16
+  void* const* vc;
   bool half_kv = false;
-  std::vector<int64_t> windows;      // per layer
+  const int64_t* windows;            // per layer
   // some row attends to another's new key (a speculative step's rows of one sequence: each sees the
   // ones before it), so every row's k and v go into the cache, and a barrier, before attention
   bool rows_share_keys = false;
@@ -455,12 +458,12 @@ struct DecodeStep {
   }
 
   void run(int tid, int nt) {
-    const int64_t n_layers = static_cast<int64_t>(kc.size()), width = (h + 2 * kv) * d;
+    const int64_t width = (h + 2 * kv) * d;
     std::vector<float> x(x_in, x_in + m * c), hn(m * c), qkv(m * width), attn(m * h * d), act(m * inter);
     std::vector<float> buf, scores;
     PreparedX px;
     for (int64_t l = 0; l < n_layers; ++l) {
-      const Proj* p = projs.data() + 4 * l;
+      const Proj* p = projs + 4 * l;
       for (int64_t t = 0; t < m; ++t) rms_norm_row(x.data() + t * c, norms[2 * l], c, eps, hn.data() + t * c);
       project(p[0], hn.data(), qkv_t.data(), px, buf, tid, nt);
 #pragma omp barrier

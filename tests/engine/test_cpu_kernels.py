@@ -326,3 +326,32 @@ def test_float16_kv_cache_through_the_kernels(case, ops, tmp_path, store_root):
     assert blocks["float16"] == 2 * blocks["auto"]
     with pytest.raises(ValueError, match="kv_cache_dtype must be 'auto' or one of"):
         LLMEngine.from_store(store_root / name, EngineConfig(kv_cache_dtype="fp8"))
+
+
+def test_a_layer_stack_checks_a_steps_indices_and_goes_with_its_engine(ops, tmp_path, store_root):
+    """The stack the kernels get once (make_stack) serves steps by its handle: a token id outside
+    the vocabulary or a position past the RoPE table is refused with a clear error, and once the
+    engine is gone its handle is refused too (not a read of freed weights)."""
+    import gc
+
+    name = import_tiny("llama", "stack-llama", tmp_path, store_root)
+    engine = LLMEngine.from_store(store_root / name, engine_config(True))
+    stack = engine.runner.cpu_stack
+    cos, sin, rows = stack._rope_rows(torch.tensor([3]), 3)
+    one = torch.tensor([0])
+    starts, queries, keys, tables = stack._no_chunks
+
+    def step(handle, token, rows):
+        args = (one, one, torch.tensor([[0]]), torch.tensor([4]), starts, queries, tables, keys, 64)
+        return ops.forward_layers(handle, torch.tensor([token]), cos, sin, rows, *args)
+
+    assert step(stack.stack, 5, rows).shape == (1, BASE["hidden_size"])
+    with pytest.raises(RuntimeError, match="out of range of the embedding"):
+        step(stack.stack, BASE["vocab_size"], rows)
+    with pytest.raises(RuntimeError, match="past the RoPE table"):
+        step(stack.stack, 5, torch.tensor([cos.shape[0]]))
+    handle = stack.stack
+    del engine, stack
+    gc.collect()
+    with pytest.raises(RuntimeError, match="no layer stack"):
+        step(handle, 5, rows)
