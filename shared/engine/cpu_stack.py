@@ -96,10 +96,12 @@ class CpuStack:
                 *_weight(mlp.down_proj),
             ]
             windows.append(attn.window or -1)
+        head = model.lm_head
         stack = ops.make_stack(
             [w.detach() for w in weights],
             body.embed_tokens.weight.detach(),
             body.norm.weight.detach(),
+            [w.detach() for w in (*_weight(head)[:1], _or_empty(head.bias), *_weight(head)[1:])],
             k_caches,
             v_caches,
             windows,
@@ -137,19 +139,17 @@ class CpuStack:
                 # SmolLM2's first answer token where the layers' did not)
                 module.gemm = quant_gemm(ops, module, int8_x and module is not model.lm_head)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head for a few rows by the skinny GEMM: [N, V], a transposed view."""
-        head = self.model.lm_head
-        if isinstance(head, QuantLinear):
-            return head.gemm(hidden, head, False)
-        logits = self.ops.skinny_linear(hidden, head.weight)
-        return logits if head.bias is None else logits + head.bias
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, last_position: int, meta: PagedMetadata
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        last_position: int,
+        meta: PagedMetadata,
+        sample_rows: list[int] | None = None,
     ) -> torch.Tensor:
-        """Final-normed hidden states [T, C] of a step (the caches get the new K/V); `last_position`:
-        the largest of `positions`."""
+        """A step's logits [S, V] for rows `sample_rows` (all where None; the caches get the new K/V).
+        `last_position`: the largest of `positions`. A step of decodes computes the LM head on the
+        layers' thread team, in the same call."""
         cos, sin, rows = self._rope_rows(positions, last_position)
         chunks = meta.prefills
         if chunks:
@@ -178,6 +178,8 @@ class CpuStack:
             tables,
             keys,
             SMALL_BATCH_ROWS,
+            True,
+            None if sample_rows is None else torch.tensor(sample_rows, dtype=torch.long),
         )
 
     def _rope_rows(

@@ -24,7 +24,6 @@ from shared.engine.cpu_stack import CpuStack
 from shared.engine.paged_attention import KERNEL_KV_DTYPES, PagedAttention, PagedMetadata, PrefillChunk
 from shared.engine.request import Request
 from shared.kernels import cpu_ops
-from shared.models.linear import SMALL_BATCH_ROWS
 from shared.models.lora import LoraBank
 from shared.models.transformer import CausalLM
 
@@ -91,17 +90,16 @@ class ModelRunner:
         adapters = None
         if self.loras is not None and any(r.lora for r, _ in scheduled):
             adapters = [r.lora for r, n in scheduled for _ in range(n)]  # the adapter of every row
+        sample = None if len(rows.sample_rows) == rows.count else rows.sample_rows
         if self.cpu_stack is not None and adapters is None:
-            hidden = self.cpu_stack.forward(input_ids, input_positions, max(rows.positions, default=0), meta)
-        else:  # the model's own layers (they carry the LoRA hooks)
-            with self.loras.active(adapters, dev) if adapters else nullcontext():
-                hidden = self.model(
-                    input_ids, input_positions, PagedAttention(self.k_caches, self.v_caches, meta)
-                )
-        if len(rows.sample_rows) != rows.count:
-            hidden = hidden[torch.tensor(rows.sample_rows, dtype=torch.long, device=dev)]
-        if self.cpu_stack is not None and 0 < hidden.shape[0] <= SMALL_BATCH_ROWS:
-            return rows.samplers, self.cpu_stack.compute_logits(hidden)
+            last = max(rows.positions, default=0)
+            return rows.samplers, self.cpu_stack.logits(input_ids, input_positions, last, meta, sample)
+        with self.loras.active(adapters, dev) if adapters else nullcontext():  # (they hook the layers)
+            hidden = self.model(
+                input_ids, input_positions, PagedAttention(self.k_caches, self.v_caches, meta)
+            )
+        if sample is not None:
+            hidden = hidden[torch.tensor(sample, dtype=torch.long, device=dev)]
         return rows.samplers, self.model.compute_logits(hidden).float()
 
     def _metadata(self, rows: _StepRows) -> PagedMetadata:

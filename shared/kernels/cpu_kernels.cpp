@@ -561,6 +561,7 @@ struct LayerStack {
   static constexpr int64_t per_layer = 16;
   std::vector<Tensor> weights, k_caches, v_caches;
   Tensor embed, final_norm;
+  Tensor head_w, head_b, head_s, head_o;  // the LM head: weight, bias, scales, offsets (as a projection's)
   std::vector<int64_t> windows;
   int64_t n_heads, rot_dim, n_layers, c, n_kv, bs, dim;
   double scale, eps;
@@ -570,10 +571,12 @@ struct LayerStack {
   std::vector<const float*> norms;
   std::vector<void*> kc, vc;
   bool team = true;  // every projection is one the team computes
+  tandem::Proj head;
+  bool team_head = false;  // the team computes the LM head too
 
-  LayerStack(std::vector<Tensor> weights_, Tensor embed_, Tensor final_norm_, std::vector<Tensor> k_caches_,
-             std::vector<Tensor> v_caches_, std::vector<int64_t> windows_, int64_t n_heads_, int64_t rot_dim_,
-             double scale_, double eps_, bool int8_x_)
+  LayerStack(std::vector<Tensor> weights_, Tensor embed_, Tensor final_norm_, std::vector<Tensor> head_,
+             std::vector<Tensor> k_caches_, std::vector<Tensor> v_caches_, std::vector<int64_t> windows_,
+             int64_t n_heads_, int64_t rot_dim_, double scale_, double eps_, bool int8_x_)
       : weights(std::move(weights_)), k_caches(std::move(k_caches_)), v_caches(std::move(v_caches_)),
         embed(std::move(embed_)), final_norm(std::move(final_norm_)), windows(std::move(windows_)),
         n_heads(n_heads_), rot_dim(rot_dim_), scale(scale_), eps(eps_), int8_x(int8_x_) {
@@ -586,6 +589,11 @@ struct LayerStack {
     TORCH_CHECK(final_norm.numel() == c && final_norm.scalar_type() == at::kFloat && final_norm.is_contiguous(),
                 "LayerStack: the final norm's weight does not match the embedding");
     for (int64_t l = 0; l < n_layers; ++l) check_cache(k_caches[l], v_caches[l]);
+    TORCH_CHECK(head_.size() == 4, "LayerStack: the LM head as weight, bias, scales, offsets");
+    head_w = head_[0], head_b = head_[1], head_s = head_[2], head_o = head_[3];
+    TORCH_CHECK(head_w.dim() == 2 && head_w.size(1) * (head_w.scalar_type() == at::kByte ? 2 : 1) == c,
+                "LayerStack: the LM head does not match the embedding");
+    team_head = as_proj(head_w, head_b, head_s, head_o, head);
     n_kv = k_caches[0].size(1), bs = k_caches[0].size(2), dim = k_caches[0].size(3);
     projs.resize(4 * n_layers);
     for (int64_t l = 0; l < n_layers && team; ++l) {
@@ -613,12 +621,12 @@ std::mutex stacks_lock;
 std::unordered_map<int64_t, std::shared_ptr<const LayerStack>> stacks;
 int64_t next_stack = 1;
 
-int64_t make_stack(std::vector<Tensor> weights, Tensor embed, Tensor final_norm, std::vector<Tensor> k_caches,
-                   std::vector<Tensor> v_caches, std::vector<int64_t> windows, int64_t n_heads, int64_t rot_dim,
-                   double scale, double eps, bool int8_x) {
+int64_t make_stack(std::vector<Tensor> weights, Tensor embed, Tensor final_norm, std::vector<Tensor> head,
+                   std::vector<Tensor> k_caches, std::vector<Tensor> v_caches, std::vector<int64_t> windows,
+                   int64_t n_heads, int64_t rot_dim, double scale, double eps, bool int8_x) {
   auto stack = std::make_shared<const LayerStack>(std::move(weights), std::move(embed), std::move(final_norm),
-                                                  std::move(k_caches), std::move(v_caches), std::move(windows),
-                                                  n_heads, rot_dim, scale, eps, int8_x);
+                                                  std::move(head), std::move(k_caches), std::move(v_caches),
+                                                  std::move(windows), n_heads, rot_dim, scale, eps, int8_x);
   std::lock_guard<std::mutex> guard(stacks_lock);
   stacks.emplace(next_stack, std::move(stack));
   return next_stack++;
@@ -650,10 +658,17 @@ Tensor embed_rows(const LayerStack& st, const Tensor& ids) {
   return x;
 }
 
+// the LM head's logits [N, V] of hidden rows [N, C]
+Tensor head_logits(const LayerStack& st, const Tensor& hidden, int64_t max_rows) {
+  if (!hidden.size(0)) return at::empty({0, st.head_w.size(0)}, hidden.options());
+  return any_linear(hidden, st.head_w, optional(st.head_b), st.head_s, st.head_o, max_rows, false);
+}
+
 // A step of 1-4 decodes (no prefill chunk) on decode_step.h's thread team: x [M, C] the new tokens'
-// embeddings, cos/sin [M, R/2] their RoPE rows.
+// embeddings, cos/sin [M, R/2] their RoPE rows. Returns the final-normed hidden [M, C], or with
+// `logits` the LM head's output [M, V] (a transposed view), computed by the same team.
 Tensor decode_layers(const LayerStack& st, const Tensor& x, const float* cos, const float* sin, const Tensor& slots,
-                     const Tensor& tables, const Tensor& lens) {
+                     const Tensor& tables, const Tensor& lens, bool logits) {
   const int64_t m = x.size(0), bs = st.bs;
   tandem::DecodeStep step;
   step.n_layers = st.n_layers, step.projs = st.projs.data(), step.norms = st.norms.data();
@@ -699,22 +714,26 @@ Tensor decode_layers(const LayerStack& st, const Tensor& x, const float* cos, co
   step.qkv_t.resize(width * m), step.o_t.resize(step.c * m), step.down_t.resize(step.c * m);
   step.gu_t.resize(2 * step.inter * m), step.act_t.resize(step.inter * m);
   step.partials.resize(step.n_items * (st.n_heads / n_kv) * (st.dim + 2));
-  Tensor out = at::empty({m, step.c}, x.options());
-  step.out = out.data_ptr<float>();
+  Tensor out = logits ? at::empty({st.head.n, m}, x.options()) : at::empty({m, step.c}, x.options());
+  if (logits) step.head = &st.head, step.logits_t = out.data_ptr<float>();
+  else step.out = out.data_ptr<float>();
 #pragma omp parallel num_threads(nt)
   step.run(omp_get_thread_num(), omp_get_num_threads());
-  return out;
+  return logits ? out.t() : out;
 }
 
 // The whole dense decoder stack for one step: every sequence's new tokens side by side, token ids
 // ids [T]; RoPE rows cos_table/sin_table [P, R/2], row positions[t] for token t. Decodes (one new
 // token each): rows dec_rows [Nd] of the batch, block tables dec_tables [Nd, M], keys dec_lens [Nd].
 // Prefill chunks: first row pre_starts [Np], pre_queries tokens, block tables pre_tables [Np, M'],
-// keys pre_keys [Np] (context + chunk). Returns the final-normed hidden [T, C].
+// keys pre_keys [Np] (context + chunk). Returns the final-normed hidden [T, C], or with `logits` the LM
+// head's logits [S, V] of rows sample_rows [S] (all rows where absent; a step of decodes computes the
+// head on the same team).
 Tensor forward_layers(int64_t handle, const Tensor& ids, const Tensor& cos_table,
                       const Tensor& sin_table, const Tensor& positions, const Tensor& slots, const Tensor& dec_rows,
                       const Tensor& dec_tables, const Tensor& dec_lens, const Tensor& pre_starts,
-                      const Tensor& pre_queries, const Tensor& pre_tables, const Tensor& pre_keys, int64_t max_rows) {
+                      const Tensor& pre_queries, const Tensor& pre_tables, const Tensor& pre_keys, int64_t max_rows, bool logits,
+                      const c10::optional<Tensor>& sample_rows) {
   const auto stack = find_stack(handle);
   const LayerStack& st = *stack;
   const int64_t n_layers = st.n_layers, n_heads = st.n_heads, rot_dim = st.rot_dim, bs = st.bs, dim = st.dim;
@@ -754,7 +773,11 @@ Tensor forward_layers(int64_t handle, const Tensor& ids, const Tensor& cos_table
       std::memcpy(cs.data() + t * half, ct.data_ptr<float>() + p * half, half * sizeof(float));
       std::memcpy(cs.data() + (n_tok + t) * half, stab.data_ptr<float>() + p * half, half * sizeof(float));
     }
-    return decode_layers(st, x, cs.data(), cs.data() + n_tok * half, slots, d_tab, d_len);
+    const bool team_head = logits && st.team_head;
+    Tensor out = decode_layers(st, x, cs.data(), cs.data() + n_tok * half, slots, d_tab, d_len, team_head);
+    if (!logits) return out;
+    if (sample_rows) out = out.index_select(0, sample_rows->to(at::kLong));
+    return team_head ? out : head_logits(st, out, max_rows);
   }
   const Tensor cos = ct.index_select(0, pos), sin = stab.index_select(0, pos);
   c10::optional<Tensor> pending;  // the last sublayer's output, not yet added to x
@@ -796,7 +819,9 @@ Tensor forward_layers(int64_t handle, const Tensor& ids, const Tensor& cos_table
     Tensor act = silu_and_mul(any_linear(h, w[10], c10::nullopt, w[11], w[12], max_rows, false, int8_x));
     pending = any_linear(act, w[13], c10::nullopt, w[14], w[15], max_rows, false, int8_x);
   }
-  return add_rms_norm(x, pending, st.final_norm, eps);
+  Tensor hidden = add_rms_norm(x, pending, st.final_norm, eps);
+  if (!logits) return hidden;
+  return head_logits(st, sample_rows ? hidden.index_select(0, sample_rows->to(at::kLong)) : hidden, max_rows);
 }
 
 }  // namespace
@@ -825,10 +850,10 @@ TORCH_LIBRARY(tandem, m) {
   m.def("rope_and_cache(Tensor(a!) qkv, Tensor cos, Tensor sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slots, int n_heads, int rot_dim) -> ()");
   m.def("add_rms_norm(Tensor(a!) x, Tensor? add, Tensor weight, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor gate_up) -> Tensor");
-  m.def("make_stack(Tensor[] weights, Tensor embed, Tensor final_norm, Tensor[] k_caches, Tensor[] v_caches, int[] windows, int n_heads, int rot_dim, float scale, float eps, bool int8_x) -> int", &make_stack);
+  m.def("make_stack(Tensor[] weights, Tensor embed, Tensor final_norm, Tensor[] head, Tensor[] k_caches, Tensor[] v_caches, int[] windows, int n_heads, int rot_dim, float scale, float eps, bool int8_x) -> int", &make_stack);
   m.def("free_stack(int stack) -> ()", &free_stack);
   // the stack's KV caches get the step's new keys and values
-  m.def("forward_layers(int stack, Tensor ids, Tensor cos_table, Tensor sin_table, Tensor positions, Tensor slots, Tensor dec_rows, Tensor dec_tables, Tensor dec_lens, Tensor pre_starts, Tensor pre_queries, Tensor pre_tables, Tensor pre_keys, int max_rows) -> Tensor");
+  m.def("forward_layers(int stack, Tensor ids, Tensor cos_table, Tensor sin_table, Tensor positions, Tensor slots, Tensor dec_rows, Tensor dec_tables, Tensor dec_lens, Tensor pre_starts, Tensor pre_queries, Tensor pre_tables, Tensor pre_keys, int max_rows, bool logits=False, Tensor? sample_rows=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tandem, CPU, m) {

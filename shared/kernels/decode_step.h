@@ -310,13 +310,16 @@ struct DecodeStep {
   int64_t n_items = 0;
   // shared between the threads: each writes its own rows, all read after a barrier
   std::vector<float> qkv_t, o_t, gu_t, act_t, down_t, partials;
-  float* out;  // [M, C]
+  float* out;  // [M, C]: the final-normed hidden states, or
+  const Proj* head = nullptr;  // with an LM head: its output y^T [V, M] (the logits) instead
+  float* logits_t = nullptr;
 
+  // (int8 x only where asked for, and never for the LM head: its rounding lands on the logits directly)
   void prepare(const Proj& p, const float* rows, PreparedX& px, std::vector<float>& buf) const {
     px.rows = rows;
     if (!p.bits) return;
 #ifdef TANDEM_INT8_X
-    const int planes = int8_x && int8_x_ok(p.bits, p.group, p.k) ? 1 : int24_planes(p.bits, p.group, p.k, m);
+    const int planes = int8_x && &p != head && int8_x_ok(p.bits, p.group, p.k) ? 1 : int24_planes(p.bits, p.group, p.k, m);
     px.int8 = planes > 0;
     if (px.int8) {
       quantize_x(rows, m, p.k, p.group, p.bits, px.xq, planes);
@@ -495,8 +498,12 @@ struct DecodeStep {
 #pragma omp barrier
       add_rows(down_t.data(), x.data());
     }
-    if (tid == 0)
+    if (head) {  // every thread normalises its own copy, then computes its share of the head's rows
+      for (int64_t t = 0; t < m; ++t) rms_norm_row(x.data() + t * c, final_norm, c, eps, hn.data() + t * c);
+      project(*head, hn.data(), logits_t, px, buf, tid, nt);
+    } else if (tid == 0) {
       for (int64_t t = 0; t < m; ++t) rms_norm_row(x.data() + t * c, final_norm, c, eps, out + t * c);
+    }
   }
 };
 

@@ -329,9 +329,10 @@ def test_float16_kv_cache_through_the_kernels(case, ops, tmp_path, store_root):
 
 
 def test_a_layer_stack_checks_a_steps_indices_and_goes_with_its_engine(ops, tmp_path, store_root):
-    """The stack the kernels get once (make_stack) serves steps by its handle: a token id outside
-    the vocabulary or a position past the RoPE table is refused with a clear error, and once the
-    engine is gone its handle is refused too (not a read of freed weights)."""
+    """The stack the kernels get once (make_stack) serves steps by its handle, giving the hidden
+    state or the LM head's logits: a token id outside the vocabulary or a position past the RoPE
+    table is refused with a clear error, and once the engine is gone its handle is refused too (not
+    a read of freed weights)."""
     import gc
 
     name = import_tiny("llama", "stack-llama", tmp_path, store_root)
@@ -341,11 +342,16 @@ def test_a_layer_stack_checks_a_steps_indices_and_goes_with_its_engine(ops, tmp_
     one = torch.tensor([0])
     starts, queries, keys, tables = stack._no_chunks
 
-    def step(handle, token, rows):
-        args = (one, one, torch.tensor([[0]]), torch.tensor([4]), starts, queries, tables, keys, 64)
+    def step(handle, token, rows, *logits):
+        args = (one, one, torch.tensor([[0]]), torch.tensor([4]), starts, queries, tables, keys, 64, *logits)
         return ops.forward_layers(handle, torch.tensor([token]), cos, sin, rows, *args)
 
-    assert step(stack.stack, 5, rows).shape == (1, BASE["hidden_size"])
+    hidden = step(stack.stack, 5, rows)
+    assert hidden.shape == (1, BASE["hidden_size"])
+    # the LM head on the layers' thread team: the head's own GEMM on the hidden state
+    with torch.inference_mode():
+        expected = engine.model.compute_logits(hidden)
+    torch.testing.assert_close(step(stack.stack, 5, rows, True), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="out of range of the embedding"):
         step(stack.stack, BASE["vocab_size"], rows)
     with pytest.raises(RuntimeError, match="past the RoPE table"):
