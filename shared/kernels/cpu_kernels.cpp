@@ -573,6 +573,24 @@ struct LayerStack {
   bool team = true;  // every projection is one the team computes
   tandem::Proj head;
   bool team_head = false;  // the team computes the LM head too
+  std::vector<Tensor> rows16;  // the team's copies of 4-bit weights in the rows16 layout
+
+  // A copy of the first `count` projections' 4-bit weights in quant_gemm.h's rows16 layout, for the
+  // team's GEMMs of one token (~1.2x faster from memory; the general path keeps the row-major ones).
+  // Not with int8 x (its tiles read rows), nor on CPUs without the 24-bit x path.
+  void pack_rows16(tandem::Proj* p, int count) {
+#ifdef TANDEM_ROWS16
+    for (int i = 0; i < count && !int8_x; ++i) {
+      if (!tandem::rows16_ok(p[i].bits, p[i].group, p[i].n, p[i].k)) continue;
+      Tensor packed = at::empty({p[i].n * p[i].k / 2}, at::TensorOptions().dtype(at::kByte));
+      tandem::pack_rows16(static_cast<const uint8_t*>(p[i].w), p[i].n, p[i].k, packed.data_ptr<uint8_t>());
+      p[i].w = packed.data_ptr(), p[i].rows16 = true;
+      rows16.push_back(std::move(packed));
+    }
+#else
+    (void)p, (void)count;
+#endif
+  }
 
   LayerStack(std::vector<Tensor> weights_, Tensor embed_, Tensor final_norm_, std::vector<Tensor> head_,
              std::vector<Tensor> k_caches_, std::vector<Tensor> v_caches_, std::vector<int64_t> windows_,
@@ -606,6 +624,7 @@ struct LayerStack {
         TORCH_CHECK(p[0].k == c && p[0].n == (n_heads + 2 * n_kv) * dim && p[1].k == n_heads * dim && p[1].n == c &&
                         p[2].k == c && p[3].k == p[2].n / 2 && p[3].n == c,
                     "LayerStack: projection shapes do not match the model");
+      if (team) pack_rows16(p, 4);
       norms.push_back(w[0].data_ptr<float>());
       norms.push_back(w[9].data_ptr<float>());
       kc.push_back(k_caches[l].data_ptr());

@@ -255,9 +255,11 @@ struct Proj {
   const float* bias = nullptr;
   int64_t n = 0, k = 0, bits = 0, group = 0;  // bits 0: float
   bool half = false;
+  bool rows16 = false;  // w in quant_gemm.h's rows16 layout (a copy the stack made)
 
-  // Weight rows per register tile for m tokens: a thread's share is whole tiles.
+  // Weight rows per register tile for m tokens: a thread's share is whole tiles (rows16: whole blocks).
   int64_t tile(int64_t m) const {
+    if (rows16) return 16;
     switch (m) {
       case 1: return bits ? quant_r<1>() : dot_r<1>();
       case 2: return bits ? quant_r<2>() : dot_r<2>();
@@ -355,7 +357,7 @@ struct DecodeStep {
 #ifdef TANDEM_INT8_X
     if (px.int8) {
       if (p.bits == 8) int8_range<M, 8>(q, row_bytes, s, o, p.k, p.group, px.xq, yt, lo, hi);
-      else int8_range<M, 4>(q, row_bytes, s, o, p.k, p.group, px.xq, yt, lo, hi);
+      else int8_range<M, 4>(q, row_bytes, s, o, p.k, p.group, px.xq, yt, lo, hi, p.rows16);
       return;
     }
 #endif

@@ -442,6 +442,7 @@ void quant_rows(const uint8_t* q, int64_t row_bytes, const S* scales, const S* o
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define TANDEM_VNNI 1
 #define TANDEM_INT8_X 1
+#define TANDEM_ROWS16 1  // the rows16 weight layout (int24_block16)
 // Integer dot products (AVX-512 VNNI, llama.cpp's Q8 x Q4 scheme): x is quantized per token and per 32
 // columns to int8, and vpdpbusd multiplies 64 weight bytes by 64 activation bytes into 16 int32 lanes
 // at once — no conversion of weights to floats. A chunk is 64 weight bytes (4 bits: 128 columns, the
@@ -632,15 +633,18 @@ inline __m512 four_scales(const float* s) {
   const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_loadu_ps(s)));
 }
+// (q: the row's first chunk, `stride` bytes from one chunk to the next, `half`: its half chunk; a
+// row-major row has stride 64 and its half chunk at q + 64 * full, a row of rows16 layout not)
 template <int M, typename S>
-inline void int24_row32(const uint8_t* q, int64_t k_dim, const S* scale, const S* offset, const XInt8& xq, vf* out) {
+inline void int24_row32(const uint8_t* q, int64_t stride, const uint8_t* half, int64_t k_dim, const S* scale,
+                        const S* offset, const XInt8& xq, vf* out) {
   const int64_t row_bytes = k_dim / 2, groups = k_dim / 32, full = k_dim / 128;
   __m512 acc[M];
   for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
   const __m512i low4 = _mm512_set1_epi8(15);
-  prefetch_ahead<1>(q, row_bytes, scale, offset, groups);
+  if (stride == 64) prefetch_ahead<1>(q, row_bytes, scale, offset, groups);
   for (int64_t c = 0; c < full; ++c) {
-    const __m512i w = _mm512_loadu_si512(q + c * 64);
+    const __m512i w = _mm512_loadu_si512(q + c * stride);
     const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
     const __m512 s = four_scales(scale + 4 * c);
     for (int m = 0; m < M; ++m) {
@@ -658,7 +662,7 @@ inline void int24_row32(const uint8_t* q, int64_t k_dim, const S* scale, const S
   }
   for (int m = 0; m < M; ++m) out[m] = reinterpret_cast<vf>(acc[m]);
   if (full * 128 < k_dim) {  // the half chunk: 64 columns, 8 lanes
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + full * 64)), l4 = _mm256_set1_epi8(15);
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half)), l4 = _mm256_set1_epi8(15);
     const __m256i lo = _mm256_and_si256(w, l4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), l4);
     const __m256 s = block_scales(scale, 32, 2 * full);  // the half chunk's 2 groups, 4 lanes each
     for (int m = 0; m < M; ++m) {
@@ -679,9 +683,90 @@ inline void int24_row32(const uint8_t* q, int64_t k_dim, const S* scale, const S
   add_offsets<M>(offset, xq.gsum.data(), groups, out);
 }
 
+// The rows16 layout of 4-bit weights (groups of 32, rows of 64-column multiples, whole blocks of 16
+// rows): each block of 16 rows stores its rows' first 128-column chunks (64 bytes each), then their
+// second ones, and so on, then their half chunks (32 bytes each). One token's GEMM (int24_block16)
+// takes a block's chunk c for all 16 rows with x's planes for chunk c held in registers, and reads the
+// weights in the order they lie in memory. Row-major, the 16 rows' chunk c lie 288 bytes apart (a
+// 576-column row), and x's planes reloaded for every row: six loads of x for each 64 bytes of weights
+// held the weights' stream from memory back to ~11 GB/s a thread (against ~23 for a plain read).
+inline bool rows16_ok(int64_t bits, int64_t group, int64_t n_dim, int64_t k_dim) {
+  return bits == 4 && group == 32 && k_dim % 64 == 0 && n_dim % 16 == 0 && n_dim > 0;
+}
+inline void pack_rows16(const uint8_t* q, int64_t n_dim, int64_t k_dim, uint8_t* out) {
+  const int64_t row_bytes = k_dim / 2, full = k_dim / 128, block = 16 * row_bytes;
+  for (int64_t b = 0; b < n_dim / 16; ++b)
+    for (int64_t r = 0; r < 16; ++r) {
+      const uint8_t* row = q + (b * 16 + r) * row_bytes;
+      uint8_t* dst = out + b * block;
+      for (int64_t c = 0; c < full; ++c) std::memcpy(dst + (c * 16 + r) * 64, row + c * 64, 64);
+      if (full * 128 < k_dim) std::memcpy(dst + full * 16 * 64 + r * 32, row + full * 64, 32);
+    }
+}
+
+// One token, one rows16 block: y^T of its 16 rows (x as 24-bit integers, int24_row32's arithmetic)
+template <typename S>
+inline void int24_block16(const uint8_t* q, int64_t k_dim, const S* scale, const S* offset, const XInt8& xq,
+                          float* yt) {
+  const int64_t groups = k_dim / 32, full = k_dim / 128;
+  __m512 acc[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(15);
+  for (int64_t c = 0; c < full; ++c) {
+    const int8_t* xp = xq.q.data() + c * 384;
+    const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64), x2 = _mm512_loadu_si512(xp + 128),
+                  x3 = _mm512_loadu_si512(xp + 192), x4 = _mm512_loadu_si512(xp + 256),
+                  x5 = _mm512_loadu_si512(xp + 320);
+    const __m512 lane = _mm512_loadu_ps(xq.scale.data() + c * 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      const __m512i w = _mm512_loadu_si512(q + (c * 16 + r) * 64);
+      const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
+      __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0);  // x's planes, most significant first
+      sums = _mm512_dpbusd_epi32(sums, hi, x1);
+      sums = _mm512_slli_epi32(sums, 8);
+      sums = _mm512_dpbusd_epi32(sums, lo, x2);
+      sums = _mm512_dpbusd_epi32(sums, hi, x3);
+      sums = _mm512_slli_epi32(sums, 8);
+      sums = _mm512_dpbusd_epi32(sums, lo, x4);
+      sums = _mm512_dpbusd_epi32(sums, hi, x5);
+      const __m512 s = four_scales(scale + r * groups + 4 * c);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, lane), acc[r]);
+    }
+  }
+  vf out[16];
+  for (int r = 0; r < 16; ++r) out[reduce_slot(r)] = reinterpret_cast<vf>(acc[r]);
+  if (full * 128 < k_dim) {  // the half chunks: 64 columns, 8 lanes
+    const int8_t* xp = xq.q.data() + full * 384;
+    auto x8 = [&](int64_t at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + at)); };
+    const __m256i x0 = x8(0), x1 = x8(64), x2 = x8(128), x3 = x8(192), x4 = x8(256), x5 = x8(320);
+    const __m256 lane = _mm256_loadu_ps(xq.scale.data() + full * 16);
+    const __m256i l4 = _mm256_set1_epi8(15);
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + full * 16 * 64 + r * 32));
+      const __m256i lo = _mm256_and_si256(w, l4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), l4);
+      __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x0);
+      sums = _mm256_dpbusd_epi32(sums, hi, x1);
+      sums = _mm256_slli_epi32(sums, 8);
+      sums = _mm256_dpbusd_epi32(sums, lo, x2);
+      sums = _mm256_dpbusd_epi32(sums, hi, x3);
+      sums = _mm256_slli_epi32(sums, 8);
+      sums = _mm256_dpbusd_epi32(sums, lo, x4);
+      sums = _mm256_dpbusd_epi32(sums, hi, x5);
+      const __m256 s = block_scales(scale + r * groups, 32, 2 * full);
+      const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(s, lane));
+      out[reduce_slot(r)] += reinterpret_cast<vf>(_mm512_zextps256_ps512(part));
+    }
+  }
+  for (int r = 0; r < 16; ++r) add_offsets<1>(offset + r * groups, xq.gsum.data(), groups, &out[reduce_slot(r)]);
+  vstore(yt, reduce_lanes(out));
+}
+
+// (rows16: q in the rows16 layout, x as 24-bit integers, n0 and n1 whole blocks)
 template <int M, int BITS, typename S>
 void int8_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t k_dim, int64_t group,
-                const XInt8& xq, float* yt, int64_t n0, int64_t n1) {
+                const XInt8& xq, float* yt, int64_t n0, int64_t n1, bool rows16 = false) {
   const int64_t groups = k_dim / group;
   auto rows = [&](auto planes) {
     constexpr int PLANES = decltype(planes)::value;
@@ -690,9 +775,25 @@ void int8_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* o
                                 acc);
     });
   };
-  if (BITS == 4 && xq.planes == 3 && group == 32 && k_dim % 64 == 0) {
+  if (rows16) {
+    TORCH_CHECK(BITS == 4 && xq.planes == 3 && n0 % 16 == 0 && n1 % 16 == 0, "rows16: 24-bit x, whole blocks");
+    const int64_t full = k_dim / 128;
+    if constexpr (M == 1) {
+      for (int64_t n = n0; n < n1; n += 16)
+        int24_block16(q + n * row_bytes, k_dim, scales + n * groups, offsets + n * groups, xq, yt + n);
+    } else {
+      rows_summed<M>(n0, n1, yt, [=](int64_t n, vf* acc) {
+        const uint8_t* block = q + (n & ~int64_t(15)) * row_bytes;
+        const int64_t r = n & 15;
+        int24_row32<M>(block + r * 64, 16 * 64, block + full * 16 * 64 + r * 32, k_dim, scales + n * groups,
+                       offsets + n * groups, xq, acc);
+      });
+    }
+  } else if (BITS == 4 && xq.planes == 3 && group == 32 && k_dim % 64 == 0) {
+    const int64_t full = k_dim / 128;
     rows_summed<M>(n0, n1, yt, [=](int64_t n, vf* acc) {
-      int24_row32<M>(q + n * row_bytes, k_dim, scales + n * groups, offsets + n * groups, xq, acc);
+      const uint8_t* row = q + n * row_bytes;
+      int24_row32<M>(row, 64, row + full * 64, k_dim, scales + n * groups, offsets + n * groups, xq, acc);
     });
   } else if (BITS == 4 && xq.planes == 3) {
     rows(std::integral_constant<int, BITS == 4 ? 3 : 1>{});
@@ -848,7 +949,8 @@ inline void maddubs_tile(const uint8_t* q, int64_t row_bytes, const S* scale, co
 
 template <int M, int BITS, typename S>
 void int8_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* offsets, int64_t k_dim, int64_t group,
-                const XInt8& xq, float* yt, int64_t n0, int64_t n1) {
+                const XInt8& xq, float* yt, int64_t n0, int64_t n1, bool rows16 = false) {
+  TORCH_CHECK(!rows16, "the rows16 layout needs AVX-512 VNNI");
   constexpr int R = quant_r<M>();
   const int64_t groups = k_dim / group;
   int64_t n = n0;

@@ -170,6 +170,20 @@ def test_the_gguf_integers_reproduce_the_float_model(kept, default_model_dir, ke
     assert [o.output_token_ids for o in engine.generate(prompts[:1], params)] == want[:1]  # one-row steps
 
 
+def test_steps_of_one_to_four_decodes_reproduce_the_float_model(kept, default_model_dir):
+    """Requests finishing one after another: the one-team decode steps of 4, 3, 2 and 1 tokens (on
+    AVX-512 VNNI, the weights' rows16 copy: one token's blocks of 16 rows, or rows of the blocks for
+    more) give the float model's greedy tokens."""
+    ref = LLMEngine.from_store(default_model_dir, EngineConfig())
+    engine = LLMEngine.from_store(kept, EngineConfig())
+    questions = [*QUESTIONS, "Name a colour."]
+    prompts = [ref.tokenizer.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (20, 5, 15, 10)]
+    want = [o.output_token_ids for o in ref.generate(prompts, params)]
+    assert [o.output_token_ids for o in engine.generate(prompts, params)] == want
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
 @NEEDS_INT8_DOTS
 def test_int8_activations_through_the_engine(kept, default_model_dir):
     """The whole-step stack with int8 activations: greedy text that starts as the float model's does
