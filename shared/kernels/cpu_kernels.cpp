@@ -612,6 +612,9 @@ struct LayerStack {
     TORCH_CHECK(head_w.dim() == 2 && head_w.size(1) * (head_w.scalar_type() == at::kByte ? 2 : 1) == c,
                 "LayerStack: the LM head does not match the embedding");
     team_head = as_proj(head_w, head_b, head_s, head_o, head);
+    // a symmetric 8-bit head (GGUF's Q8_0) has all-zero offsets: 1.8 MB a token not to stream for
+    // SmolLM2-135M's (the team's 8-bit tiles take a null offset for zero)
+    if (team_head && head.bits == 8 && !head_o.ne(0).any().item<bool>()) head.offsets = nullptr;
     n_kv = k_caches[0].size(1), bs = k_caches[0].size(2), dim = k_caches[0].size(3);
     projs.resize(4 * n_layers);
     for (int64_t l = 0; l < n_layers && team; ++l) {

@@ -96,9 +96,10 @@ inline void prefetch_ahead(const uint8_t* q, int64_t row_bytes, const S* scale, 
   const char* qa = reinterpret_cast<const char*>(q + PREFETCH_AHEAD * R * row_bytes);
   for (int64_t b = 0; b < R * row_bytes; b += 64) _mm_prefetch(qa + b, _MM_HINT_T0);
   const char* sa = reinterpret_cast<const char*>(scale + PREFETCH_AHEAD * R * groups);
+  for (int64_t b = 0; b < R * groups * static_cast<int64_t>(sizeof(S)); b += 64) _mm_prefetch(sa + b, _MM_HINT_T0);
+  if (!offset) return;
   const char* oa = reinterpret_cast<const char*>(offset + PREFETCH_AHEAD * R * groups);
-  for (int64_t b = 0; b < R * groups * static_cast<int64_t>(sizeof(S)); b += 64)
-    _mm_prefetch(sa + b, _MM_HINT_T0), _mm_prefetch(oa + b, _MM_HINT_T0);
+  for (int64_t b = 0; b < R * groups * static_cast<int64_t>(sizeof(S)); b += 64) _mm_prefetch(oa + b, _MM_HINT_T0);
 }
 
 // What a group size must be a multiple of for these kernels: whole vectors of columns (4 bits: 32,
@@ -351,7 +352,7 @@ inline bool table_path(int64_t bits, int64_t group, int64_t k_dim, int64_t m_dim
 }
 
 // One weight row's accumulators for M tokens (lanes still to sum; rows_summed sums them), on the paths
-// other than the mask path. xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx`
+// other than the mask path (8 bits: a null offset stands for all-zero offsets, GGUF's Q8_0). xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx`
 // floats apart; gsum [M, G]: each token's sum of x per group.
 template <int M, int BITS, typename S>
 inline void quant_row(const uint8_t* q, const S* scale, const S* offset, int64_t k_dim, int64_t group,
@@ -400,7 +401,7 @@ inline void quant_row(const uint8_t* q, const S* scale, const S* offset, int64_t
       for (int m = 0; m < M; ++m) acc[m] += s * part[m];
     }
   }
-  add_offsets<M>(offset, gsum, groups, acc);
+  if (offset) add_offsets<M>(offset, gsum, groups, acc);
 }
 
 // Weight rows per register tile for M tokens: one, so that a thread reads its rows of W as a single
@@ -423,10 +424,10 @@ void quant_range(const uint8_t* q, int64_t row_bytes, const S* scales, const S* 
       mask_row<M>(q + n * row_bytes, scales + n * groups, offsets + n * groups, k_dim, group, xs, ldx, gsum, groups,
                   acc);
     });
-  } else {
+  } else {  // (8 bits: offsets may be null, all zero)
     rows_summed<M>(n0, n1, yt, [=](int64_t n, vf* acc) {
-      quant_row<M, BITS>(q + n * row_bytes, scales + n * groups, offsets + n * groups, k_dim, group, xs, ldx, gsum,
-                         groups, acc);
+      quant_row<M, BITS>(q + n * row_bytes, scales + n * groups, offsets ? offsets + n * groups : nullptr, k_dim,
+                         group, xs, ldx, gsum, groups, acc);
     });
   }
 }
