@@ -67,10 +67,14 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return
         full = request.num_computed_tokens // self.block_size
+        if full <= request.published_blocks:  # (most decode steps: no block completed)
+            return
         keys = self._keys(request)
-        for i in range(min(full, len(keys))):
+        for i in range(request.published_blocks, min(full, len(keys))):
             self.pool.cache(request.block_ids[i], keys[i])
+        request.published_blocks = min(full, len(keys))
 
     def free(self, request: Request) -> None:
         self.pool.release(list(reversed(request.block_ids)))
         request.block_ids = []
+        request.published_blocks = 0

@@ -55,6 +55,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     lora: str | None = None  # the LoRA adapter its tokens run with (multi-LoRA serving); None: the base
     block_keys: list[BlockKey] = field(default_factory=list)  # of the full blocks of all_token_ids
+    published_blocks: int = 0  # leading blocks of block_ids already published to the prefix cache
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     arrival: float = field(default_factory=time.monotonic)
