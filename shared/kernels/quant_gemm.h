@@ -684,6 +684,19 @@ inline void int24_row32(const uint8_t* q, int64_t stride, const uint8_t* half, i
   add_offsets<M>(offset, xq.gsum.data(), groups, out);
 }
 
+// The int32 sums of a vector of low and one of high nibbles against x's digit planes x[0..5] (per plane
+// its even then its odd columns, most significant plane first): shifted up 8 bits before each next plane
+inline __m512i dpbusd(__m512i a, __m512i b, __m512i c) { return _mm512_dpbusd_epi32(a, b, c); }
+inline __m256i dpbusd(__m256i a, __m256i b, __m256i c) { return _mm256_dpbusd_epi32(a, b, c); }
+inline __m512i shift8(__m512i a) { return _mm512_slli_epi32(a, 8); }
+inline __m256i shift8(__m256i a) { return _mm256_slli_epi32(a, 8); }
+template <typename V>
+inline V planes_dot(V lo, V hi, const V* x) {
+  V sums = dpbusd(dpbusd(V{}, lo, x[0]), hi, x[1]);
+  for (int p = 1; p < 3; ++p) sums = dpbusd(dpbusd(shift8(sums), lo, x[2 * p]), hi, x[2 * p + 1]);
+  return sums;
+}
+
 // The rows16 layout of 4-bit weights (groups of 32, rows of 64-column multiples, whole blocks of 16
 // rows): each block of 16 rows stores its rows' first 128-column chunks (64 bytes each), then their
 // second ones, and so on, then their half chunks (32 bytes each). One token's GEMM (int24_block16)
@@ -714,23 +727,14 @@ inline void int24_block16(const uint8_t* q, int64_t k_dim, const S* scale, const
   for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low4 = _mm512_set1_epi8(15);
   for (int64_t c = 0; c < full; ++c) {
-    const int8_t* xp = xq.q.data() + c * 384;
-    const __m512i x0 = _mm512_loadu_si512(xp), x1 = _mm512_loadu_si512(xp + 64), x2 = _mm512_loadu_si512(xp + 128),
-                  x3 = _mm512_loadu_si512(xp + 192), x4 = _mm512_loadu_si512(xp + 256),
-                  x5 = _mm512_loadu_si512(xp + 320);
+    __m512i x[6];  // the chunk's x planes, held for the 16 rows
+    for (int i = 0; i < 6; ++i) x[i] = _mm512_loadu_si512(xq.q.data() + c * 384 + 64 * i);
     const __m512 lane = _mm512_loadu_ps(xq.scale.data() + c * 16);
 #pragma GCC unroll 16
     for (int r = 0; r < 16; ++r) {
       const __m512i w = _mm512_loadu_si512(q + (c * 16 + r) * 64);
       const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
-      __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0);  // x's planes, most significant first
-      sums = _mm512_dpbusd_epi32(sums, hi, x1);
-      sums = _mm512_slli_epi32(sums, 8);
-      sums = _mm512_dpbusd_epi32(sums, lo, x2);
-      sums = _mm512_dpbusd_epi32(sums, hi, x3);
-      sums = _mm512_slli_epi32(sums, 8);
-      sums = _mm512_dpbusd_epi32(sums, lo, x4);
-      sums = _mm512_dpbusd_epi32(sums, hi, x5);
+      const __m512i sums = planes_dot(lo, hi, x);
       const __m512 s = four_scales(scale + r * groups + 4 * c);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, lane), acc[r]);
     }
@@ -738,23 +742,16 @@ inline void int24_block16(const uint8_t* q, int64_t k_dim, const S* scale, const
   vf out[16];
   for (int r = 0; r < 16; ++r) out[reduce_slot(r)] = reinterpret_cast<vf>(acc[r]);
   if (full * 128 < k_dim) {  // the half chunks: 64 columns, 8 lanes
-    const int8_t* xp = xq.q.data() + full * 384;
-    auto x8 = [&](int64_t at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + at)); };
-    const __m256i x0 = x8(0), x1 = x8(64), x2 = x8(128), x3 = x8(192), x4 = x8(256), x5 = x8(320);
+    __m256i x[6];
+    for (int i = 0; i < 6; ++i)
+      x[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + full * 384 + 64 * i));
     const __m256 lane = _mm256_loadu_ps(xq.scale.data() + full * 16);
     const __m256i l4 = _mm256_set1_epi8(15);
 #pragma GCC unroll 16
     for (int r = 0; r < 16; ++r) {
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + full * 16 * 64 + r * 32));
       const __m256i lo = _mm256_and_si256(w, l4), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), l4);
-      __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x0);
-      sums = _mm256_dpbusd_epi32(sums, hi, x1);
-      sums = _mm256_slli_epi32(sums, 8);
-      sums = _mm256_dpbusd_epi32(sums, lo, x2);
-      sums = _mm256_dpbusd_epi32(sums, hi, x3);
-      sums = _mm256_slli_epi32(sums, 8);
-      sums = _mm256_dpbusd_epi32(sums, lo, x4);
-      sums = _mm256_dpbusd_epi32(sums, hi, x5);
+      const __m256i sums = planes_dot(lo, hi, x);
       const __m256 s = block_scales(scale + r * groups, 32, 2 * full);
       const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(s, lane));
       out[reduce_slot(r)] += reinterpret_cast<vf>(_mm512_zextps256_ps512(part));
