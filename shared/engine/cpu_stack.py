@@ -63,48 +63,17 @@ class CpuStack:
             return None
         if type(model).compute_logits is not CausalLM.compute_logits or not _plain(model.lm_head):
             return None
-        eps = body.norm.eps
-        weights: list[torch.Tensor] = []
-        windows: list[int] = []
-        first = body.layers[0].self_attn
-        for layer in body.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            if not (
-                type(layer) is DecoderLayer
-                and type(attn) is Attention
-                and type(mlp) is GatedMLP
-                and type(layer.input_layernorm) is RMSNorm
-                and type(layer.post_attention_layernorm) is RMSNorm
-                and layer.input_layernorm.eps == eps == layer.post_attention_layernorm.eps
-                and attn.q_norm is None
-                and all(_plain(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-                and mlp.gate_up_proj.bias is None
-                and mlp.down_proj.bias is None
-                and (attn.num_heads, attn.scale) == (first.num_heads, first.scale)
-            ):
-                return None
-            weights += [
-                layer.input_layernorm.weight,
-                *_weight(attn.qkv_proj)[:1],
-                _or_empty(attn.qkv_proj.bias),
-                *_weight(attn.qkv_proj)[1:],
-                *_weight(attn.o_proj)[:1],
-                _or_empty(attn.o_proj.bias),
-                *_weight(attn.o_proj)[1:],
-                layer.post_attention_layernorm.weight,
-                *_weight(mlp.gate_up_proj),
-                *_weight(mlp.down_proj),
-            ]
-            windows.append(attn.window or -1)
-        head = model.lm_head
+        eps, first = body.norm.eps, body.layers[0].self_attn
+        if not all(_stack_layer(layer, first, eps) for layer in body.layers):
+            return None
         stack = ops.make_stack(
-            [w.detach() for w in weights],
+            [w.detach() for layer in body.layers for w in _layer_weights(layer)],
             body.embed_tokens.weight.detach(),
             body.norm.weight.detach(),
-            [w.detach() for w in (*_weight(head)[:1], _or_empty(head.bias), *_weight(head)[1:])],
+            [w.detach() for w in _with_bias(model.lm_head)],
             k_caches,
             v_caches,
-            windows,
+            [layer.self_attn.window or -1 for layer in body.layers],
             first.num_heads,
             model.rotary.dim,
             first.scale,
@@ -198,6 +167,44 @@ class CpuStack:
             self._cos_sin_table = rotary.cos_sin(torch.arange(size))
         cos, sin = self._cos_sin_table
         return cos, sin, positions
+
+
+def _stack_layer(layer, first: Attention, eps: float) -> bool:
+    """Whether the kernels compute `layer` exactly: the stock decoder layer, plain projections, no
+    per-head q/k norm, no MLP biases, the first layer's heads and norm epsilon."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return (
+        type(layer) is DecoderLayer
+        and type(attn) is Attention
+        and type(mlp) is GatedMLP
+        and type(layer.input_layernorm) is RMSNorm
+        and type(layer.post_attention_layernorm) is RMSNorm
+        and layer.input_layernorm.eps == eps == layer.post_attention_layernorm.eps
+        and attn.q_norm is None
+        and all(_plain(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        and mlp.gate_up_proj.bias is None
+        and mlp.down_proj.bias is None
+        and (attn.num_heads, attn.scale) == (first.num_heads, first.scale)
+    )
+
+
+def _layer_weights(layer) -> list[torch.Tensor]:
+    """A layer's 16 tensors in make_stack's order (cpu_kernels.cpp's LayerStack)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return [
+        layer.input_layernorm.weight,
+        *_with_bias(attn.qkv_proj),
+        *_with_bias(attn.o_proj),
+        layer.post_attention_layernorm.weight,
+        *_weight(mlp.gate_up_proj),
+        *_weight(mlp.down_proj),
+    ]
+
+
+def _with_bias(m) -> list[torch.Tensor]:
+    """[weight, bias, scales, offsets] (an empty tensor for an absent bias)."""
+    weight, scales, offsets = _weight(m)
+    return [weight, _or_empty(m.bias), scales, offsets]
 
 
 def _or_empty(bias: torch.Tensor | None) -> torch.Tensor:
