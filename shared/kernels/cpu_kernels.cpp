@@ -545,8 +545,6 @@ bool as_proj(const Tensor& w, const Tensor& bias, const Tensor& scales, const Te
          p.k % p.group == 0 && p.group % tandem::group_multiple(p.bits) == 0;
 }
 
-}  // namespace
-
 // A dense decoder stack's weights, caches and shape constants, handed to the kernels once
 // (shared/engine/cpu_stack.py registers it with make_stack and gets a handle): a step passes the
 // handle and its own index tensors. Passed per call as lists, the ~540 tensors cost ~0.25 ms a step,
@@ -623,11 +621,12 @@ struct LayerStack {
       team = as_proj(w[1], w[2], w[3], w[4], p[0]) && as_proj(w[5], w[6], w[7], w[8], p[1]) &&
              as_proj(w[10], at::Tensor(), w[11], w[12], p[2]) && as_proj(w[13], at::Tensor(), w[14], w[15], p[3]) &&
              k_caches[l].sizes() == k_caches[0].sizes() && k_caches[l].scalar_type() == k_caches[0].scalar_type();
-      if (team)
+      if (team) {
         TORCH_CHECK(p[0].k == c && p[0].n == (n_heads + 2 * n_kv) * dim && p[1].k == n_heads * dim && p[1].n == c &&
                         p[2].k == c && p[3].k == p[2].n / 2 && p[3].n == c,
                     "LayerStack: projection shapes do not match the model");
-      if (team) pack_rows16(p, 4);
+        pack_rows16(p, 4);
+      }
       norms.push_back(w[0].data_ptr<float>());
       norms.push_back(w[9].data_ptr<float>());
       kc.push_back(k_caches[l].data_ptr());
@@ -635,8 +634,6 @@ struct LayerStack {
     }
   }
 };
-
-namespace {
 
 // the registered stacks by handle (a stack is freed with its CpuStack)
 std::mutex stacks_lock;
