@@ -352,8 +352,9 @@ inline bool table_path(int64_t bits, int64_t group, int64_t k_dim, int64_t m_dim
 }
 
 // One weight row's accumulators for M tokens (lanes still to sum; rows_summed sums them), on the paths
-// other than the mask path (8 bits: a null offset stands for all-zero offsets, GGUF's Q8_0). xs: x (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx`
-// floats apart; gsum [M, G]: each token's sum of x per group.
+// other than the mask path (8 bits: a null offset stands for all-zero offsets, GGUF's Q8_0). xs: x
+// (8 bits) or [x_even | x_odd] per token (4 bits), each token `ldx` floats apart; gsum [M, G]: each
+// token's sum of x per group.
 template <int M, int BITS, typename S>
 inline void quant_row(const uint8_t* q, const S* scale, const S* offset, int64_t k_dim, int64_t group,
                       const float* xs, int64_t ldx, const float* gsum, int64_t groups, vf* acc) {
@@ -620,6 +621,19 @@ inline void vnni_row(const uint8_t* q, int64_t row_bytes, const S* scale, const 
   add_offsets<M>(offset, xq.gsum.data(), groups, out);
 }
 
+// The int32 sums of a vector of low and one of high nibbles against x's digit planes x[0..5] (per plane
+// its even then its odd columns, most significant plane first): shifted up 8 bits before each next plane
+inline __m512i dpbusd(__m512i a, __m512i b, __m512i c) { return _mm512_dpbusd_epi32(a, b, c); }
+inline __m256i dpbusd(__m256i a, __m256i b, __m256i c) { return _mm256_dpbusd_epi32(a, b, c); }
+inline __m512i shift8(__m512i a) { return _mm512_slli_epi32(a, 8); }
+inline __m256i shift8(__m256i a) { return _mm256_slli_epi32(a, 8); }
+template <typename V>
+inline V planes_dot(V lo, V hi, const V* x) {
+  V sums = dpbusd(dpbusd(V{}, lo, x[0]), hi, x[1]);
+  for (int p = 1; p < 3; ++p) sums = dpbusd(dpbusd(shift8(sums), lo, x[2 * p]), hi, x[2 * p + 1]);
+  return sums;
+}
+
 // Groups of 32 (GGUF's Q4_0/Q4_1), x as 24-bit integers: vnni_row's arithmetic with each chunk's 4 weight scales
 // as one 8-byte load spread over the lanes (no index loads), and a row's last half chunk (rows of 64
 // multiples) in 256-bit vectors rather than masked 512-bit ones.
@@ -649,14 +663,9 @@ inline void int24_row32(const uint8_t* q, int64_t stride, const uint8_t* half, i
     const __m512i lo = _mm512_and_si512(w, low4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);
     const __m512 s = four_scales(scale + 4 * c);
     for (int m = 0; m < M; ++m) {
-      const int8_t* xp = xq.q.data() + (m * xq.chunks + c) * 384;
-      __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xp));
-      sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp + 64));
-      for (int p = 1; p < 3; ++p) {
-        sums = _mm512_slli_epi32(sums, 8);
-        sums = _mm512_dpbusd_epi32(sums, lo, _mm512_loadu_si512(xp + p * 128));
-        sums = _mm512_dpbusd_epi32(sums, hi, _mm512_loadu_si512(xp + p * 128 + 64));
-      }
+      __m512i x[6];
+      for (int i = 0; i < 6; ++i) x[i] = _mm512_loadu_si512(xq.q.data() + (m * xq.chunks + c) * 384 + 64 * i);
+      const __m512i sums = planes_dot(lo, hi, x);
       const float* lane = xq.scale.data() + (m * xq.chunks + c) * 16;
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(s, _mm512_loadu_ps(lane)), acc[m]);
     }
@@ -668,33 +677,15 @@ inline void int24_row32(const uint8_t* q, int64_t stride, const uint8_t* half, i
     const __m256 s = block_scales(scale, 32, 2 * full);  // the half chunk's 2 groups, 4 lanes each
     for (int m = 0; m < M; ++m) {
       const int8_t* xp = xq.q.data() + (m * xq.chunks + full) * 384;
-      auto x8 = [&](int64_t at) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + at)); };
-      __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x8(0));
-      sums = _mm256_dpbusd_epi32(sums, hi, x8(64));
-      for (int p = 1; p < 3; ++p) {
-        sums = _mm256_slli_epi32(sums, 8);
-        sums = _mm256_dpbusd_epi32(sums, lo, x8(p * 128));
-        sums = _mm256_dpbusd_epi32(sums, hi, x8(p * 128 + 64));
-      }
+      __m256i x[6];
+      for (int i = 0; i < 6; ++i) x[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64 * i));
+      const __m256i sums = planes_dot(lo, hi, x);
       const float* lane = xq.scale.data() + (m * xq.chunks + full) * 16;
       const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(sums), _mm256_mul_ps(s, _mm256_loadu_ps(lane)));
       out[m] += reinterpret_cast<vf>(_mm512_zextps256_ps512(part));
     }
   }
   add_offsets<M>(offset, xq.gsum.data(), groups, out);
-}
-
-// The int32 sums of a vector of low and one of high nibbles against x's digit planes x[0..5] (per plane
-// its even then its odd columns, most significant plane first): shifted up 8 bits before each next plane
-inline __m512i dpbusd(__m512i a, __m512i b, __m512i c) { return _mm512_dpbusd_epi32(a, b, c); }
-inline __m256i dpbusd(__m256i a, __m256i b, __m256i c) { return _mm256_dpbusd_epi32(a, b, c); }
-inline __m512i shift8(__m512i a) { return _mm512_slli_epi32(a, 8); }
-inline __m256i shift8(__m256i a) { return _mm256_slli_epi32(a, 8); }
-template <typename V>
-inline V planes_dot(V lo, V hi, const V* x) {
-  V sums = dpbusd(dpbusd(V{}, lo, x[0]), hi, x[1]);
-  for (int p = 1; p < 3; ++p) sums = dpbusd(dpbusd(shift8(sums), lo, x[2 * p]), hi, x[2 * p + 1]);
-  return sums;
 }
 
 // The rows16 layout of 4-bit weights (groups of 32, rows of 64-column multiples, whole blocks of 16

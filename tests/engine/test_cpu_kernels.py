@@ -11,6 +11,8 @@ chunks over long contexts).
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -333,8 +335,6 @@ def test_a_layer_stack_checks_a_steps_indices_and_goes_with_its_engine(ops, tmp_
     state or the LM head's logits: a token id outside the vocabulary or a position past the RoPE
     table is refused with a clear error, and once the engine is gone its handle is refused too (not
     a read of freed weights)."""
-    import gc
-
     name = import_tiny("llama", "stack-llama", tmp_path, store_root)
     engine = LLMEngine.from_store(store_root / name, engine_config(True))
     stack = engine.runner.cpu_stack
